@@ -1,0 +1,7 @@
+//! sealcsi: sealed encrypted volumes for confidential-computing nodes.
+//!
+//! The library is the core the CLI and the CSI services stand on; it knows nothing of gRPC.
+
+pub mod backend;
+pub mod dm;
+pub mod keyring;
