@@ -5,3 +5,5 @@
 pub mod backend;
 pub mod dm;
 pub mod keyring;
+pub mod header;
+pub mod keys;
