@@ -7,3 +7,4 @@ pub mod dm;
 pub mod keyring;
 pub mod header;
 pub mod keys;
+pub mod sealing;
