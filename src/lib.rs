@@ -8,3 +8,5 @@ pub mod keyring;
 pub mod header;
 pub mod keys;
 pub mod sealing;
+pub mod devio;
+pub mod mapping;
