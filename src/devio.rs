@@ -26,7 +26,7 @@ unsafe impl Send for AlignedBuf {}
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (`len` a non-zero multiple of [`ALIGN`]).
     pub fn zeroed(len: usize) -> Self {
-        assert!(len > 0 && len % ALIGN == 0, "direct I/O buffers are whole 4 KiB blocks");
+        assert!(len > 0 && len.is_multiple_of(ALIGN), "direct I/O buffers are whole 4 KiB blocks");
         let layout = Layout::from_size_align(len, ALIGN).expect("valid layout");
         // SAFETY: the layout has a non-zero size; a null return is handled below.
         let raw = unsafe { alloc_zeroed(layout) };
@@ -79,7 +79,7 @@ const fn libc_o_direct() -> i32 {
 }
 
 fn check_aligned(offset: u64, len: usize) -> io::Result<()> {
-    if offset % ALIGN as u64 != 0 || len % ALIGN != 0 {
+    if !offset.is_multiple_of(ALIGN as u64) || !len.is_multiple_of(ALIGN) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("direct I/O at {offset}+{len} is not 4 KiB aligned"),

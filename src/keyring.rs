@@ -87,6 +87,17 @@ pub fn ensure_process_keyring() -> Result<i32, KeyringError> {
     }
 }
 
+/// The calling thread's process keyring, if it has one (without creating it).
+pub fn process_keyring_id() -> Option<i32> {
+    keyctl(
+        KEYCTL_GET_KEYRING_ID,
+        libc::c_long::from(KEY_SPEC_PROCESS_KEYRING),
+        0,
+    )
+    .ok()
+    .map(|id| id as i32)
+}
+
 /// Whether the kernel keyring is usable: makes (or finds) the process keyring, then adds and
 /// invalidates a probe `logon` key in it.
 pub fn available() -> bool {

@@ -387,7 +387,7 @@ impl<'a> Volumes<'a> {
         let outcome = mapping::open_stack(self.dm, &names, dev.path(), &header, data_sectors, &key)?;
         // The loop device (if we attached one) stays attached while the mapping holds it; it detaches
         // itself when the mapping is removed.
-        dev.keep();
+        dev.keep_while_in_use()?;
         Ok(OpenReport {
             device: outcome.device().to_path_buf(),
             uuid: header.uuid_string(),

@@ -76,6 +76,16 @@ impl BlockDevice {
         sys::blksszget(f.as_fd()).map_err(|e| BackendError::ioctl("BLKSSZGET", &self.path, e))
     }
 
+    /// Keep a file-backed device attached while something above it (the device-mapper stack) holds it
+    /// open, and let the kernel detach it when that last user closes. Call only once the stack is up:
+    /// with nothing holding it, the device detaches at once.
+    pub fn keep_while_in_use(self) -> Result<(), BackendError> {
+        match &self.loop_dev {
+            Some(lo) => lo.set_autoclear(),
+            None => Ok(()),
+        }
+    }
+
     /// Give the device back: detaches the loop device of a file-backed volume (Busy while a
     /// mapping still holds it); nothing to do for a block device.
     pub fn release(self) -> Result<(), BackendError> {

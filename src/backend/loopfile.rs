@@ -130,7 +130,10 @@ impl LoopDevice {
 
         let fd = u32::try_from(std::os::fd::AsRawFd::as_raw_fd(&backing))
             .map_err(|_| BackendError::io("fd of", &file, io::Error::other("negative fd")))?;
-        let mut config = LoopConfig { fd, ..LoopConfig::default() };
+        let mut config = LoopConfig {
+            fd,
+            ..LoopConfig::default()
+        };
         config.info.lo_flags = LO_FLAGS_DIRECT_IO | if read_only { LO_FLAGS_READ_ONLY } else { 0 };
         let name = file.as_os_str().as_bytes();
         let n = name.len().min(sys::LO_NAME_SIZE - 1);
@@ -241,6 +244,26 @@ impl LoopDevice {
         Ok(lo.is_attached().then_some(lo))
     }
 
+    /// Lets the kernel detach this device by itself when its last user (the device-mapper stack
+    /// over it) closes it, so that closing a volume needs no bookkeeping of who attached what.
+    pub fn set_autoclear(&self) -> Result<(), BackendError> {
+        let dev = self.open(false)?;
+        let mut info = sys::loop_get_status64(dev.as_fd())
+            .map_err(|e| BackendError::ioctl("LOOP_GET_STATUS64", &self.path, e))?;
+        if info.lo_flags & sys::LO_FLAGS_AUTOCLEAR != 0 {
+            return Ok(());
+        }
+        info.lo_flags |= sys::LO_FLAGS_AUTOCLEAR;
+        sys::loop_set_status64(dev.as_fd(), &info)
+            .map_err(|e| BackendError::ioctl("LOOP_SET_STATUS64", &self.path, e))
+    }
+
+    /// Whether the kernel will detach this device when its last user closes it.
+    pub fn autoclear(&self) -> Option<bool> {
+        let s = fs::read_to_string(sys_dir(self.number).join("loop/autoclear")).ok()?;
+        Some(s.trim() == "1")
+    }
+
     /// Whether a file is bound to this device now.
     pub fn is_attached(&self) -> bool {
         sys_dir(self.number).join("loop/backing_file").exists()
@@ -281,6 +304,19 @@ impl LoopDevice {
             sleep(Duration::from_millis(10));
         }
         Err(BackendError::Busy(self.path.clone()))
+    }
+
+    /// Whether the kernel runs this loop device with direct I/O (sysfs `loop/dio`); `None` if
+    /// unknown (not attached).
+    pub fn direct_io(&self) -> Option<bool> {
+        let s = fs::read_to_string(sys_dir(self.number).join("loop/dio")).ok()?;
+        Some(s.trim() == "1")
+    }
+
+    /// Whether the device is read-only (sysfs `ro`).
+    pub fn read_only(&self) -> Option<bool> {
+        let s = fs::read_to_string(sys_dir(self.number).join("ro")).ok()?;
+        Some(s.trim() == "1")
     }
 
     /// `/dev/loopN`.

@@ -134,6 +134,7 @@ pub mod sys {
 
     // Loop ioctls are plain numbers in linux/loop.h; they equal _IO('L', nr), computed here.
     pub const LOOP_CLR_FD: u32 = nix::request_code_none!(b'L', 0x01) as u32;
+    pub const LOOP_SET_STATUS64: u32 = nix::request_code_none!(b'L', 0x04) as u32;
     pub const LOOP_GET_STATUS64: u32 = nix::request_code_none!(b'L', 0x05) as u32;
     pub const LOOP_CONFIGURE: u32 = nix::request_code_none!(b'L', 0x0A) as u32;
     pub const LOOP_CTL_GET_FREE: u32 = nix::request_code_none!(b'L', 0x82) as u32;
@@ -149,6 +150,7 @@ pub mod sys {
         nix::ioctl_none_bad!(loop_ctl_get_free, LOOP_CTL_GET_FREE);
         nix::ioctl_write_ptr_bad!(loop_configure, LOOP_CONFIGURE, LoopConfig);
         nix::ioctl_read_bad!(loop_get_status64, LOOP_GET_STATUS64, LoopInfo64);
+        nix::ioctl_write_ptr_bad!(loop_set_status64, LOOP_SET_STATUS64, LoopInfo64);
         nix::ioctl_read_bad!(blkgetsize64, BLKGETSIZE64, u64);
         nix::ioctl_read_bad!(blksszget, BLKSSZGET, libc::c_int);
     }
@@ -183,6 +185,13 @@ pub mod sys {
         Ok(info)
     }
 
+    /// LOOP_SET_STATUS64: change a binding's settable flags (AUTOCLEAR, PARTSCAN) and status.
+    pub fn loop_set_status64(dev: BorrowedFd<'_>, info: &LoopInfo64) -> Result<(), Errno> {
+        // SAFETY: the kernel reads one `struct loop_info64` (same #[repr(C)] layout, size checked
+        // by a test) from the pointer, which is valid for the call.
+        unsafe { raw::loop_set_status64(dev.as_raw_fd(), info) }.map(drop)
+    }
+
     /// BLKGETSIZE64: size of a block device in bytes.
     pub fn blkgetsize64(dev: BorrowedFd<'_>) -> Result<u64, Errno> {
         let mut size = 0u64;
@@ -206,6 +215,7 @@ pub mod sys {
         #[test]
         fn ioctl_numbers_match_kernel_headers() {
             assert_eq!(LOOP_CLR_FD, 0x4C01);
+            assert_eq!(LOOP_SET_STATUS64, 0x4C04);
             assert_eq!(LOOP_GET_STATUS64, 0x4C05);
             assert_eq!(LOOP_CONFIGURE, 0x4C0A);
             assert_eq!(LOOP_CTL_GET_FREE, 0x4C82);
