@@ -26,11 +26,15 @@ unsafe impl Send for AlignedBuf {}
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (`len` a non-zero multiple of [`ALIGN`]).
     pub fn zeroed(len: usize) -> Self {
-        assert!(len > 0 && len.is_multiple_of(ALIGN), "direct I/O buffers are whole 4 KiB blocks");
+        assert!(
+            len > 0 && len.is_multiple_of(ALIGN),
+            "direct I/O buffers are whole 4 KiB blocks"
+        );
         let layout = Layout::from_size_align(len, ALIGN).expect("valid layout");
         // SAFETY: the layout has a non-zero size; a null return is handled below.
         let raw = unsafe { alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let ptr =
+            std::ptr::NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         Self { ptr, len }
     }
 }
@@ -188,7 +192,13 @@ mod tests {
         let dir = scratch();
         let path = dir.path().join("dev");
         std::fs::write(&path, vec![0; 8192]).unwrap();
-        assert_eq!(read_at(&path, 1, 4096).unwrap_err().kind(), io::ErrorKind::InvalidInput);
-        assert_eq!(write_at(&path, 0, &[0; 100]).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            read_at(&path, 1, 4096).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            write_at(&path, 0, &[0; 100]).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
     }
 }

@@ -148,10 +148,16 @@ impl Profile {
             }
         };
         if tag != profile.tag_size() {
-            return Err(invalid("tag_size", format!("{tag} does not match the profile")));
+            return Err(invalid(
+                "tag_size",
+                format!("{tag} does not match the profile"),
+            ));
         }
         if usize::from(key_len) != profile.key_len() {
-            return Err(invalid("key_len", format!("{key_len} does not match the cipher")));
+            return Err(invalid(
+                "key_len",
+                format!("{key_len} does not match the cipher"),
+            ));
         }
         if sector != profile.sector_size() {
             return Err(invalid("sector_size", format!("{sector} is not allowed")));
@@ -388,7 +394,10 @@ impl Header {
         require_zero(&buf[52..56], "reserved@52")?;
         let data_offset = get_u64(buf, 56);
         if data_offset != DATA_OFFSET {
-            return Err(invalid("data_offset", format!("{data_offset} (expected {DATA_OFFSET})")));
+            return Err(invalid(
+                "data_offset",
+                format!("{data_offset} (expected {DATA_OFFSET})"),
+            ));
         }
         require_zero(&buf[72..FIXED_LEN], "reserved@72")?;
         require_zero(&buf[SLOTS_END..CHECKSUM_AT], "reserved@slots-end")?;
@@ -448,11 +457,17 @@ fn decode_slot(buf: &[u8], profile: Profile) -> Result<Option<Keyslot>, HeaderEr
     if wrapped_len != profile.key_len() + WRAP_TAG_LEN {
         return Err(invalid(
             "keyslot.wrapped_len",
-            format!("{wrapped_len} does not fit a {}-byte key", profile.key_len()),
+            format!(
+                "{wrapped_len} does not fit a {}-byte key",
+                profile.key_len()
+            ),
         ));
     }
     require_zero(&buf[92..96], "keyslot.reserved@92")?;
-    require_zero(&buf[96 + binding_len..SLOT_META_LEN], "keyslot.binding padding")?;
+    require_zero(
+        &buf[96 + binding_len..SLOT_META_LEN],
+        "keyslot.binding padding",
+    )?;
     require_zero(
         &buf[SLOT_META_LEN + wrapped_len..SLOT_META_LEN + WRAPPED_AREA],
         "keyslot.wrapped padding",
@@ -611,21 +626,45 @@ mod tests {
         let mut buf = sample().encode();
         put_u16(&mut buf, 46, 64);
         reseal_checksum(&mut buf);
-        assert!(matches!(Header::decode(&buf), Err(HeaderError::Invalid { field: "key_len", .. })));
+        assert!(matches!(
+            Header::decode(&buf),
+            Err(HeaderError::Invalid {
+                field: "key_len",
+                ..
+            })
+        ));
         // Truncated HMAC tag.
         let mut buf = sample().encode();
         put_u16(&mut buf, 44, 28);
         reseal_checksum(&mut buf);
-        assert!(matches!(Header::decode(&buf), Err(HeaderError::Invalid { field: "tag_size", .. })));
+        assert!(matches!(
+            Header::decode(&buf),
+            Err(HeaderError::Invalid {
+                field: "tag_size",
+                ..
+            })
+        ));
         // 512-byte sectors.
         let mut buf = sample().encode();
         put_u32(&mut buf, 48, 512);
         reseal_checksum(&mut buf);
-        assert!(matches!(Header::decode(&buf), Err(HeaderError::Invalid { field: "sector_size", .. })));
+        assert!(matches!(
+            Header::decode(&buf),
+            Err(HeaderError::Invalid {
+                field: "sector_size",
+                ..
+            })
+        ));
         // XTS cipher claiming AEAD integrity, integrity off under authenc, unknown journal.
         for (at, v) in [(40, 2), (41, 0), (42, 3), (40, 9)] {
             assert!(
-                matches!(mutated(at, v), Err(HeaderError::Invalid { field: "cipher/integrity/journal", .. })),
+                matches!(
+                    mutated(at, v),
+                    Err(HeaderError::Invalid {
+                        field: "cipher/integrity/journal",
+                        ..
+                    })
+                ),
                 "byte {at} = {v}"
             );
         }
@@ -633,29 +672,125 @@ mod tests {
 
     #[test]
     fn rejects_bad_fields() {
-        assert!(matches!(mutated(12, 1), Err(HeaderError::Invalid { field: "flags", .. })));
-        assert!(matches!(mutated(43, 7), Err(HeaderError::Invalid { field: "fs", .. })));
-        assert!(matches!(mutated(57, 0x20), Err(HeaderError::Invalid { field: "data_offset", .. })));
-        assert!(matches!(mutated(11, 0x20), Err(HeaderError::Invalid { field: "header_size", .. })));
-        assert!(matches!(mutated(80, 1), Err(HeaderError::Invalid { field: "reserved@72", .. })));
-        assert!(matches!(mutated(53, 1), Err(HeaderError::Invalid { field: "reserved@52", .. })));
-        assert!(matches!(mutated(4000, 1), Err(HeaderError::Invalid { field: "reserved@slots-end", .. })));
+        assert!(matches!(
+            mutated(12, 1),
+            Err(HeaderError::Invalid { field: "flags", .. })
+        ));
+        assert!(matches!(
+            mutated(43, 7),
+            Err(HeaderError::Invalid { field: "fs", .. })
+        ));
+        assert!(matches!(
+            mutated(57, 0x20),
+            Err(HeaderError::Invalid {
+                field: "data_offset",
+                ..
+            })
+        ));
+        assert!(matches!(
+            mutated(11, 0x20),
+            Err(HeaderError::Invalid {
+                field: "header_size",
+                ..
+            })
+        ));
+        assert!(matches!(
+            mutated(80, 1),
+            Err(HeaderError::Invalid {
+                field: "reserved@72",
+                ..
+            })
+        ));
+        assert!(matches!(
+            mutated(53, 1),
+            Err(HeaderError::Invalid {
+                field: "reserved@52",
+                ..
+            })
+        ));
+        assert!(matches!(
+            mutated(4000, 1),
+            Err(HeaderError::Invalid {
+                field: "reserved@slots-end",
+                ..
+            })
+        ));
     }
 
     #[test]
     fn rejects_bad_keyslots() {
         let s = SLOTS_START;
-        assert!(matches!(mutated(s, 2), Err(HeaderError::Invalid { field: "keyslot.state", .. })));
-        assert!(matches!(mutated(s + 1, 2), Err(HeaderError::Invalid { field: "keyslot.kind", .. })));
-        assert!(matches!(mutated(s + 2, 9), Err(HeaderError::Invalid { field: "keyslot.source", .. })));
-        assert!(matches!(mutated(s + 4, 200), Err(HeaderError::Invalid { field: "keyslot.binding_len", .. })));
-        assert!(matches!(mutated(s + 6, 80), Err(HeaderError::Invalid { field: "keyslot.wrapped_len", .. })));
-        assert!(matches!(mutated(s + 93, 1), Err(HeaderError::Invalid { field: "keyslot.reserved@92", .. })));
-        assert!(matches!(mutated(s + 200, 1), Err(HeaderError::Invalid { field: "keyslot.binding padding", .. })));
-        assert!(matches!(mutated(s + 340, 1), Err(HeaderError::Invalid { field: "keyslot.wrapped padding", .. })));
-        assert!(matches!(mutated(s + 360, 1), Err(HeaderError::Invalid { field: "keyslot.reserved@352", .. })));
+        assert!(matches!(
+            mutated(s, 2),
+            Err(HeaderError::Invalid {
+                field: "keyslot.state",
+                ..
+            })
+        ));
+        assert!(matches!(
+            mutated(s + 1, 2),
+            Err(HeaderError::Invalid {
+                field: "keyslot.kind",
+                ..
+            })
+        ));
+        assert!(matches!(
+            mutated(s + 2, 9),
+            Err(HeaderError::Invalid {
+                field: "keyslot.source",
+                ..
+            })
+        ));
+        assert!(matches!(
+            mutated(s + 4, 200),
+            Err(HeaderError::Invalid {
+                field: "keyslot.binding_len",
+                ..
+            })
+        ));
+        assert!(matches!(
+            mutated(s + 6, 80),
+            Err(HeaderError::Invalid {
+                field: "keyslot.wrapped_len",
+                ..
+            })
+        ));
+        assert!(matches!(
+            mutated(s + 93, 1),
+            Err(HeaderError::Invalid {
+                field: "keyslot.reserved@92",
+                ..
+            })
+        ));
+        assert!(matches!(
+            mutated(s + 200, 1),
+            Err(HeaderError::Invalid {
+                field: "keyslot.binding padding",
+                ..
+            })
+        ));
+        assert!(matches!(
+            mutated(s + 340, 1),
+            Err(HeaderError::Invalid {
+                field: "keyslot.wrapped padding",
+                ..
+            })
+        ));
+        assert!(matches!(
+            mutated(s + 360, 1),
+            Err(HeaderError::Invalid {
+                field: "keyslot.reserved@352",
+                ..
+            })
+        ));
         // An empty slot must be entirely zero.
-        assert!(matches!(mutated(s + SLOT_LEN + 5, 1), Err(HeaderError::Invalid { field: "keyslot (empty)", .. })));
+        assert!(matches!(
+            mutated(s + SLOT_LEN + 5, 1),
+            Err(HeaderError::Invalid {
+                field: "keyslot (empty)",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -666,7 +801,11 @@ mod tests {
         let mut bumped = h.clone();
         bumped.seqno += 5;
         bumped.keyslots[3] = Some(sample_slot(96));
-        assert_eq!(bumped.keyslot_aad(&slot), aad, "seqno and other slots are not in the AAD");
+        assert_eq!(
+            bumped.keyslot_aad(&slot),
+            aad,
+            "seqno and other slots are not in the AAD"
+        );
         let mut journal = h.clone();
         journal.profile = Profile::AeadHmacSha256 {
             journal: Journal::Direct,
@@ -683,7 +822,11 @@ mod tests {
         assert_ne!(h.keyslot_aad(&other), aad);
         let mut wrapped = slot.clone();
         wrapped.wrapped[0] ^= 1;
-        assert_eq!(h.keyslot_aad(&wrapped), aad, "the wrapped bytes are authenticated by the tag itself");
+        assert_eq!(
+            h.keyslot_aad(&wrapped),
+            aad,
+            "the wrapped bytes are authenticated by the tag itself"
+        );
     }
 
     fn region(a: Option<&Header>, b: Option<&Header>) -> Vec<u8> {
@@ -703,7 +846,10 @@ mod tests {
         let mut b = sample();
         b.seqno = 2;
         let active = select(&region(Some(&a), Some(&b))).unwrap();
-        assert_eq!((active.copy, active.header.seqno, active.inactive_copy()), (1, 2, 0));
+        assert_eq!(
+            (active.copy, active.header.seqno, active.inactive_copy()),
+            (1, 2, 0)
+        );
         let active = select(&region(Some(&b), Some(&a))).unwrap();
         assert_eq!((active.copy, active.header.seqno), (0, 2));
     }
@@ -732,9 +878,62 @@ mod tests {
         assert_eq!(select(&[0u8; 10]), Err(HeaderError::Size(10)));
     }
 
+    /// The seeds are written by fuzz/make-seeds.py from docs/format.md alone: decoding them checks that
+    /// the document describes the format this code reads.
+    #[test]
+    fn decodes_headers_written_from_the_document() {
+        let aead = Header::decode(include_bytes!(
+            "../fuzz/seeds/header/aead-journal-2slots.bin"
+        ))
+        .unwrap();
+        assert_eq!(
+            aead.profile,
+            Profile::AeadHmacSha256 {
+                journal: Journal::Journal
+            }
+        );
+        assert_eq!(
+            (aead.fs, aead.seqno, aead.created),
+            (FsKind::Ext4, 1, 1_700_000_000)
+        );
+        assert_eq!(aead.uuid, core::array::from_fn(|i| i as u8));
+        let slots: Vec<_> = aead.active_slots().map(|(i, s)| (i, s.source)).collect();
+        assert_eq!(slots, vec![(0, SourceKind::Sim), (3, SourceKind::Tpm)]);
+        let slot = aead.keyslots[0].as_ref().unwrap();
+        assert_eq!(
+            (slot.binding.as_slice(), slot.wrapped.len()),
+            (&[1u8, 2, 3][..], 112)
+        );
+        assert_eq!(
+            (slot.identity_digest, slot.salt, slot.nonce),
+            ([0x11; 32], [0x22; 32], [0x33; 12])
+        );
+
+        let xts =
+            Header::decode(include_bytes!("../fuzz/seeds/header/xts-only-1slot.bin")).unwrap();
+        assert_eq!(
+            (xts.profile, xts.fs, xts.seqno),
+            (Profile::XtsOnly, FsKind::Xfs, 7)
+        );
+        assert_eq!(xts.keyslots[1].as_ref().unwrap().source, SourceKind::Snp);
+
+        let active = select(include_bytes!("../fuzz/seeds/header/region-two-copies.bin")).unwrap();
+        assert_eq!((active.copy, active.header.seqno), (1, 2));
+        assert_eq!(
+            active.header.profile,
+            Profile::AeadHmacSha256 {
+                journal: Journal::Direct
+            }
+        );
+    }
+
     fn arb_slot(key_len: usize) -> impl Strategy<Value = Keyslot> {
         (
-            prop_oneof![Just(SourceKind::Sim), Just(SourceKind::Snp), Just(SourceKind::Tpm)],
+            prop_oneof![
+                Just(SourceKind::Sim),
+                Just(SourceKind::Snp),
+                Just(SourceKind::Tpm)
+            ],
             any::<u64>(),
             any::<[u8; 32]>(),
             any::<[u8; 32]>(),
@@ -742,35 +941,44 @@ mod tests {
             proptest::collection::vec(any::<u8>(), 0..=MAX_BINDING_LEN),
             proptest::collection::vec(any::<u8>(), key_len + WRAP_TAG_LEN),
         )
-            .prop_map(|(source, created, identity_digest, salt, nonce, binding, wrapped)| Keyslot {
-                source,
-                created,
-                identity_digest,
-                salt,
-                nonce,
-                binding,
-                wrapped,
-            })
+            .prop_map(
+                |(source, created, identity_digest, salt, nonce, binding, wrapped)| Keyslot {
+                    source,
+                    created,
+                    identity_digest,
+                    salt,
+                    nonce,
+                    binding,
+                    wrapped,
+                },
+            )
     }
 
     fn arb_header() -> impl Strategy<Value = Header> {
         let profile = prop_oneof![
             Just(Profile::XtsOnly),
-            Just(Profile::AeadHmacSha256 { journal: Journal::Journal }),
-            Just(Profile::AeadHmacSha256 { journal: Journal::Direct }),
+            Just(Profile::AeadHmacSha256 {
+                journal: Journal::Journal
+            }),
+            Just(Profile::AeadHmacSha256 {
+                journal: Journal::Direct
+            }),
         ];
         let fs = prop_oneof![Just(FsKind::None), Just(FsKind::Ext4), Just(FsKind::Xfs)];
         (profile, fs, any::<u64>(), any::<[u8; 16]>(), any::<u64>()).prop_flat_map(
             |(profile, fs, seqno, uuid, created)| {
-                proptest::collection::vec(proptest::option::of(arb_slot(profile.key_len())), KEYSLOTS)
-                    .prop_map(move |slots| {
-                        let mut h = Header::new(uuid, profile, fs, created);
-                        h.seqno = seqno;
-                        for (i, s) in slots.into_iter().enumerate() {
-                            h.keyslots[i] = s;
-                        }
-                        h
-                    })
+                proptest::collection::vec(
+                    proptest::option::of(arb_slot(profile.key_len())),
+                    KEYSLOTS,
+                )
+                .prop_map(move |slots| {
+                    let mut h = Header::new(uuid, profile, fs, created);
+                    h.seqno = seqno;
+                    for (i, s) in slots.into_iter().enumerate() {
+                        h.keyslots[i] = s;
+                    }
+                    h
+                })
             },
         )
     }

@@ -169,12 +169,7 @@ impl Kek {
         let tag = Tag::try_from(tag).map_err(|_| KeyError::Unwrap)?;
         let mut buf = Zeroizing::new(body.to_vec());
         self.cipher()
-            .decrypt_inout_detached(
-                &Nonce::from(*nonce),
-                aad,
-                buf.as_mut_slice().into(),
-                &tag,
-            )
+            .decrypt_inout_detached(&Nonce::from(*nonce), aad, buf.as_mut_slice().into(), &tag)
             .map_err(|_| KeyError::Unwrap)?;
         Ok(VolumeKey(buf))
     }
@@ -237,12 +232,22 @@ mod tests {
         let kek = kat_kek();
         let nonce = [7; NONCE_LEN];
         let wrapped = kek.wrap(&nonce, b"header", &key);
-        assert_eq!(kek.unwrap(&nonce, b"headeR", &wrapped).unwrap_err(), KeyError::Unwrap);
-        assert_eq!(kek.unwrap(&[8; NONCE_LEN], b"header", &wrapped).unwrap_err(), KeyError::Unwrap);
+        assert_eq!(
+            kek.unwrap(&nonce, b"headeR", &wrapped).unwrap_err(),
+            KeyError::Unwrap
+        );
+        assert_eq!(
+            kek.unwrap(&[8; NONCE_LEN], b"header", &wrapped)
+                .unwrap_err(),
+            KeyError::Unwrap
+        );
         for i in 0..wrapped.len() {
             let mut bad = wrapped.clone();
             bad[i] ^= 1;
-            assert!(kek.unwrap(&nonce, b"header", &bad).is_err(), "byte {i} flip not detected");
+            assert!(
+                kek.unwrap(&nonce, b"header", &bad).is_err(),
+                "byte {i} flip not detected"
+            );
         }
         assert!(kek.unwrap(&nonce, b"header", &wrapped[..10]).is_err());
         let other = SealingSecret::new([0x12; SECRET_LEN]);
@@ -257,7 +262,10 @@ mod tests {
         let base = Kek::derive(&secret, &[0; SALT_LEN], &[0; 16], &d).0;
         assert_ne!(*base, *Kek::derive(&secret, &[1; SALT_LEN], &[0; 16], &d).0);
         assert_ne!(*base, *Kek::derive(&secret, &[0; SALT_LEN], &[1; 16], &d).0);
-        assert_ne!(*base, *Kek::derive(&secret, &[0; SALT_LEN], &[0; 16], &[9; DIGEST_LEN]).0);
+        assert_ne!(
+            *base,
+            *Kek::derive(&secret, &[0; SALT_LEN], &[0; 16], &[9; DIGEST_LEN]).0
+        );
     }
 
     #[test]

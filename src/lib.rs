@@ -3,10 +3,10 @@
 //! The library is the core the CLI and the CSI services stand on; it knows nothing of gRPC.
 
 pub mod backend;
-pub mod dm;
-pub mod keyring;
-pub mod header;
-pub mod keys;
-pub mod sealing;
 pub mod devio;
+pub mod dm;
+pub mod header;
+pub mod keyring;
+pub mod keys;
 pub mod mapping;
+pub mod sealing;

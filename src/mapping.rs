@@ -128,7 +128,11 @@ fn journal_mode(journal: Journal) -> JournalMode {
 }
 
 /// The integrity table line for a volume whose integrity device provides `provided_sectors`.
-pub fn integrity_line(backing: &Path, header: &Header, provided_sectors: u64) -> Option<TargetLine> {
+pub fn integrity_line(
+    backing: &Path,
+    header: &Header,
+    provided_sectors: u64,
+) -> Option<TargetLine> {
     let Profile::AeadHmacSha256 { journal } = header.profile else {
         return None;
     };
@@ -157,8 +161,14 @@ pub fn crypt_line(
         Profile::AeadHmacSha256 { .. } => (CryptCipher::AuthencHmacSha256XtsPlainRandom, 0),
         Profile::XtsOnly => (CryptCipher::AesXtsPlain64, header.data_offset / SECTOR),
     };
-    let target = CryptTarget::new(cipher, key, lower.to_path_buf(), offset, header.profile.sector_size())
-        .map_err(DmError::from)?;
+    let target = CryptTarget::new(
+        cipher,
+        key,
+        lower.to_path_buf(),
+        offset,
+        header.profile.sector_size(),
+    )
+    .map_err(DmError::from)?;
     Ok(TargetLine {
         start: 0,
         length: length_sectors,
@@ -168,7 +178,10 @@ pub fn crypt_line(
 
 /// Whether the kernel keyring can carry keys into dm-crypt on this node (else keys go in the table, which
 /// is loaded with DM_SECURE_DATA either way).
-fn key_for_table(volume_uuid: &str, key: &VolumeKey) -> Result<(CryptKey, Option<LogonKey>), MappingError> {
+fn key_for_table(
+    volume_uuid: &str,
+    key: &VolumeKey,
+) -> Result<(CryptKey, Option<LogonKey>), MappingError> {
     if crate::keyring::available() {
         // A fresh description per load: two loads never race on one key name.
         let mut nonce = [0u8; 8];
@@ -178,7 +191,10 @@ fn key_for_table(volume_uuid: &str, key: &VolumeKey) -> Result<(CryptKey, Option
             .map_err(|e| MappingError::Keyring(e.to_string()))?;
         Ok((CryptKey::Keyring { description }, Some(logon)))
     } else {
-        Ok((CryptKey::Hex(zeroize::Zeroizing::new(key.expose().to_vec())), None))
+        Ok((
+            CryptKey::Hex(zeroize::Zeroizing::new(key.expose().to_vec())),
+            None,
+        ))
     }
 }
 
@@ -247,7 +263,14 @@ pub fn open_stack(
     }
 
     let lower = match &integrity {
-        Some(line) => dm.create(&names.integrity, &integrity_uuid, std::slice::from_ref(line))?.node,
+        Some(line) => {
+            dm.create(
+                &names.integrity,
+                &integrity_uuid,
+                std::slice::from_ref(line),
+            )?
+            .node
+        }
         None => backing.to_path_buf(),
     };
     let (table_key, logon) = key_for_table(&volume_uuid, key)?;
@@ -359,11 +382,15 @@ mod tests {
         assert_eq!(parsed.provided_data_sectors, 1000);
         parsed.check(aead()).unwrap();
         assert!(matches!(
-            IntegritySuperblock::parse(&sb(28, 1000, 3)).unwrap().check(aead()),
+            IntegritySuperblock::parse(&sb(28, 1000, 3))
+                .unwrap()
+                .check(aead()),
             Err(MappingError::IntegrityMismatch(_))
         ));
         assert!(matches!(
-            IntegritySuperblock::parse(&sb(48, 1000, 0)).unwrap().check(aead()),
+            IntegritySuperblock::parse(&sb(48, 1000, 0))
+                .unwrap()
+                .check(aead()),
             Err(MappingError::IntegrityMismatch(_))
         ));
         assert!(matches!(
@@ -376,7 +403,10 @@ mod tests {
     fn tables_follow_the_profile() {
         let header = Header::new([1; 16], aead(), FsKind::Ext4, 0);
         let line = integrity_line(Path::new("/dev/loop0"), &header, 2000).unwrap();
-        assert_eq!(line.target.params().as_str(), "/dev/loop0 2048 48 J 2 fix_padding block_size:4096");
+        assert_eq!(
+            line.target.params().as_str(),
+            "/dev/loop0 2048 48 J 2 fix_padding block_size:4096"
+        );
         let crypt = crypt_line(
             Path::new("/dev/mapper/v-integrity"),
             &header,
@@ -414,6 +444,9 @@ mod tests {
         let names = StackNames::new("vol1").unwrap();
         assert_eq!(names.integrity.as_str(), "vol1-integrity");
         assert!(StackNames::new("bad/name").is_err());
-        assert!(StackNames::new(&"x".repeat(120)).is_err(), "integrity name would exceed 127 bytes");
+        assert!(
+            StackNames::new(&"x".repeat(120)).is_err(),
+            "integrity name would exceed 127 bytes"
+        );
     }
 }

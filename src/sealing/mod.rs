@@ -105,9 +105,10 @@ pub fn open_source(
         }),
         TeeChoice::Auto => Err(SealError::Unavailable {
             kind: SourceKind::Snp,
-            reason: "no hardware sealing source is available in this build; pass --tee sim explicitly \
+            reason:
+                "no hardware sealing source is available in this build; pass --tee sim explicitly \
                      for a simulated (unprotected) identity"
-                .into(),
+                    .into(),
         }),
     }
 }

@@ -46,7 +46,10 @@ impl SimSource {
     /// Loads the seed under `state_dir`, creating it (mode 0600) on first use.
     pub fn open(state_dir: &Path, identity: &str) -> Result<Self, SealError> {
         if identity.is_empty() {
-            return Err(state_error(state_dir, "the simulated identity string is empty"));
+            return Err(state_error(
+                state_dir,
+                "the simulated identity string is empty",
+            ));
         }
         fs::create_dir_all(state_dir).map_err(|e| state_error(state_dir, e))?;
         let seed_path = state_dir.join(SEED_FILE);
@@ -69,7 +72,10 @@ fn read_seed(path: &Path) -> std::io::Result<Zeroizing<[u8; SECRET_LEN]>> {
     file.read_exact(seed.as_mut_slice())?;
     let mut extra = [0u8; 1];
     if file.read(&mut extra)? != 0 {
-        return Err(std::io::Error::new(ErrorKind::InvalidData, "seed file is longer than 32 bytes"));
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            "seed file is longer than 32 bytes",
+        ));
     }
     Ok(seed)
 }
@@ -81,7 +87,11 @@ fn create_seed(path: &Path) -> Result<Zeroizing<[u8; SECRET_LEN]>, SealError> {
     random_bytes(seed.as_mut_slice()).map_err(|e| state_error(path, e))?;
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let write = || -> std::io::Result<()> {
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         file.write_all(seed.as_slice())?;
         file.sync_all()?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
@@ -92,7 +102,9 @@ fn create_seed(path: &Path) -> Result<Zeroizing<[u8; SECRET_LEN]>, SealError> {
     };
     match write() {
         Ok(()) => Ok(seed),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => read_seed(path).map_err(|e| state_error(path, e)),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            read_seed(path).map_err(|e| state_error(path, e))
+        }
         Err(e) => Err(state_error(path, e)),
     }
 }
@@ -122,7 +134,8 @@ impl SealingSource for SimSource {
         let mut info = SIM_LABEL.to_vec();
         info.extend_from_slice(self.identity.as_bytes());
         let mut out = [0u8; SECRET_LEN];
-        hk.expand(&info, &mut out).expect("32 bytes is a valid HKDF output length");
+        hk.expand(&info, &mut out)
+            .expect("32 bytes is a valid HKDF output length");
         let secret = SealingSecret::new(out);
         zeroize::Zeroize::zeroize(&mut out);
         Ok(secret)
@@ -146,8 +159,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = SimSource::open(dir.path(), "img-1").unwrap();
         let b = SimSource::open(dir.path(), "img-1").unwrap();
-        assert_eq!(a.secret(&[]).unwrap().digest(), b.secret(&[]).unwrap().digest());
-        let mode = fs::metadata(dir.path().join(SEED_FILE)).unwrap().permissions().mode();
+        assert_eq!(
+            a.secret(&[]).unwrap().digest(),
+            b.secret(&[]).unwrap().digest()
+        );
+        let mode = fs::metadata(dir.path().join(SEED_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -155,9 +174,21 @@ mod tests {
     fn identity_string_and_seed_both_matter() {
         let dir = tempfile::tempdir().unwrap();
         let other_dir = tempfile::tempdir().unwrap();
-        let a = SimSource::open(dir.path(), "img-1").unwrap().secret(&[]).unwrap().digest();
-        let b = SimSource::open(dir.path(), "img-2").unwrap().secret(&[]).unwrap().digest();
-        let c = SimSource::open(other_dir.path(), "img-1").unwrap().secret(&[]).unwrap().digest();
+        let a = SimSource::open(dir.path(), "img-1")
+            .unwrap()
+            .secret(&[])
+            .unwrap()
+            .digest();
+        let b = SimSource::open(dir.path(), "img-2")
+            .unwrap()
+            .secret(&[])
+            .unwrap()
+            .digest();
+        let c = SimSource::open(other_dir.path(), "img-1")
+            .unwrap()
+            .secret(&[])
+            .unwrap()
+            .digest();
         assert_ne!(a, b);
         assert_ne!(a, c);
     }
@@ -166,7 +197,11 @@ mod tests {
     fn known_answer_for_a_fixed_seed() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(SEED_FILE), [0x5a; 32]).unwrap();
-        let digest = SimSource::open(dir.path(), "img-1").unwrap().secret(&[]).unwrap().digest();
+        let digest = SimSource::open(dir.path(), "img-1")
+            .unwrap()
+            .secret(&[])
+            .unwrap()
+            .digest();
         assert_eq!(hex::encode(digest), SIM_KAT);
     }
 

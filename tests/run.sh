@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The test command: host unit and integration tests, then every guest suite in the real kernel
+# (user-mode Linux), then a short fuzzing run of the header parser. Fails if anything fails.
+#   SEALCSI_FUZZ_SECONDS (default 60): how long the fuzzer runs; 0 skips it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tests/install-deps.sh
+
+echo "== host tests"
+cargo test --all-targets
+
+echo "== guest tests (real device-mapper in user-mode Linux)"
+guest_suites=()
+for f in tests/guest_*.rs; do guest_suites+=("$(basename "$f" .rs)"); done
+for suite in "${guest_suites[@]}"; do
+    bin=$(cargo test --test "$suite" --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["executable"])')
+    echo "-- $suite ($bin)"
+    bash tests/vm/run-in-guest.sh --timeout 1800 -- "$bin" --ignored --test-threads=1 --nocapture
+done
+
+fuzz_seconds=${SEALCSI_FUZZ_SECONDS:-60}
+if [ "$fuzz_seconds" -gt 0 ]; then
+    echo "== fuzzing the header parser for ${fuzz_seconds}s"
+    # cargo-fuzz needs -Z flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
+    RUSTC_BOOTSTRAP=1 cargo fuzz run header fuzz/seeds/header -- -max_total_time="$fuzz_seconds"
+fi
+echo "== all tests passed"
