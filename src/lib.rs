@@ -10,3 +10,7 @@ pub mod keyring;
 pub mod keys;
 pub mod mapping;
 pub mod sealing;
+pub mod csi; pub mod node; pub mod provision;
+pub mod fs;
+pub mod init;
+pub mod volume;

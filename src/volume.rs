@@ -243,8 +243,8 @@ impl<'a> Volumes<'a> {
 
         // Last step: the header. Until both copies are on disk the device does not open.
         header.keyslots[0] = Some(self.seal_keyslot(&header, &key)?);
-        for copy in 0..COPY_OFFSETS.len() {
-            devio::write_at(dev.path(), COPY_OFFSETS[copy], &header.encode())
+        for (copy, offset) in COPY_OFFSETS.iter().enumerate() {
+            devio::write_at(dev.path(), *offset, &header.encode())
                 .map_err(io_error(format!("writing header copy {copy}")))?;
         }
         let device = dev.path().to_path_buf();

@@ -258,6 +258,13 @@ impl LoopDevice {
             .map_err(|e| BackendError::ioctl("LOOP_SET_STATUS64", &self.path, e))
     }
 
+    /// Makes the device take the backing file's current size (LOOP_SET_CAPACITY), after the file grew.
+    pub fn set_capacity(&self) -> Result<(), BackendError> {
+        let dev = self.open(false)?;
+        sys::loop_set_capacity(dev.as_fd())
+            .map_err(|e| BackendError::ioctl("LOOP_SET_CAPACITY", &self.path, e))
+    }
+
     /// Whether the kernel will detach this device when its last user closes it.
     pub fn autoclear(&self) -> Option<bool> {
         let s = fs::read_to_string(sys_dir(self.number).join("loop/autoclear")).ok()?;

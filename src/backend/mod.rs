@@ -138,6 +138,7 @@ pub mod sys {
     pub const LOOP_GET_STATUS64: u32 = nix::request_code_none!(b'L', 0x05) as u32;
     pub const LOOP_CONFIGURE: u32 = nix::request_code_none!(b'L', 0x0A) as u32;
     pub const LOOP_CTL_GET_FREE: u32 = nix::request_code_none!(b'L', 0x82) as u32;
+    pub const LOOP_SET_CAPACITY: u32 = nix::request_code_none!(b'L', 0x07) as u32;
     /// `BLKGETSIZE64` = _IOR(0x12, 114, size_t).
     pub const BLKGETSIZE64: u32 =
         nix::request_code_read!(0x12, 114, std::mem::size_of::<u64>()) as u32;
@@ -148,6 +149,7 @@ pub mod sys {
         use super::*;
         nix::ioctl_none_bad!(loop_clr_fd, LOOP_CLR_FD);
         nix::ioctl_none_bad!(loop_ctl_get_free, LOOP_CTL_GET_FREE);
+        nix::ioctl_none_bad!(loop_set_capacity, LOOP_SET_CAPACITY);
         nix::ioctl_write_ptr_bad!(loop_configure, LOOP_CONFIGURE, LoopConfig);
         nix::ioctl_read_bad!(loop_get_status64, LOOP_GET_STATUS64, LoopInfo64);
         nix::ioctl_write_ptr_bad!(loop_set_status64, LOOP_SET_STATUS64, LoopInfo64);
@@ -174,6 +176,12 @@ pub mod sys {
     pub fn loop_clr_fd(dev: BorrowedFd<'_>) -> Result<(), Errno> {
         // SAFETY: LOOP_CLR_FD takes no argument; the fd is valid for the borrow.
         unsafe { raw::loop_clr_fd(dev.as_raw_fd()) }.map(drop)
+    }
+
+    /// LOOP_SET_CAPACITY: re-read the backing file's size (after it grew).
+    pub fn loop_set_capacity(dev: BorrowedFd<'_>) -> Result<(), Errno> {
+        // SAFETY: LOOP_SET_CAPACITY takes no argument; the fd is valid for the borrow.
+        unsafe { raw::loop_set_capacity(dev.as_raw_fd()) }.map(drop)
     }
 
     /// LOOP_GET_STATUS64: the binding's status; ENXIO if the device is not bound.
@@ -219,6 +227,7 @@ pub mod sys {
             assert_eq!(LOOP_GET_STATUS64, 0x4C05);
             assert_eq!(LOOP_CONFIGURE, 0x4C0A);
             assert_eq!(LOOP_CTL_GET_FREE, 0x4C82);
+            assert_eq!(LOOP_SET_CAPACITY, 0x4C07);
             assert_eq!(BLKGETSIZE64, 0x8008_1272);
             assert_eq!(BLKSSZGET, 0x1268);
         }

@@ -301,6 +301,24 @@ impl DeviceMapper for KernelDm {
     fn version(&self) -> Result<(u32, u32, u32), DmError> {
         self.dm.version().map_err(|e| kernel_err("version", &e))
     }
+
+    fn reload(&self, name: &DmName, table: &[TargetLine]) -> Result<DeviceInfo, DmError> {
+        table::validate_table(table)?;
+        if self.info(name)?.is_none() {
+            return Err(DmError::NotFound(name.to_string()));
+        }
+        debug!(dm.name = %name, lines = table.len(), "reloading device-mapper table");
+        self.load_and_resume(name, table).inspect_err(|_| {
+            // A table loaded but not swapped in stays in the inactive slot: drop it.
+            let id = DevId::Name(match dm_name(name) {
+                Ok(n) => n,
+                Err(_) => return,
+            });
+            if let Err(e) = self.dm.table_clear(&id) {
+                warn!(dm.name = %name, error = %kernel_err("table clear", &e), "could not clear the inactive table");
+            }
+        })
+    }
 }
 
 #[cfg(test)]

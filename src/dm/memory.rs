@@ -22,6 +22,7 @@ pub enum MemoryOp {
     Status,
     List,
     Version,
+    Reload,
 }
 
 #[derive(Debug)]
@@ -193,6 +194,18 @@ impl DeviceMapper for MemoryDm {
         Self::check_fail(&mut st, MemoryOp::Version, "version")?;
         Ok((4, 47, 0))
     }
+
+    fn reload(&self, name: &DmName, table: &[TargetLine]) -> Result<DeviceInfo, DmError> {
+        table::validate_table(table)?;
+        let mut st = self.lock();
+        Self::check_fail(&mut st, MemoryOp::Reload, "table load")?;
+        let dev = st
+            .devices
+            .get_mut(name.as_str())
+            .ok_or_else(|| DmError::NotFound(name.to_string()))?;
+        dev.table = table.to_vec();
+        Ok(Self::info_of(name.as_str(), dev))
+    }
 }
 
 #[cfg(test)]
@@ -282,5 +295,21 @@ mod tests {
         ));
         assert_eq!(dm.info(&n).unwrap(), None);
         dm.create(&n, "U", &table()).unwrap();
+    }
+
+    #[test]
+    fn reload_replaces_the_table_of_an_existing_device() {
+        let dm = MemoryDm::new();
+        let n = name("r");
+        let mut bigger = table();
+        bigger[0].length = 2048;
+        assert!(matches!(dm.reload(&n, &bigger), Err(DmError::NotFound(_))));
+        dm.create(&n, "R", &table()).unwrap();
+        dm.fail_next(MemoryOp::Reload);
+        assert!(dm.reload(&n, &bigger).is_err());
+        assert_eq!(dm.table(&n).unwrap(), table());
+        dm.reload(&n, &bigger).unwrap();
+        assert_eq!(dm.table(&n).unwrap(), bigger);
+        assert_eq!(integrity_status(&dm.status(&n).unwrap()[0].3).unwrap().provided_data_sectors, 2048);
     }
 }

@@ -165,6 +165,10 @@ pub trait DeviceMapper: Send + Sync {
     fn list(&self) -> Result<Vec<DeviceInfo>, DmError>;
     /// Driver version, also the "is device-mapper usable" probe.
     fn version(&self) -> Result<(u32, u32, u32), DmError>;
+    /// Replace the live table of existing device `name` (load into the inactive slot with
+    /// DM_SECURE_DATA, then resume, which suspends, swaps and resumes): how a mapping is resized.
+    /// NotFound if the device does not exist; on failure the live table stays.
+    fn reload(&self, name: &DmName, table: &[TargetLine]) -> Result<DeviceInfo, DmError>;
 }
 
 /// dm-integrity's status line.

@@ -1,0 +1,354 @@
+//! The sealed part of staging: the [`VolumeEngine`] trait the node core calls, and its real
+//! implementation [`KernelEngine`] over [`Volumes`], a [`DeviceMapper`] and this node's sealing source.
+//! The in-memory implementation for host tests is [`super::memory::MemoryEngine`].
+//!
+//! Every method is blocking (ioctls, mkfs): call from a blocking context.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::backend::{BackendError, LoopDevice};
+use crate::dm::{CryptKey, DeviceMapper, DmError, DmName, Target, integrity_status};
+use crate::fs::FsError;
+use crate::header::{self, DATA_OFFSET, FsKind, HEADER_SIZE, Header, Profile};
+use crate::mapping::{self, MappingError, SECTOR, StackNames};
+use crate::provision::{Condition, Meaning, Meaningful};
+use crate::sealing::SealingSource;
+use crate::volume::{self, ErrorClass, FormatOptions, VolumeError, Volumes};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Dm(#[from] DmError),
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    /// The operation needs the volume open on this node and it is not.
+    #[error("volume device {0} is not open on this node (not staged)")]
+    NotOpen(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the node reports a volume-engine class.
+pub fn class_meaning(class: ErrorClass) -> Meaning {
+    match class {
+        ErrorClass::InvalidArgument => Meaning::InvalidArgument,
+        // This node cannot open the volume, the header is damaged, the device holds something else or
+        // is held: none of it goes away by retrying the same call; an operator must act.
+        ErrorClass::WrongIdentity | ErrorClass::InvalidHeader | ErrorClass::Refused | ErrorClass::Busy => {
+            Meaning::FailedPrecondition
+        }
+        ErrorClass::Internal => Meaning::Internal,
+    }
+}
+
+impl Meaningful for EngineError {
+    fn meaning(&self) -> Meaning {
+        match self {
+            EngineError::Volume(e) => class_meaning(e.class()),
+            EngineError::Mapping(e) => match e {
+                MappingError::Dm(DmError::InvalidArgument(_)) => Meaning::InvalidArgument,
+                MappingError::Busy(_)
+                | MappingError::NameInUse { .. }
+                | MappingError::OpenElsewhere(_)
+                | MappingError::MissingIntegritySuperblock
+                | MappingError::IntegrityMismatch(_)
+                | MappingError::Dm(DmError::Busy(_)) => Meaning::FailedPrecondition,
+                _ => Meaning::Internal,
+            },
+            EngineError::Dm(DmError::Busy(_)) => Meaning::FailedPrecondition,
+            EngineError::Dm(DmError::InvalidArgument(_)) => Meaning::InvalidArgument,
+            EngineError::Backend(BackendError::Busy(_)) => Meaning::FailedPrecondition,
+            EngineError::NotOpen(_) => Meaning::FailedPrecondition,
+            EngineError::Fs(FsError::NoFilesystem(_)) => Meaning::FailedPrecondition,
+            _ => Meaning::Internal,
+        }
+    }
+}
+
+/// What staging the device produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedDevice {
+    /// The top device node (`/dev/mapper/<dm name>`).
+    pub device: PathBuf,
+    /// The filesystem the header records (what was made at format time).
+    pub fs: FsKind,
+    /// Whether this call formatted the volume.
+    pub formatted: bool,
+}
+
+/// The sealed-volume operations of the node core.
+pub trait VolumeEngine: Send + Sync {
+    /// Opens the sealed volume in `backing` as `dm_name`. A device without a sealcsi header and without
+    /// any other signature is formatted first with `format` (never forced); a device whose header does
+    /// not unseal here is an error, never a reason to format. Idempotent: an open volume is success.
+    fn stage_device(&self, backing: &Path, dm_name: &str, format: &FormatOptions) -> Result<StagedDevice, EngineError>;
+    /// The top device node if `dm_name` is open.
+    fn open_device(&self, dm_name: &str) -> Result<Option<PathBuf>, EngineError>;
+    /// Closes `dm_name` (and its integrity device); `false` if nothing was open.
+    fn close(&self, dm_name: &str) -> Result<bool, EngineError>;
+    /// Health: integrity mismatches counted, and whether the header still decodes and unseals.
+    fn condition(&self, dm_name: &str, backing: &Path) -> Result<Condition, EngineError>;
+    /// Size in bytes of the open top device.
+    fn size_bytes(&self, dm_name: &str) -> Result<u64, EngineError>;
+    /// Makes the open mapping take the backing file's (grown) size; returns the new top size in bytes.
+    fn expand(&self, dm_name: &str, backing: &Path) -> Result<u64, EngineError>;
+    /// Grows the filesystem on `device`, mounted at `mount_point`.
+    fn grow_fs(&self, fs: FsKind, device: &Path, mount_point: &Path) -> Result<(), EngineError>;
+    /// `Err(what is missing)` unless the sealing source answers.
+    fn probe_source(&self) -> Result<(), String>;
+}
+
+/// Reads both header copies with ordinary (buffered) reads: works on files on any filesystem and on
+/// block devices, and needs no loop device.
+pub fn read_header_region(backing: &Path) -> Result<Vec<u8>, EngineError> {
+    let mut region = vec![0u8; 2 * HEADER_SIZE];
+    File::open(backing)
+        .and_then(|f| f.read_exact_at(&mut region, 0))
+        .map_err(|source| EngineError::Io {
+            context: format!("reading the header region of {}", backing.display()),
+            source,
+        })?;
+    Ok(region)
+}
+
+/// Health from the header region, plus `unseal` for a header that decodes.
+pub fn header_condition(
+    region: &[u8],
+    unseal: impl FnOnce(&Header) -> Result<(), String>,
+) -> Option<String> {
+    if !header::has_magic(region) {
+        return Some("the volume has no sealcsi header any more".into());
+    }
+    match header::select(region) {
+        Err(e) => Some(format!("the volume header no longer decodes: {e}")),
+        Ok(active) => {
+            if let Err(e) = unseal(&active.header) {
+                return Some(format!("the volume header no longer unseals on this node: {e}"));
+            }
+            active.other_copy_error.as_ref().map(|e| {
+                format!(
+                    "header copy {} is damaged ({e}); copy {} is intact",
+                    active.inactive_copy(),
+                    active.copy
+                )
+            })
+        }
+    }
+}
+
+/// Integrity mismatches the integrity device counted, if it exists and reports any.
+pub fn integrity_problem(dm: &dyn DeviceMapper, names: &StackNames) -> Result<Option<String>, EngineError> {
+    if dm.info(&names.integrity)?.is_none() {
+        return Ok(None);
+    }
+    let lines = dm.status(&names.integrity)?;
+    let Some((_, _, _, status)) = lines.first() else {
+        return Ok(None);
+    };
+    let st = integrity_status(status)?;
+    Ok((st.mismatches > 0).then(|| {
+        format!(
+            "dm-integrity counted {} tag mismatch(es): blocks of this volume were altered or damaged \
+             outside the node",
+            st.mismatches
+        )
+    }))
+}
+
+/// Total length in bytes of the device-mapper device `name`, from its status (no keys read).
+pub fn dm_size_bytes(dm: &dyn DeviceMapper, name: &DmName) -> Result<u64, EngineError> {
+    match dm.status(name) {
+        Ok(lines) => Ok(lines.iter().map(|(_, len, _, _)| len * SECTOR).sum()),
+        Err(DmError::NotFound(_)) => Err(EngineError::NotOpen(name.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The engine on the real kernel.
+pub struct KernelEngine {
+    dm: Arc<dyn DeviceMapper>,
+    source: Arc<dyn SealingSource>,
+}
+
+impl std::fmt::Debug for KernelEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelEngine")
+    }
+}
+
+/// Data sectors of a crypt-only volume on a device of `size` bytes (whole 4 KiB blocks after the header).
+fn crypt_only_sectors(size: u64) -> u64 {
+    size.saturating_sub(DATA_OFFSET) / 4096 * (4096 / SECTOR)
+}
+
+impl KernelEngine {
+    pub fn new(dm: Arc<dyn DeviceMapper>, source: Arc<dyn SealingSource>) -> Self {
+        Self { dm, source }
+    }
+
+    fn volumes(&self) -> Volumes<'_> {
+        Volumes::new(&*self.dm, &*self.source)
+    }
+
+    /// A crypt key for a table load: through the kernel keyring where there is one (no key in the
+    /// table), else hex (loaded with DM_SECURE_DATA either way). The logon key must live until the load.
+    fn table_key(
+        header: &Header,
+        key: &crate::keys::VolumeKey,
+    ) -> Result<(CryptKey, Option<crate::keyring::LogonKey>), EngineError> {
+        if crate::keyring::available() {
+            let mut nonce = [0u8; 8];
+            crate::keys::random_bytes(&mut nonce).map_err(|e| MappingError::Keyring(e.to_string()))?;
+            let description = format!("sealcsi:{}-{}", header.uuid_string(), hex::encode(nonce));
+            let logon = crate::keyring::LogonKey::add(&description, key.expose())
+                .map_err(|e| MappingError::Keyring(e.to_string()))?;
+            Ok((CryptKey::Keyring { description }, Some(logon)))
+        } else {
+            Ok((CryptKey::Hex(zeroize::Zeroizing::new(key.expose().to_vec())), None))
+        }
+    }
+}
+
+impl VolumeEngine for KernelEngine {
+    fn stage_device(&self, backing: &Path, dm_name: &str, format: &FormatOptions) -> Result<StagedDevice, EngineError> {
+        let names = StackNames::new(dm_name)?;
+        let mut formatted = false;
+        if self.dm.info(&names.crypt)?.is_none() && !header::has_magic(&read_header_region(backing)?) {
+            // Never a sealcsi volume. Format refuses (force is never set here) if anything else is there.
+            let opts = FormatOptions { force: false, ..*format };
+            let report = self.volumes().format(backing, &opts, &mut |_, _| {})?;
+            tracing::info!(volume.uuid = %report.uuid, seconds = report.total_seconds, "formatted new sealed volume");
+            formatted = true;
+        }
+        let report = self.volumes().open(backing, dm_name)?;
+        let region = read_header_region(backing)?;
+        let fs = header::select(&region)
+            .map(|a| a.header.fs)
+            .map_err(|source| VolumeError::Header {
+                device: backing.display().to_string(),
+                source,
+            })?;
+        Ok(StagedDevice {
+            device: report.device,
+            fs,
+            formatted,
+        })
+    }
+
+    fn open_device(&self, dm_name: &str) -> Result<Option<PathBuf>, EngineError> {
+        let name = DmName::try_from(dm_name)?;
+        Ok(self.dm.info(&name)?.map(|i| i.node))
+    }
+
+    fn close(&self, dm_name: &str) -> Result<bool, EngineError> {
+        Ok(volume::close(&*self.dm, dm_name)?)
+    }
+
+    fn condition(&self, dm_name: &str, backing: &Path) -> Result<Condition, EngineError> {
+        let names = StackNames::new(dm_name)?;
+        let mut problems = Vec::new();
+        problems.extend(integrity_problem(&*self.dm, &names)?);
+        let region = read_header_region(backing)?;
+        let vols = self.volumes();
+        problems.extend(header_condition(&region, |h| {
+            vols.unseal(h).map(drop).map_err(|e| e.to_string())
+        }));
+        Ok(if problems.is_empty() { Condition::Healthy } else { Condition::Abnormal(problems.join("; ")) })
+    }
+
+    fn size_bytes(&self, dm_name: &str) -> Result<u64, EngineError> {
+        dm_size_bytes(&*self.dm, &DmName::try_from(dm_name)?)
+    }
+
+    fn expand(&self, dm_name: &str, backing: &Path) -> Result<u64, EngineError> {
+        let names = StackNames::new(dm_name)?;
+        let old_bytes = dm_size_bytes(&*self.dm, &names.crypt)?;
+        let region = read_header_region(backing)?;
+        let header = header::select(&region)
+            .map_err(|source| VolumeError::Header {
+                device: backing.display().to_string(),
+                source,
+            })?
+            .header;
+        let lo = LoopDevice::find(backing)?.ok_or_else(|| EngineError::NotOpen(format!("loop device of {}", backing.display())))?;
+        lo.set_capacity()?;
+        let device_bytes = crate::devio::size_of(lo.path()).map_err(|source| EngineError::Io {
+            context: format!("size of {}", lo.path().display()),
+            source,
+        })?;
+        let (lower, data_sectors) = match header.profile {
+            Profile::AeadHmacSha256 { .. } => {
+                let mut live = self.dm.table(&names.integrity)?;
+                let [line] = live.as_mut_slice() else {
+                    return Err(DmError::InvalidTable("integrity device has more than one line".into()).into());
+                };
+                line.target.set_device(lo.path().to_path_buf());
+                // The integrity target computes the data sectors the grown device provides when its table
+                // is loaded and records them in its superblock on resume; then map all of them.
+                self.dm.reload(&names.integrity, std::slice::from_ref(line))?;
+                let status = self.dm.status(&names.integrity)?;
+                let provided = status
+                    .first()
+                    .map(|(_, _, _, s)| integrity_status(s))
+                    .transpose()?
+                    .map_or(line.length, |s| s.provided_data_sectors);
+                if provided > line.length {
+                    line.length = provided;
+                    self.dm.reload(&names.integrity, std::slice::from_ref(line))?;
+                }
+                (names.integrity.node(), provided)
+            }
+            Profile::XtsOnly => (lo.path().to_path_buf(), crypt_only_sectors(device_bytes)),
+        };
+        if data_sectors * SECTOR <= old_bytes {
+            return Ok(old_bytes);
+        }
+        let (_, key) = self.volumes().unseal(&header)?;
+        let (table_key, logon) = Self::table_key(&header, &key)?;
+        let crypt = mapping::crypt_line(&lower, &header, data_sectors, table_key)?;
+        debug_assert!(matches!(crypt.target, Target::Crypt(_)));
+        let reloaded = self.dm.reload(&names.crypt, std::slice::from_ref(&crypt));
+        drop(logon);
+        reloaded?;
+        let new_bytes = data_sectors * SECTOR;
+        if matches!(header.profile, Profile::AeadHmacSha256 { .. }) {
+            // Blocks never written have no valid tag and read as errors: write the new space once, so the
+            // filesystem's resize (and anyone after it) reads zeros there.
+            crate::devio::zero_range(&names.crypt.node(), old_bytes, new_bytes - old_bytes, |_, _| {})
+                .map_err(|source| EngineError::Io {
+                    context: format!("initializing the new space of {}", names.crypt.node().display()),
+                    source,
+                })?;
+        }
+        Ok(new_bytes)
+    }
+
+    fn grow_fs(&self, fs: FsKind, device: &Path, mount_point: &Path) -> Result<(), EngineError> {
+        let target = match fs {
+            FsKind::Xfs => mount_point,
+            _ => device,
+        };
+        crate::fs::grow(fs, target)?;
+        Ok(())
+    }
+
+    fn probe_source(&self) -> Result<(), String> {
+        self.source
+            .secret(&self.source.default_binding())
+            .map(drop)
+            .map_err(|e| format!("sealing source: {e}"))
+    }
+}

@@ -1,0 +1,380 @@
+//! In-memory [`VolumeEngine`] for host tests of the node core and the CSI services. It keeps the rules
+//! of the real engine (format only a blank device, never one holding something; a wrong identity is an
+//! error; open and close idempotent) but seals nothing: its "header" is a plain marker with the
+//! identity's digest, written in both header copies of the backing file, and its device-mapper stack
+//! lives in a [`MemoryDm`]. Never what a user runs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use super::engine::{
+    EngineError, StagedDevice, VolumeEngine, dm_size_bytes, integrity_problem, read_header_region,
+};
+use crate::dm::{CryptKey, DeviceMapper, DmError, MemoryDm};
+use crate::header::{COPY_OFFSETS, DATA_OFFSET, FsKind, Header, HEADER_SIZE, HeaderError, Journal, Profile};
+use crate::mapping::{self, SECTOR, StackNames};
+use crate::provision::Condition;
+use crate::sealing::SourceKind;
+use crate::volume::{FormatOptions, VolumeError};
+
+/// Magic of the in-memory engine's marker header.
+pub const MEMORY_MAGIC: &[u8; 8] = b"MEMSEAL\0";
+const MARKER_LEN: usize = 96;
+
+/// The in-memory engine.
+#[derive(Debug)]
+pub struct MemoryEngine {
+    dm: Arc<MemoryDm>,
+    identity: String,
+    source_down: AtomicBool,
+    mismatches: Mutex<BTreeMap<String, u64>>,
+    formats: Mutex<Vec<(PathBuf, FormatOptions)>>,
+    grown: Mutex<Vec<(FsKind, PathBuf)>>,
+}
+
+fn profile_code(p: Profile) -> u8 {
+    match p {
+        Profile::AeadHmacSha256 { journal: Journal::Journal } => 1,
+        Profile::AeadHmacSha256 { journal: Journal::Direct } => 2,
+        Profile::XtsOnly => 3,
+    }
+}
+
+fn profile_from(code: u8) -> Option<Profile> {
+    Some(match code {
+        1 => Profile::AeadHmacSha256 { journal: Journal::Journal },
+        2 => Profile::AeadHmacSha256 { journal: Journal::Direct },
+        3 => Profile::XtsOnly,
+        _ => return None,
+    })
+}
+
+fn fs_code(fs: FsKind) -> u8 {
+    match fs {
+        FsKind::None => 0,
+        FsKind::Ext4 => 1,
+        FsKind::Xfs => 2,
+    }
+}
+
+fn fs_from(code: u8) -> Option<FsKind> {
+    Some(match code {
+        0 => FsKind::None,
+        1 => FsKind::Ext4,
+        2 => FsKind::Xfs,
+        _ => return None,
+    })
+}
+
+/// A decoded marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Marker {
+    identity: [u8; 32],
+    fs: FsKind,
+    profile: Profile,
+}
+
+impl Marker {
+    fn encode(&self) -> [u8; MARKER_LEN] {
+        let mut b = [0u8; MARKER_LEN];
+        b[..8].copy_from_slice(MEMORY_MAGIC);
+        b[8..40].copy_from_slice(&self.identity);
+        b[40] = fs_code(self.fs);
+        b[41] = profile_code(self.profile);
+        let sum = Sha256::digest(&b[..64]);
+        b[64..96].copy_from_slice(&sum);
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<Self, HeaderError> {
+        if &b[..8] != MEMORY_MAGIC {
+            return Err(HeaderError::NotSealcsi);
+        }
+        if Sha256::digest(&b[..64]).as_slice() != &b[64..96] {
+            return Err(HeaderError::Checksum);
+        }
+        let bad = |field| HeaderError::Invalid {
+            field,
+            reason: "unknown code".into(),
+        };
+        Ok(Marker {
+            identity: b[8..40].try_into().expect("32 bytes"),
+            fs: fs_from(b[40]).ok_or_else(|| bad("fs"))?,
+            profile: profile_from(b[41]).ok_or_else(|| bad("profile"))?,
+        })
+    }
+}
+
+/// Both copies: the first that decodes, and the error of the other if it does not.
+fn read_markers(region: &[u8]) -> Result<(Marker, Option<(usize, HeaderError)>), HeaderError> {
+    let copies: Vec<Result<Marker, HeaderError>> = COPY_OFFSETS
+        .iter()
+        .map(|&o| Marker::decode(&region[o as usize..o as usize + MARKER_LEN]))
+        .collect();
+    match (&copies[0], &copies[1]) {
+        (Ok(m), Ok(_)) => Ok((*m, None)),
+        (Ok(m), Err(e)) => Ok((*m, Some((1, e.clone())))),
+        (Err(e), Ok(m)) => Ok((*m, Some((0, e.clone())))),
+        (Err(e), Err(_)) => Err(e.clone()),
+    }
+}
+
+fn has_marker_magic(region: &[u8]) -> bool {
+    COPY_OFFSETS.iter().any(|&o| &region[o as usize..o as usize + 8] == MEMORY_MAGIC)
+}
+
+impl MemoryEngine {
+    /// An engine whose "sealing identity" is `identity`, over `dm`.
+    pub fn new(dm: Arc<MemoryDm>, identity: &str) -> Self {
+        Self {
+            dm,
+            identity: identity.to_string(),
+            source_down: AtomicBool::new(false),
+            mismatches: Mutex::default(),
+            formats: Mutex::default(),
+            grown: Mutex::default(),
+        }
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        Sha256::digest(self.identity.as_bytes()).into()
+    }
+
+    /// Makes the sealing source stop (or start again) answering.
+    pub fn set_source_down(&self, down: bool) {
+        self.source_down.store(down, Ordering::SeqCst);
+    }
+
+    /// Makes the integrity layer of `dm_name` report `n` tag mismatches.
+    pub fn inject_mismatches(&self, dm_name: &str, n: u64) {
+        self.mismatches.lock().unwrap_or_else(|e| e.into_inner()).insert(dm_name.to_string(), n);
+    }
+
+    /// Every format this engine did: (backing file, options).
+    pub fn formats(&self) -> Vec<(PathBuf, FormatOptions)> {
+        self.formats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every filesystem grow: (filesystem, device or mount point given to the tool).
+    pub fn grown(&self) -> Vec<(FsKind, PathBuf)> {
+        self.grown.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn data_sectors(backing: &Path) -> Result<u64, EngineError> {
+        let size = std::fs::metadata(backing)
+            .map_err(|source| EngineError::Io {
+                context: format!("stat {}", backing.display()),
+                source,
+            })?
+            .len();
+        Ok(size.saturating_sub(DATA_OFFSET) / 4096 * (4096 / SECTOR))
+    }
+
+    fn write_marker(backing: &Path, marker: &Marker) -> Result<(), EngineError> {
+        use std::os::unix::fs::FileExt;
+        let mut region = vec![0u8; 2 * HEADER_SIZE];
+        for &o in &COPY_OFFSETS {
+            region[o as usize..o as usize + MARKER_LEN].copy_from_slice(&marker.encode());
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(backing)
+            .and_then(|f| {
+                f.write_all_at(&region, 0)?;
+                f.sync_all()
+            })
+            .map_err(|source| EngineError::Io {
+                context: format!("writing the marker of {}", backing.display()),
+                source,
+            })
+    }
+
+    fn header_error(backing: &Path, source: HeaderError) -> EngineError {
+        EngineError::Volume(VolumeError::Header {
+            device: backing.display().to_string(),
+            source,
+        })
+    }
+
+    fn wrong_identity(&self) -> EngineError {
+        EngineError::Volume(VolumeError::WrongIdentity {
+            kind: SourceKind::Sim,
+            digest: hex::encode(self.digest()),
+            slots: 1,
+        })
+    }
+
+    fn lines(
+        backing: &Path,
+        names: &StackNames,
+        profile: Profile,
+        fs: FsKind,
+        sectors: u64,
+    ) -> Result<(Option<crate::dm::TargetLine>, crate::dm::TargetLine), EngineError> {
+        let header = Header::new([7; 16], profile, fs, 0);
+        let integrity = mapping::integrity_line(backing, &header, sectors);
+        let lower = match integrity {
+            Some(_) => names.integrity.node(),
+            None => backing.to_path_buf(),
+        };
+        let key = CryptKey::Hex(zeroize::Zeroizing::new(vec![0; profile.key_len()]));
+        let crypt = mapping::crypt_line(&lower, &header, sectors, key)?;
+        Ok((integrity, crypt))
+    }
+}
+
+impl VolumeEngine for MemoryEngine {
+    fn stage_device(&self, backing: &Path, dm_name: &str, format: &FormatOptions) -> Result<StagedDevice, EngineError> {
+        let names = StackNames::new(dm_name)?;
+        let mut region = read_header_region(backing)?;
+        let mut formatted = false;
+        if !has_marker_magic(&region) {
+            if region.iter().any(|&b| b != 0) {
+                return Err(EngineError::Volume(VolumeError::Refused {
+                    device: backing.display().to_string(),
+                    found: "data that is not a sealcsi volume".into(),
+                }));
+            }
+            if format.fs == FsKind::None && format.init == crate::init::InitMode::Fast {
+                return Err(EngineError::Volume(VolumeError::InvalidArgument(
+                    "fast init needs a filesystem".into(),
+                )));
+            }
+            let marker = Marker {
+                identity: self.digest(),
+                fs: format.fs,
+                profile: format.profile,
+            };
+            Self::write_marker(backing, &marker)?;
+            self.formats.lock().unwrap_or_else(|e| e.into_inner()).push((backing.to_path_buf(), *format));
+            formatted = true;
+            region = read_header_region(backing)?;
+        }
+        let (marker, _) = read_markers(&region).map_err(|e| Self::header_error(backing, e))?;
+        if marker.identity != self.digest() {
+            return Err(self.wrong_identity());
+        }
+        if let Some(info) = self.dm.info(&names.crypt)? {
+            return Ok(StagedDevice {
+                device: info.node,
+                fs: marker.fs,
+                formatted,
+            });
+        }
+        let sectors = Self::data_sectors(backing)?;
+        let (integrity, crypt) = Self::lines(backing, &names, marker.profile, marker.fs, sectors)?;
+        let uuid = hex::encode(&Sha256::digest(backing.as_os_str().as_encoded_bytes())[..8]);
+        if let Some(line) = integrity {
+            // A stale integrity device without its crypt device is removed first, as the real stack does.
+            self.dm.remove(&names.integrity)?;
+            self.dm.create(&names.integrity, &mapping::dm_uuid(&uuid, "integrity"), &[line])?;
+        }
+        let info = self.dm.create(&names.crypt, &mapping::dm_uuid(&uuid, "crypt"), &[crypt])?;
+        Ok(StagedDevice {
+            device: info.node,
+            fs: marker.fs,
+            formatted,
+        })
+    }
+
+    fn open_device(&self, dm_name: &str) -> Result<Option<PathBuf>, EngineError> {
+        let name = crate::dm::DmName::try_from(dm_name)?;
+        Ok(self.dm.info(&name)?.map(|i| i.node))
+    }
+
+    fn close(&self, dm_name: &str) -> Result<bool, EngineError> {
+        let names = StackNames::new(dm_name)?;
+        Ok(mapping::close_stack(&*self.dm, &names)?)
+    }
+
+    fn condition(&self, dm_name: &str, backing: &Path) -> Result<Condition, EngineError> {
+        let names = StackNames::new(dm_name)?;
+        let mut problems = Vec::new();
+        problems.extend(integrity_problem(&*self.dm, &names)?);
+        if let Some(&n) = self.mismatches.lock().unwrap_or_else(|e| e.into_inner()).get(dm_name)
+            && n > 0
+        {
+            problems.push(format!("dm-integrity counted {n} tag mismatch(es)"));
+        }
+        let region = read_header_region(backing)?;
+        match read_markers(&region) {
+            Err(e) => problems.push(format!("the volume header no longer decodes: {e}")),
+            Ok((m, damaged)) => {
+                if m.identity != self.digest() {
+                    problems.push("the volume header no longer unseals on this node".into());
+                }
+                if let Some((copy, e)) = damaged {
+                    problems.push(format!("header copy {copy} is damaged ({e})"));
+                }
+            }
+        }
+        Ok(if problems.is_empty() { Condition::Healthy } else { Condition::Abnormal(problems.join("; ")) })
+    }
+
+    fn size_bytes(&self, dm_name: &str) -> Result<u64, EngineError> {
+        dm_size_bytes(&*self.dm, &crate::dm::DmName::try_from(dm_name)?)
+    }
+
+    fn expand(&self, dm_name: &str, backing: &Path) -> Result<u64, EngineError> {
+        let names = StackNames::new(dm_name)?;
+        let old = dm_size_bytes(&*self.dm, &names.crypt)?;
+        let region = read_header_region(backing)?;
+        let (marker, _) = read_markers(&region).map_err(|e| Self::header_error(backing, e))?;
+        let sectors = Self::data_sectors(backing)?;
+        if sectors * SECTOR <= old {
+            return Ok(old);
+        }
+        let (integrity, crypt) = Self::lines(backing, &names, marker.profile, marker.fs, sectors)?;
+        if let Some(line) = integrity {
+            self.dm.reload(&names.integrity, &[line])?;
+        }
+        match self.dm.reload(&names.crypt, &[crypt]) {
+            Ok(_) => Ok(sectors * SECTOR),
+            Err(DmError::NotFound(n)) => Err(EngineError::NotOpen(n)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn grow_fs(&self, fs: FsKind, device: &Path, mount_point: &Path) -> Result<(), EngineError> {
+        if fs == FsKind::None {
+            return Err(crate::fs::FsError::NoFilesystem("grow").into());
+        }
+        let target = if fs == FsKind::Xfs { mount_point } else { device };
+        self.grown.lock().unwrap_or_else(|e| e.into_inner()).push((fs, target.to_path_buf()));
+        Ok(())
+    }
+
+    fn probe_source(&self) -> Result<(), String> {
+        if self.source_down.load(Ordering::SeqCst) {
+            Err("sealing source: the (in-memory) sealing source does not answer".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip_and_detect_damage() {
+        let m = Marker {
+            identity: [3; 32],
+            fs: FsKind::Xfs,
+            profile: Profile::XtsOnly,
+        };
+        let mut region = vec![0u8; 2 * HEADER_SIZE];
+        region[..MARKER_LEN].copy_from_slice(&m.encode());
+        region[HEADER_SIZE..HEADER_SIZE + MARKER_LEN].copy_from_slice(&m.encode());
+        assert_eq!(read_markers(&region).unwrap(), (m, None));
+        region[50] ^= 1;
+        assert_eq!(read_markers(&region).unwrap(), (m, Some((0, HeaderError::Checksum))));
+        region[HEADER_SIZE + 50] ^= 1;
+        assert_eq!(read_markers(&region).unwrap_err(), HeaderError::Checksum);
+    }
+}

@@ -1,0 +1,1 @@
+//! The node core (being written).

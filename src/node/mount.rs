@@ -1,0 +1,423 @@
+//! Mounts: the [`Mounter`] trait the node core stages and publishes through, the real implementation
+//! ([`SystemMounter`], mount(2) through nix and /proc/self/mountinfo) and an in-memory one
+//! ([`MemoryMounter`]) for host tests.
+//!
+//! Idempotency is observed, not remembered: "is something mounted at this path, and is it what we
+//! want?" is answered from the kernel's mount table every time.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use nix::mount::{MntFlags, MsFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// A mount option this node does not accept.
+    #[error("mount option {0:?} is not supported")]
+    BadOption(String),
+    #[error("{op} {target}: {source}")]
+    Sys {
+        op: &'static str,
+        target: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl MountError {
+    fn sys(op: &'static str, target: &Path, source: impl Into<io::Error>) -> Self {
+        MountError::Sys {
+            op,
+            target: target.to_owned(),
+            source: source.into(),
+        }
+    }
+
+    /// Whether the kernel refused because something holds the mount (EBUSY).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, MountError::Sys { source, .. } if source.raw_os_error() == Some(nix::libc::EBUSY))
+    }
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    pub mount_id: u32,
+    pub parent_id: u32,
+    /// st_dev of the mounted filesystem.
+    pub major: u32,
+    pub minor: u32,
+    /// The path inside the filesystem that is mounted here (`/` unless a bind of a subtree or a file).
+    pub root: String,
+    pub mount_point: PathBuf,
+    /// Per-mount options (`rw`/`ro`, `nosuid`, ...).
+    pub options: Vec<String>,
+    pub fs_type: String,
+    pub source: String,
+    pub super_options: Vec<String>,
+}
+
+impl MountInfo {
+    /// Whether this mount is read-only.
+    pub fn read_only(&self) -> bool {
+        self.options.iter().any(|o| o == "ro")
+    }
+
+    /// Same filesystem (device) mounted: compares st_dev.
+    pub fn same_filesystem(&self, other: &MountInfo) -> bool {
+        (self.major, self.minor) == (other.major, other.minor)
+    }
+}
+
+/// Undo mountinfo's octal escapes (`\040` for space, `\011`, `\012`, `\134`).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+            if let Ok(byte) = u8::try_from(v) {
+                out.push(byte);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Parses /proc/self/mountinfo text; malformed lines are skipped.
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<MountInfo> {
+    // id parent major:minor root mountpoint options [optional fields...] - fstype source superoptions
+    let (left, right) = line.split_once(" - ")?;
+    let f: Vec<&str> = left.split(' ').collect();
+    if f.len() < 6 {
+        return None;
+    }
+    let (major, minor) = f[2].split_once(':')?;
+    let r: Vec<&str> = right.split(' ').collect();
+    if r.len() < 3 {
+        return None;
+    }
+    Some(MountInfo {
+        mount_id: f[0].parse().ok()?,
+        parent_id: f[1].parse().ok()?,
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+        root: unescape(f[3]),
+        mount_point: PathBuf::from(unescape(f[4])),
+        options: f[5].split(',').map(str::to_string).collect(),
+        fs_type: unescape(r[0]),
+        source: unescape(r[1]),
+        super_options: r[2].split(',').map(str::to_string).collect(),
+    })
+}
+
+/// Mount options split into flags and the filesystem-specific data string.
+pub fn split_options(options: &[String]) -> Result<(MsFlags, String), MountError> {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for opt in options.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
+        let flag = match opt {
+            "ro" => Some(MsFlags::MS_RDONLY),
+            "rw" => Some(MsFlags::empty()),
+            "nosuid" => Some(MsFlags::MS_NOSUID),
+            "nodev" => Some(MsFlags::MS_NODEV),
+            "noexec" => Some(MsFlags::MS_NOEXEC),
+            "sync" => Some(MsFlags::MS_SYNCHRONOUS),
+            "dirsync" => Some(MsFlags::MS_DIRSYNC),
+            "noatime" => Some(MsFlags::MS_NOATIME),
+            "nodiratime" => Some(MsFlags::MS_NODIRATIME),
+            "relatime" => Some(MsFlags::MS_RELATIME),
+            "strictatime" => Some(MsFlags::MS_STRICTATIME),
+            "lazytime" => Some(MsFlags::MS_LAZYTIME),
+            "defaults" => Some(MsFlags::empty()),
+            // Flags that would change what the mount is, not how it behaves: not ours to take.
+            "bind" | "rbind" | "remount" | "move" | "shared" | "private" | "slave" | "unbindable" => {
+                return Err(MountError::BadOption(opt.to_string()));
+            }
+            _ => None,
+        };
+        match flag {
+            Some(f) => flags |= f,
+            None => {
+                if opt.contains(|c: char| c.is_whitespace() || c.is_control()) {
+                    return Err(MountError::BadOption(opt.to_string()));
+                }
+                data.push(opt);
+            }
+        }
+    }
+    Ok((flags, data.join(",")))
+}
+
+/// The mount operations the node core needs.
+pub trait Mounter: Send + Sync {
+    /// Mounts filesystem `fs_type` on `source` at `target` with `options` (flags and data).
+    fn mount(&self, source: &Path, target: &Path, fs_type: &str, options: &[String]) -> Result<(), MountError>;
+    /// Bind-mounts `source` (a directory or a device node) on `target`; read-only through a
+    /// `remount,bind,ro` when `readonly` (a bind mount ignores MS_RDONLY on its first call).
+    fn bind(&self, source: &Path, target: &Path, readonly: bool) -> Result<(), MountError>;
+    /// Unmounts the topmost mount at `target`.
+    fn umount(&self, target: &Path) -> Result<(), MountError>;
+    /// The topmost mount whose mount point is `path`, if any.
+    fn mounted_at(&self, path: &Path) -> Result<Option<MountInfo>, MountError>;
+    /// Whether `target` is a bind mount of the device node `device` (same device number).
+    fn is_bind_of(&self, target: &Path, device: &Path) -> Result<bool, MountError>;
+}
+
+/// The real mounter: mount(2)/umount2(2) and /proc/self/mountinfo. Blocking.
+#[derive(Debug, Default)]
+pub struct SystemMounter;
+
+/// Where the kernel's mount table of this process is.
+pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+impl Mounter for SystemMounter {
+    fn mount(&self, source: &Path, target: &Path, fs_type: &str, options: &[String]) -> Result<(), MountError> {
+        let (flags, data) = split_options(options)?;
+        let data = (!data.is_empty()).then_some(data.as_str());
+        nix::mount::mount(Some(source), target, Some(fs_type), flags, data)
+            .map_err(|e| MountError::sys("mount", target, e))
+    }
+
+    fn bind(&self, source: &Path, target: &Path, readonly: bool) -> Result<(), MountError> {
+        nix::mount::mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(|e| MountError::sys("bind mount", target, e))?;
+        if readonly {
+            let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
+                // Never leave a writable mount where a read-only one was asked for.
+                let _ = nix::mount::umount2(target, MntFlags::empty());
+                return Err(MountError::sys("remount read-only", target, e));
+            }
+        }
+        Ok(())
+    }
+
+    fn umount(&self, target: &Path) -> Result<(), MountError> {
+        nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW).map_err(|e| MountError::sys("umount", target, e))
+    }
+
+    fn mounted_at(&self, path: &Path) -> Result<Option<MountInfo>, MountError> {
+        let path = match fs::canonicalize(path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(MountError::sys("resolve", path, e)),
+        };
+        let text = fs::read_to_string(MOUNTINFO).map_err(|e| MountError::sys("read", Path::new(MOUNTINFO), e))?;
+        // Later lines are mounted on top of earlier ones.
+        Ok(parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == path))
+    }
+
+    fn is_bind_of(&self, target: &Path, device: &Path) -> Result<bool, MountError> {
+        let (t, d) = match (fs::metadata(target), fs::metadata(device)) {
+            (Ok(t), Ok(d)) => (t, d),
+            _ => return Ok(false),
+        };
+        use std::os::unix::fs::FileTypeExt;
+        Ok(t.file_type().is_block_device() && d.file_type().is_block_device() && t.rdev() == d.rdev())
+    }
+}
+
+/// The in-memory mounter for host tests: a table of mount points, no kernel involved. A bind of a mount
+/// point carries its device number, like the kernel's; a mount or bind of a device gets a number derived
+/// from the device path.
+#[derive(Debug, Default)]
+pub struct MemoryMounter {
+    mounts: Mutex<BTreeMap<PathBuf, Vec<MountInfo>>>,
+    next_id: Mutex<u32>,
+}
+
+impl MemoryMounter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every mount point with its topmost mount.
+    pub fn table(&self) -> Vec<MountInfo> {
+        let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        mounts.values().filter_map(|v| v.last().cloned()).collect()
+    }
+
+    fn fake_dev(source: &Path) -> (u32, u32) {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(source.as_os_str().as_encoded_bytes());
+        (254, u32::from_le_bytes([d[0], d[1], d[2], 0]))
+    }
+
+    fn push(&self, info: MountInfo) {
+        self.mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(info.mount_point.clone())
+            .or_default()
+            .push(info);
+    }
+
+    fn id(&self) -> u32 {
+        let mut n = self.next_id.lock().unwrap_or_else(|e| e.into_inner());
+        *n += 1;
+        *n
+    }
+
+    fn exists(target: &Path) -> Result<(), MountError> {
+        if target.exists() {
+            Ok(())
+        } else {
+            Err(MountError::sys("mount", target, io::Error::from(io::ErrorKind::NotFound)))
+        }
+    }
+}
+
+impl Mounter for MemoryMounter {
+    fn mount(&self, source: &Path, target: &Path, fs_type: &str, options: &[String]) -> Result<(), MountError> {
+        let (flags, data) = split_options(options)?;
+        Self::exists(target)?;
+        let (major, minor) = Self::fake_dev(source);
+        let ro = flags.contains(MsFlags::MS_RDONLY);
+        self.push(MountInfo {
+            mount_id: self.id(),
+            parent_id: 1,
+            major,
+            minor,
+            root: "/".into(),
+            mount_point: target.to_owned(),
+            options: vec![if ro { "ro" } else { "rw" }.to_string()],
+            fs_type: fs_type.to_string(),
+            source: source.display().to_string(),
+            super_options: data.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+        });
+        Ok(())
+    }
+
+    fn bind(&self, source: &Path, target: &Path, readonly: bool) -> Result<(), MountError> {
+        Self::exists(target)?;
+        let base = self.mounted_at(source)?;
+        let (major, minor, fs_type, src) = match &base {
+            Some(b) => (b.major, b.minor, b.fs_type.clone(), b.source.clone()),
+            None => {
+                let (a, b) = Self::fake_dev(source);
+                (a, b, "devtmpfs".to_string(), source.display().to_string())
+            }
+        };
+        self.push(MountInfo {
+            mount_id: self.id(),
+            parent_id: 1,
+            major,
+            minor,
+            root: if base.is_some() { "/".into() } else { source.display().to_string() },
+            mount_point: target.to_owned(),
+            options: vec![if readonly { "ro" } else { "rw" }.to_string()],
+            fs_type,
+            source: src,
+            super_options: Vec::new(),
+        });
+        Ok(())
+    }
+
+    fn umount(&self, target: &Path) -> Result<(), MountError> {
+        let mut mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(stack) = mounts.get_mut(target) else {
+            return Err(MountError::sys("umount", target, io::Error::from_raw_os_error(nix::libc::EINVAL)));
+        };
+        stack.pop();
+        if stack.is_empty() {
+            mounts.remove(target);
+        }
+        Ok(())
+    }
+
+    fn mounted_at(&self, path: &Path) -> Result<Option<MountInfo>, MountError> {
+        let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(mounts.get(path).and_then(|v| v.last().cloned()))
+    }
+
+    fn is_bind_of(&self, target: &Path, device: &Path) -> Result<bool, MountError> {
+        Ok(self
+            .mounted_at(target)?
+            .is_some_and(|m| m.source == device.display().to_string() && m.root != "/"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+22 1 0:21 / / rw,relatime shared:1 - overlay overlay rw,lowerdir=/a
+36 22 253:3 / /var/lib/kubelet/staging\\040dir rw,nosuid - ext4 /dev/mapper/sealcsi-sv-1 rw,errors=remount-ro
+37 22 253:3 / /pods/x ro,relatime shared:5 master:2 - ext4 /dev/mapper/sealcsi-sv-1 rw
+38 22 0:5 /mapper/sealcsi-sv-2 /pods/blk rw - devtmpfs udev rw,size=1024k
+bad line
+";
+
+    #[test]
+    fn parses_mountinfo() {
+        let m = parse_mountinfo(SAMPLE);
+        assert_eq!(m.len(), 4);
+        assert_eq!(m[1].mount_point, PathBuf::from("/var/lib/kubelet/staging dir"));
+        assert_eq!((m[1].major, m[1].minor), (253, 3));
+        assert_eq!(m[1].fs_type, "ext4");
+        assert_eq!(m[1].source, "/dev/mapper/sealcsi-sv-1");
+        assert!(!m[1].read_only());
+        assert!(m[2].read_only());
+        assert!(m[1].same_filesystem(&m[2]));
+        assert_eq!(m[2].fs_type, "ext4", "optional fields skipped");
+        assert_eq!(m[3].root, "/mapper/sealcsi-sv-2");
+    }
+
+    #[test]
+    fn splits_options() {
+        let (f, d) = split_options(&["ro,noatime".into(), "discard".into(), "errors=remount-ro".into()]).unwrap();
+        assert!(f.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOATIME));
+        assert_eq!(d, "discard,errors=remount-ro");
+        assert!(split_options(&["bind".into()]).is_err());
+        assert!(split_options(&["a b".into()]).is_err());
+    }
+
+    #[test]
+    fn memory_mounter_tracks_binds() {
+        let d = tempfile::tempdir().unwrap();
+        let (stage, target) = (d.path().join("s"), d.path().join("t"));
+        fs::create_dir_all(&stage).unwrap();
+        fs::create_dir_all(&target).unwrap();
+        let m = MemoryMounter::new();
+        m.mount(Path::new("/dev/mapper/x"), &stage, "ext4", &[]).unwrap();
+        m.bind(&stage, &target, true).unwrap();
+        let (s, t) = (m.mounted_at(&stage).unwrap().unwrap(), m.mounted_at(&target).unwrap().unwrap());
+        assert!(s.same_filesystem(&t));
+        assert!(t.read_only() && !s.read_only());
+        m.umount(&target).unwrap();
+        assert!(m.mounted_at(&target).unwrap().is_none());
+        assert!(m.umount(&target).is_err());
+        let f = d.path().join("blk");
+        fs::write(&f, b"").unwrap();
+        m.bind(Path::new("/dev/mapper/x"), &f, false).unwrap();
+        assert!(m.is_bind_of(&f, Path::new("/dev/mapper/x")).unwrap());
+        assert!(!m.is_bind_of(&f, Path::new("/dev/mapper/y")).unwrap());
+    }
+
+    #[test]
+    fn system_mounter_reads_this_process_table() {
+        // Whatever this host has mounted at /, the parser must find it.
+        if Path::new(MOUNTINFO).exists() {
+            assert!(SystemMounter.mounted_at(Path::new("/")).unwrap().is_some());
+            assert!(SystemMounter.mounted_at(Path::new("/nonexistent-sealcsi")).unwrap().is_none());
+        }
+    }
+}
