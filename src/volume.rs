@@ -18,7 +18,9 @@ use serde::Serialize;
 use crate::backend::{BackendError, BlockDevice};
 use crate::devio;
 use crate::dm::{DeviceMapper, DmError};
-use crate::header::{self, COPY_OFFSETS, DATA_OFFSET, FsKind, HEADER_SIZE, Header, HeaderError, Keyslot, Profile};
+use crate::header::{
+    self, COPY_OFFSETS, DATA_OFFSET, FsKind, HEADER_SIZE, Header, HeaderError, Keyslot, Profile,
+};
 use crate::init::{self, InitError, InitMode};
 use crate::keys::{Kek, KeyError, NONCE_LEN, SALT_LEN, VolumeKey, random_bytes};
 use crate::mapping::{self, IntegritySuperblock, MappingError, OpenOutcome, SECTOR, StackNames};
@@ -47,7 +49,9 @@ pub enum VolumeError {
         slots: usize,
     },
     /// Every keyslot has been destroyed.
-    #[error("the volume has no keyslots (it was crypto-erased): its data cannot be opened by anyone")]
+    #[error(
+        "the volume has no keyslots (it was crypto-erased): its data cannot be opened by anyone"
+    )]
     NoKeyslots,
     /// A keyslot for this identity exists but its wrap does not authenticate.
     #[error(
@@ -103,14 +107,18 @@ impl VolumeError {
     pub fn class(&self) -> ErrorClass {
         match self {
             VolumeError::InvalidArgument(_) => ErrorClass::InvalidArgument,
-            VolumeError::WrongIdentity { .. } | VolumeError::NoKeyslots => ErrorClass::WrongIdentity,
-            VolumeError::Header { .. } | VolumeError::HeaderAuthentication { .. } => ErrorClass::InvalidHeader,
+            VolumeError::WrongIdentity { .. } | VolumeError::NoKeyslots => {
+                ErrorClass::WrongIdentity
+            }
+            VolumeError::Header { .. } | VolumeError::HeaderAuthentication { .. } => {
+                ErrorClass::InvalidHeader
+            }
             VolumeError::Refused { .. } => ErrorClass::Refused,
             VolumeError::Busy(_) => ErrorClass::Busy,
             VolumeError::Mapping(e) => match e {
-                MappingError::Busy(_) | MappingError::NameInUse { .. } | MappingError::OpenElsewhere(_) => {
-                    ErrorClass::Busy
-                }
+                MappingError::Busy(_)
+                | MappingError::NameInUse { .. }
+                | MappingError::OpenElsewhere(_) => ErrorClass::Busy,
                 MappingError::MissingIntegritySuperblock | MappingError::IntegrityMismatch(_) => {
                     ErrorClass::InvalidHeader
                 }
@@ -172,8 +180,10 @@ fn now_unix() -> u64 {
 
 /// Reads both header copies and picks the winner.
 pub fn read_header(device: &Path) -> Result<header::Active, VolumeError> {
-    let region = devio::read_at(device, 0, 2 * HEADER_SIZE)
-        .map_err(io_error(format!("reading the header of {}", device.display())))?;
+    let region = devio::read_at(device, 0, 2 * HEADER_SIZE).map_err(io_error(format!(
+        "reading the header of {}",
+        device.display()
+    )))?;
     header::select(&region).map_err(|source| VolumeError::Header {
         device: device.display().to_string(),
         source,
@@ -279,17 +289,30 @@ impl<'a> Volumes<'a> {
         };
         let opened = mapping::open_stack(self.dm, names, dev.path(), header, data_sectors, key)?;
         let data_bytes = data_sectors * SECTOR;
-        let report = init::initialize(opened.device(), data_bytes, opts.fs, opts.init, integrity, progress)?;
+        let report = init::initialize(
+            opened.device(),
+            data_bytes,
+            opts.fs,
+            opts.init,
+            integrity,
+            progress,
+        )?;
         Ok((data_bytes, report))
     }
 
     /// Lets the kernel format the (zeroed) integrity area through a one-block mapping, and returns the
     /// data sectors it provides.
-    fn format_integrity(&self, backing: &Path, header: &Header, names: &StackNames) -> Result<u64, VolumeError> {
+    fn format_integrity(
+        &self,
+        backing: &Path,
+        header: &Header,
+        names: &StackNames,
+    ) -> Result<u64, VolumeError> {
         let probe = mapping::integrity_line(backing, header, devio::ALIGN as u64 / SECTOR)
             .expect("AEAD profile has an integrity layer");
         let uuid = mapping::dm_uuid(&header.uuid_string(), "integrity");
-        self.dm.create(&names.integrity, &uuid, std::slice::from_ref(&probe))?;
+        self.dm
+            .create(&names.integrity, &uuid, std::slice::from_ref(&probe))?;
         let provided = self.dm.status(&names.integrity).and_then(|lines| {
             let (_, _, _, status) = lines.first().ok_or_else(|| {
                 DmError::InvalidTable("integrity device reported no status line".into())
@@ -298,7 +321,8 @@ impl<'a> Volumes<'a> {
         });
         self.dm.remove(&names.integrity)?;
         let provided = provided?.provided_data_sectors;
-        let sb = read_integrity_superblock(backing)?.ok_or(MappingError::MissingIntegritySuperblock)?;
+        let sb =
+            read_integrity_superblock(backing)?.ok_or(MappingError::MissingIntegritySuperblock)?;
         sb.check(header.profile)?;
         if sb.provided_data_sectors != provided {
             return Err(MappingError::IntegrityMismatch(format!(
@@ -378,13 +402,15 @@ impl<'a> Volumes<'a> {
         tracing::debug!(volume.uuid = %header.uuid_string(), keyslot = slot, "unsealed the volume key");
         let data_sectors = match header.profile {
             Profile::AeadHmacSha256 { .. } => {
-                let sb = read_integrity_superblock(dev.path())?.ok_or(MappingError::MissingIntegritySuperblock)?;
+                let sb = read_integrity_superblock(dev.path())?
+                    .ok_or(MappingError::MissingIntegritySuperblock)?;
                 sb.check(header.profile)?;
                 sb.provided_data_sectors
             }
             Profile::XtsOnly => crypt_only_sectors(dev.size_bytes()?),
         };
-        let outcome = mapping::open_stack(self.dm, &names, dev.path(), &header, data_sectors, &key)?;
+        let outcome =
+            mapping::open_stack(self.dm, &names, dev.path(), &header, data_sectors, &key)?;
         // The loop device (if we attached one) stays attached while the mapping holds it; it detaches
         // itself when the mapping is removed.
         dev.keep_while_in_use()?;
@@ -414,7 +440,9 @@ fn ensure_not_in_use(device: &Path) -> Result<(), VolumeError> {
         .open(device)
     {
         Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => Err(VolumeError::Busy(device.display().to_string())),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+            Err(VolumeError::Busy(device.display().to_string()))
+        }
         Err(e) => Err(io_error(format!("opening {}", device.display()))(e)),
     }
 }
@@ -426,7 +454,11 @@ const KNOWN_SIGNATURES: &[(&str, u64, &[u8])] = &[
     ("an XFS filesystem", 0, b"XFSB"),
     ("an ext2/3/4 filesystem", 1080, &[0x53, 0xEF]),
     ("a dm-integrity superblock", 0, b"integrt\0"),
-    ("a dm-integrity superblock (an incomplete sealcsi format?)", DATA_OFFSET, b"integrt\0"),
+    (
+        "a dm-integrity superblock (an incomplete sealcsi format?)",
+        DATA_OFFSET,
+        b"integrt\0",
+    ),
 ];
 
 /// Refuses a device that holds anything recognisable: our header, a filesystem, LUKS, a partition table.
@@ -478,7 +510,10 @@ fn blkid_signature(device: &Path) -> Result<Option<String>, VolumeError> {
     let text = String::from_utf8_lossy(&output.stdout);
     let found: Vec<&str> = text
         .lines()
-        .filter_map(|line| line.strip_prefix("TYPE=").or_else(|| line.strip_prefix("PTTYPE=")))
+        .filter_map(|line| {
+            line.strip_prefix("TYPE=")
+                .or_else(|| line.strip_prefix("PTTYPE="))
+        })
         .collect();
     if output.status.success() && !found.is_empty() {
         return Ok(Some(format!("a {} signature (blkid)", found.join(", "))));
@@ -539,14 +574,19 @@ pub fn inspect(path: &Path) -> Result<Inspection, VolumeError> {
     let active = read_header(dev.path())?;
     let h = &active.header;
     let (cipher, integrity) = match h.profile {
-        Profile::AeadHmacSha256 { .. } => ("capi:authenc(hmac(sha256),xts(aes))-random", "aead-hmac-sha256"),
+        Profile::AeadHmacSha256 { .. } => (
+            "capi:authenc(hmac(sha256),xts(aes))-random",
+            "aead-hmac-sha256",
+        ),
         Profile::XtsOnly => ("aes-xts-plain64", "none"),
     };
     let integrity_superblock = match h.profile {
-        Profile::AeadHmacSha256 { .. } => read_integrity_superblock(dev.path())?.map(|sb| IntegrityFacts {
-            provided_data_sectors: sb.provided_data_sectors,
-            tag_size: sb.tag_size,
-        }),
+        Profile::AeadHmacSha256 { .. } => {
+            read_integrity_superblock(dev.path())?.map(|sb| IntegrityFacts {
+                provided_data_sectors: sb.provided_data_sectors,
+                tag_size: sb.tag_size,
+            })
+        }
         Profile::XtsOnly => None,
     };
     let report = Inspection {
@@ -580,4 +620,125 @@ pub fn inspect(path: &Path) -> Result<Inspection, VolumeError> {
     };
     dev.release()?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dm::MemoryDm;
+    use crate::header::Journal;
+    use crate::sealing::SimSource;
+
+    fn aead() -> Profile {
+        Profile::AeadHmacSha256 {
+            journal: Journal::Journal,
+        }
+    }
+
+    fn sealed(source: &dyn SealingSource) -> (Header, VolumeKey) {
+        let dm = MemoryDm::default();
+        let volumes = Volumes::new(&dm, source);
+        let mut header = Header::new([7; 16], aead(), FsKind::Ext4, 1);
+        let key = VolumeKey::generate(96).unwrap();
+        header.keyslots[2] = Some(volumes.seal_keyslot(&header, &key).unwrap());
+        (header, key)
+    }
+
+    #[test]
+    fn unseal_returns_the_sealed_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SimSource::open(dir.path(), "img-1").unwrap();
+        let (header, key) = sealed(&source);
+        // Through the on-disk encoding, as open does.
+        let header = Header::decode(&header.encode()).unwrap();
+        let dm = MemoryDm::default();
+        let (slot, unsealed) = Volumes::new(&dm, &source).unseal(&header).unwrap();
+        assert_eq!(slot, 2);
+        assert_eq!(unsealed.expose(), key.expose());
+    }
+
+    #[test]
+    fn another_identity_is_refused_as_wrong_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (header, _) = sealed(&SimSource::open(dir.path(), "img-1").unwrap());
+        let other = SimSource::open(dir.path(), "img-2").unwrap();
+        let dm = MemoryDm::default();
+        let err = Volumes::new(&dm, &other).unseal(&header).unwrap_err();
+        assert!(
+            matches!(err, VolumeError::WrongIdentity { slots: 1, .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.class(), ErrorClass::WrongIdentity);
+    }
+
+    #[test]
+    fn altered_authenticated_fields_are_refused_as_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SimSource::open(dir.path(), "img-1").unwrap();
+        let (header, _) = sealed(&source);
+        let dm = MemoryDm::default();
+        let volumes = Volumes::new(&dm, &source);
+        let mut alterations: Vec<Header> = Vec::new();
+        let mut h = header.clone();
+        h.profile = Profile::AeadHmacSha256 {
+            journal: Journal::Direct,
+        };
+        alterations.push(h);
+        let mut h = header.clone();
+        h.uuid[15] ^= 1;
+        alterations.push(h);
+        let mut h = header.clone();
+        h.fs = FsKind::Xfs;
+        alterations.push(h);
+        let mut h = header.clone();
+        h.keyslots[2].as_mut().unwrap().created += 1;
+        alterations.push(h);
+        let mut h = header.clone();
+        h.keyslots[2].as_mut().unwrap().wrapped[5] ^= 1;
+        alterations.push(h);
+        for altered in alterations {
+            let err = volumes.unseal(&altered).unwrap_err();
+            assert!(
+                matches!(err, VolumeError::HeaderAuthentication { ref slots } if slots == &[2]),
+                "{err:?}"
+            );
+            assert_eq!(err.class(), ErrorClass::InvalidHeader);
+        }
+        // The sequence number is not authenticated: updates bump it without touching the slots.
+        let mut h = header.clone();
+        h.seqno = 99;
+        assert!(volumes.unseal(&h).is_ok());
+    }
+
+    #[test]
+    fn an_erased_volume_has_no_keyslots() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SimSource::open(dir.path(), "img-1").unwrap();
+        let dm = MemoryDm::default();
+        let header = Header::new([7; 16], aead(), FsKind::Ext4, 1);
+        let err = Volumes::new(&dm, &source).unseal(&header).unwrap_err();
+        assert!(matches!(err, VolumeError::NoKeyslots));
+    }
+
+    #[test]
+    fn crypt_only_sectors_are_whole_blocks_after_the_header() {
+        assert_eq!(crypt_only_sectors(DATA_OFFSET + 4096 * 10 + 100), 80);
+    }
+
+    #[test]
+    fn fast_init_without_a_filesystem_is_an_invalid_argument() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SimSource::open(dir.path(), "img-1").unwrap();
+        let dm = MemoryDm::default();
+        let opts = FormatOptions {
+            profile: aead(),
+            fs: FsKind::None,
+            init: InitMode::Fast,
+            force: false,
+        };
+        let err = Volumes::new(&dm, &source)
+            .format(Path::new("/nonexistent"), &opts, &mut |_, _| {})
+            .unwrap_err();
+        assert_eq!(err.class(), ErrorClass::InvalidArgument);
+    }
 }
