@@ -242,13 +242,49 @@ fn guest_blockdevice_open_path_is_idempotent() {
         "releasing a plain block device detaches nothing"
     );
 
+    // `b` found the attachment `a` made: releasing or dropping it leaves the device attached.
+    drop(b);
+    assert!(
+        LoopDevice::find(&file).unwrap().is_some(),
+        "b did not attach, so b does not detach"
+    );
     a.release().unwrap();
     assert_eq!(
         LoopDevice::find(&file).unwrap(),
         None,
-        "release detached the loop device"
+        "release detached the loop device a attached"
     );
-    b.release().unwrap(); // already detached: Ok
+
+    // Dropped without release (an operation that failed): what it attached is detached.
+    let c = BlockDevice::open_path(&file).unwrap();
+    assert!(LoopDevice::find(&file).unwrap().is_some());
+    drop(c);
+    assert_eq!(
+        LoopDevice::find(&file).unwrap(),
+        None,
+        "drop detached the loop device"
+    );
+
+    // Handed to a user above it: stays while used, detaches when the last user closes.
+    let d = BlockDevice::open_path(&file).unwrap();
+    let user = fs::File::open(d.path()).unwrap();
+    d.keep_while_in_use().unwrap();
+    assert!(
+        LoopDevice::find(&file).unwrap().is_some(),
+        "kept while in use"
+    );
+    drop(user);
+    for _ in 0..100 {
+        if LoopDevice::find(&file).unwrap().is_none() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        LoopDevice::find(&file).unwrap(),
+        None,
+        "autoclear detached it after the last user"
+    );
     fs::remove_file(&file).unwrap();
 }
 

@@ -15,13 +15,21 @@ pub fn is_block_device(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
-/// A block device to put a volume on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A block device to put a volume on, held open for as long as this value lives.
+///
+/// For a file, the loop device it is attached to. The open descriptor matters: a loop device with
+/// autoclear set (an open volume's) detaches the moment its last opener closes, so without it,
+/// removing a stale device-mapper layer would pull the loop device out from under the new one.
+/// A loop device attached by [`BlockDevice::open_path`] itself is detached again when the value is
+/// dropped (an operation that failed leaves nothing attached) unless [`BlockDevice::keep_while_in_use`]
+/// handed it to the mapping above it.
+#[derive(Debug)]
 pub struct BlockDevice {
     path: PathBuf,
-    /// Set when the volume is a file: the loop device it is attached to (attached now or found
-    /// attached from an earlier open), which [`BlockDevice::release`] detaches.
     loop_dev: Option<LoopDevice>,
+    /// True if this value attached the loop device (rather than finding it attached).
+    attached_here: bool,
+    holder: Option<File>,
 }
 
 impl BlockDevice {
@@ -30,20 +38,23 @@ impl BlockDevice {
     pub fn open_path(path: &Path) -> Result<BlockDevice, BackendError> {
         let meta = fs::metadata(path).map_err(|e| BackendError::io("stat", path, e))?;
         let ft = meta.file_type();
-        if ft.is_block_device() {
-            return Ok(BlockDevice {
-                path: path.to_owned(),
-                loop_dev: None,
-            });
-        }
-        if ft.is_file() {
-            let lo = LoopDevice::find_or_attach(path, false)?;
-            return Ok(BlockDevice {
-                path: lo.path().to_owned(),
-                loop_dev: Some(lo),
-            });
-        }
-        Err(BackendError::Unsupported(path.to_owned()))
+        let (dev_path, loop_dev, attached_here) = if ft.is_block_device() {
+            (path.to_owned(), None, false)
+        } else if ft.is_file() {
+            let (lo, attached_here) = LoopDevice::find_or_attach_reporting(path, false)?;
+            (lo.path().to_owned(), Some(lo), attached_here)
+        } else {
+            return Err(BackendError::Unsupported(path.to_owned()));
+        };
+        let mut dev = BlockDevice {
+            path: dev_path,
+            loop_dev,
+            attached_here,
+            holder: None,
+        };
+        // On failure here, Drop detaches what was just attached.
+        dev.holder = Some(dev.open()?);
+        Ok(dev)
     }
 
     /// The block device path (`/dev/loopN` for a file).
@@ -76,22 +87,40 @@ impl BlockDevice {
         sys::blksszget(f.as_fd()).map_err(|e| BackendError::ioctl("BLKSSZGET", &self.path, e))
     }
 
-    /// Keep a file-backed device attached while something above it (the device-mapper stack) holds it
-    /// open, and let the kernel detach it when that last user closes. Call only once the stack is up:
-    /// with nothing holding it, the device detaches at once.
-    pub fn keep_while_in_use(self) -> Result<(), BackendError> {
+    /// Keep a file-backed device attached while something above it (the device-mapper stack) holds
+    /// it open, and let the kernel detach it when that last user closes. Call only once the stack is
+    /// up: with nothing holding it, the device detaches as soon as this value is gone.
+    pub fn keep_while_in_use(mut self) -> Result<(), BackendError> {
+        self.attached_here = false;
         match &self.loop_dev {
             Some(lo) => lo.set_autoclear(),
             None => Ok(()),
         }
     }
 
-    /// Give the device back: detaches the loop device of a file-backed volume (Busy while a
-    /// mapping still holds it); nothing to do for a block device.
-    pub fn release(self) -> Result<(), BackendError> {
+    /// Give the device back, detaching a loop device this value attached (errors reported, unlike
+    /// the silent detach of Drop). A loop device found attached belongs to whoever attached it.
+    pub fn release(mut self) -> Result<(), BackendError> {
+        self.holder = None;
+        let attached_here = std::mem::replace(&mut self.attached_here, false);
         match &self.loop_dev {
-            Some(lo) => lo.detach(),
-            None => Ok(()),
+            Some(lo) if attached_here => lo.detach(),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for BlockDevice {
+    fn drop(&mut self) {
+        // Close our descriptor first: the kernel defers a detach while the device is open.
+        self.holder = None;
+        if !self.attached_here {
+            return;
+        }
+        if let Some(lo) = &self.loop_dev
+            && let Err(e) = lo.detach()
+        {
+            tracing::warn!(loop_dev = %lo.path().display(), error = %e, "could not detach the loop device");
         }
     }
 }

@@ -210,10 +210,18 @@ impl LoopDevice {
 
     /// [`Self::find`], else [`Self::attach`], atomically within this process.
     pub fn find_or_attach(file: &Path, read_only: bool) -> Result<LoopDevice, BackendError> {
+        Self::find_or_attach_reporting(file, read_only).map(|(lo, _)| lo)
+    }
+
+    /// [`Self::find_or_attach`], also saying whether it attached (true) or found (false) the device.
+    pub fn find_or_attach_reporting(
+        file: &Path,
+        read_only: bool,
+    ) -> Result<(LoopDevice, bool), BackendError> {
         let _guard = ATTACH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         match Self::find(file)? {
-            Some(lo) => Ok(lo),
-            None => Self::attach(file, read_only),
+            Some(lo) => Ok((lo, false)),
+            None => Self::attach(file, read_only).map(|lo| (lo, true)),
         }
     }
 
