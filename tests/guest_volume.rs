@@ -704,7 +704,7 @@ fn filesystem_roundtrip(test: &str, name: &str, format_args: &[&str], fsck: &[&s
     // of the raw device with the default 128 KiB read-ahead reads into them, and dm-crypt logs an
     // AEAD error for each (a false tamper alarm). The documented way to check a volume, and what
     // sealcsi's own fsck does, is with read-ahead off.
-    sh("blockdev", &["--setra", "0", &p(&device)]).ok();
+    sh("blockdev", &["--setra", "0", p(&device)]).ok();
     let mut args = fsck.to_vec();
     args.push(p(&device));
     let fsck_out = sh(args[0], &args[1..]);
