@@ -24,7 +24,11 @@ mod exit {
 }
 
 #[derive(Parser)]
-#[command(name = "sealcsi", version, about = "Sealed encrypted volumes for confidential-computing nodes")]
+#[command(
+    name = "sealcsi",
+    version,
+    about = "Sealed encrypted volumes for confidential-computing nodes"
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -35,10 +39,21 @@ struct Cli {
 #[derive(Args)]
 struct Global {
     /// Sealing source: sim (simulated, protects nothing), snp, tpm, or auto (hardware only).
-    #[arg(long, env = "SEALCSI_TEE", value_enum, default_value = "auto", global = true)]
+    #[arg(
+        long,
+        env = "SEALCSI_TEE",
+        value_enum,
+        default_value = "auto",
+        global = true
+    )]
     tee: TeeChoice,
     /// Directory for node-local state (the simulator seed, volume files).
-    #[arg(long, env = "SEALCSI_STATE_DIR", default_value = "/var/lib/sealcsi", global = true)]
+    #[arg(
+        long,
+        env = "SEALCSI_STATE_DIR",
+        default_value = "/var/lib/sealcsi",
+        global = true
+    )]
     state_dir: PathBuf,
     /// For --tee sim: the string standing in for the launch measurement.
     #[arg(long, env = "SEALCSI_SIM_IDENTITY", global = true)]
@@ -107,8 +122,9 @@ enum VolumeCommand {
     /// Unseal and open a volume as /dev/mapper/<name>; prints {"device": ...}.
     Open {
         device: PathBuf,
+        /// Device-mapper name; default sealcsi-<volume uuid>.
         #[arg(long)]
-        name: String,
+        name: Option<String>,
     },
     /// Close /dev/mapper/<name> and the layers under it.
     Close { name: String },
@@ -169,8 +185,12 @@ fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
 }
 
 fn open_source(global: &Global) -> anyhow::Result<Box<dyn SealingSource>> {
-    let source = sealing::open_source(global.tee, &global.state_dir, global.sim_identity.as_deref())
-        .map_err(VolumeError::from)?;
+    let source = sealing::open_source(
+        global.tee,
+        &global.state_dir,
+        global.sim_identity.as_deref(),
+    )
+    .map_err(VolumeError::from)?;
     if source.is_simulated() {
         eprintln!("sealcsi: WARNING: {}", sealing::SIM_WARNING);
     }
@@ -197,7 +217,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dm = kernel_dm()?;
             let report = Volumes::new(&dm, source.as_ref())
                 .format(&device, &opts, &mut |done, total| {
-                    eprint!("\rsealcsi: initializing {} / {} MiB", done >> 20, total >> 20);
+                    eprint!(
+                        "\rsealcsi: initializing {} / {} MiB",
+                        done >> 20,
+                        total >> 20
+                    );
                     if done == total {
                         eprintln!();
                     }
@@ -206,6 +230,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&report)
         }
         VolumeCommand::Open { device, name } => {
+            let name = match name {
+                Some(name) => name,
+                None => volume::default_name(&volume::inspect(&device)?.uuid),
+            };
             let source = open_source(&cli.global)?;
             let dm = kernel_dm()?;
             let report = Volumes::new(&dm, source.as_ref())

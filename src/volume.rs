@@ -190,6 +190,27 @@ pub fn read_header(device: &Path) -> Result<header::Active, VolumeError> {
     })
 }
 
+/// The device-mapper name a volume gets when the operator names none: derived from its UUID, so the
+/// same volume always opens under the same name.
+pub fn default_name(volume_uuid: &str) -> String {
+    format!("sealcsi-{volume_uuid}")
+}
+
+/// Replaces the header atomically: the new header (sequence number `active.header.seqno + 1`) goes over
+/// the copy that did not win, and is flushed; only then does it win. A crash mid-write leaves a copy
+/// that fails its checksum, and the old header stays in charge.
+pub fn write_header_update(
+    device: &Path,
+    active: &header::Active,
+    mut new: Header,
+) -> Result<Header, VolumeError> {
+    new.seqno = active.header.seqno + 1;
+    let copy = active.inactive_copy();
+    devio::write_at(device, COPY_OFFSETS[copy], &new.encode())
+        .map_err(io_error(format!("writing header copy {copy}")))?;
+    Ok(new)
+}
+
 /// Reads the dm-integrity superblock at the data offset; `None` if there is none.
 fn read_integrity_superblock(device: &Path) -> Result<Option<IntegritySuperblock>, VolumeError> {
     let buf = devio::read_at(device, DATA_OFFSET, devio::ALIGN)
@@ -718,6 +739,43 @@ mod tests {
         let header = Header::new([7; 16], aead(), FsKind::Ext4, 1);
         let err = Volumes::new(&dm, &source).unseal(&header).unwrap_err();
         assert!(matches!(err, VolumeError::NoKeyslots));
+    }
+
+    #[test]
+    fn header_updates_alternate_copies_and_survive_a_torn_write() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let dev = dir.path().join("dev");
+        std::fs::write(&dev, vec![0u8; 64 * 1024]).unwrap();
+        let mut header = Header::new([7; 16], aead(), FsKind::Ext4, 1);
+        for (copy, offset) in COPY_OFFSETS.iter().enumerate() {
+            devio::write_at(&dev, *offset, &header.encode()).unwrap();
+            assert_eq!(read_header(&dev).unwrap().copy, 0, "copy {copy}");
+        }
+        for expected_copy in [1, 0, 1] {
+            let active = read_header(&dev).unwrap();
+            header.fs = if header.fs == FsKind::Ext4 {
+                FsKind::Xfs
+            } else {
+                FsKind::Ext4
+            };
+            let written = write_header_update(&dev, &active, header.clone()).unwrap();
+            let now = read_header(&dev).unwrap();
+            assert_eq!(
+                (now.copy, now.header.seqno),
+                (expected_copy, active.header.seqno + 1)
+            );
+            assert_eq!(now.header, written);
+        }
+        // A torn update: the new copy is half written. The previous header stays in charge.
+        let active = read_header(&dev).unwrap();
+        let mut next = active.header.clone();
+        next.seqno += 1;
+        let mut torn = next.encode();
+        torn[2048..].fill(0);
+        devio::write_at(&dev, COPY_OFFSETS[active.inactive_copy()], &torn).unwrap();
+        let after = read_header(&dev).unwrap();
+        assert_eq!(after.header, active.header);
+        assert!(after.other_copy_error.is_some());
     }
 
     #[test]
