@@ -68,6 +68,24 @@ enum Command {
     /// Format, open, close and inspect sealed volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Serve the CSI Identity, Controller and Node services.
+    Plugin(PluginArgs),
+}
+
+#[derive(Args)]
+struct PluginArgs {
+    /// Where to listen: unix://<path>.
+    #[arg(long, env = "SEALCSI_ENDPOINT", default_value = sealcsi::csi::DEFAULT_ENDPOINT)]
+    endpoint: String,
+    /// This node's id, as the CO knows it (in Kubernetes, the node name).
+    #[arg(long, env = "SEALCSI_NODE_ID")]
+    node_id: String,
+    /// Which services to serve.
+    #[arg(long, value_enum, env = "SEALCSI_MODE", default_value = "all")]
+    mode: sealcsi::csi::Mode,
+    /// The CSI driver name.
+    #[arg(long, env = "SEALCSI_DRIVER_NAME", default_value = sealcsi::csi::DEFAULT_DRIVER_NAME)]
+    driver_name: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -202,7 +220,27 @@ fn kernel_dm() -> anyhow::Result<KernelDm> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let Command::Volume(command) = cli.command;
+    match cli.command {
+        Command::Volume(command) => run_volume(&cli.global, command),
+        Command::Plugin(args) => run_plugin(&cli.global, args),
+    }
+}
+
+fn run_plugin(global: &Global, args: PluginArgs) -> anyhow::Result<()> {
+    let source = open_source(global)?;
+    let deps = sealcsi::csi::PluginDeps::kernel(source)?;
+    let mut config =
+        sealcsi::csi::PluginConfig::new(args.endpoint, args.node_id, args.mode, &global.state_dir);
+    config.driver_name = args.driver_name;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(sealcsi::csi::serve(config, deps))?;
+    Ok(())
+}
+
+fn run_volume(global: &Global, command: VolumeCommand) -> anyhow::Result<()> {
     match command {
         VolumeCommand::Format {
             device,
@@ -213,7 +251,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
         } => {
             let opts = format_options(integrity, journal, fs, init, force);
-            let source = open_source(&cli.global)?;
+            let source = open_source(global)?;
             let dm = kernel_dm()?;
             let report = Volumes::new(&dm, source.as_ref())
                 .format(&device, &opts, &mut |done, total| {
@@ -234,7 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(name) => name,
                 None => volume::default_name(&volume::inspect(&device)?.uuid),
             };
-            let source = open_source(&cli.global)?;
+            let source = open_source(global)?;
             let dm = kernel_dm()?;
             let report = Volumes::new(&dm, source.as_ref())
                 .open(&device, &name)
@@ -248,7 +286,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         VolumeCommand::Inspect { device } => print_json(&volume::inspect(&device)?),
         VolumeCommand::Identity => {
-            let source = open_source(&cli.global)?;
+            let source = open_source(global)?;
             print_json(&sealing::identity(source.as_ref()).map_err(VolumeError::from)?)
         }
     }

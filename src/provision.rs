@@ -318,7 +318,10 @@ pub enum AccessType {
     Block,
     /// `fs` is `None` when the CO left the choice to the plugin (ext4 for a new volume, else what the
     /// volume was formatted with).
-    Mount { fs: Option<FsKind>, flags: Vec<String> },
+    Mount {
+        fs: Option<FsKind>,
+        flags: Vec<String>,
+    },
 }
 
 /// A volume capability in core terms.
@@ -358,7 +361,9 @@ pub fn volume_id_for(name: &str) -> String {
 /// Whether `id` has the shape of a volume id this plugin makes (anything else cannot exist here).
 pub fn is_volume_id(id: &str) -> bool {
     id.strip_prefix(VOLUME_ID_PREFIX).is_some_and(|h| {
-        h.len() == 32 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 32
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -387,7 +392,11 @@ pub fn size_for_range(required: u64, limit: u64) -> Result<u64, ProvisionError> 
     }
     let size = if required == 0 {
         let size = DEFAULT_VOLUME_BYTES.max(MIN_VOLUME_BYTES);
-        if limit != 0 { size.min(limit / SIZE_ALIGN * SIZE_ALIGN) } else { size }
+        if limit != 0 {
+            size.min(limit / SIZE_ALIGN * SIZE_ALIGN)
+        } else {
+            size
+        }
     } else {
         round_up(required.max(MIN_VOLUME_BYTES), SIZE_ALIGN)
     };
@@ -466,10 +475,11 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
         };
-        let record: VolumeRecord = serde_json::from_slice(&text).map_err(|e| ProvisionError::Record {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let record: VolumeRecord =
+            serde_json::from_slice(&text).map_err(|e| ProvisionError::Record {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
         if record.volume_id != volume_id {
             return Err(ProvisionError::Record {
                 path: path.display().to_string(),
@@ -482,7 +492,9 @@ impl Store {
     /// The volume `volume_id` with its current size, or NotFound.
     pub fn get(&self, volume_id: &str) -> Result<VolumeInfo, ProvisionError> {
         let id = self.checked(volume_id)?;
-        let record = self.record(id)?.ok_or_else(|| ProvisionError::NotFound(id.to_string()))?;
+        let record = self
+            .record(id)?
+            .ok_or_else(|| ProvisionError::NotFound(id.to_string()))?;
         let backing = self.backing_path(id);
         let capacity_bytes = match fs::metadata(&backing) {
             Ok(m) => m.len(),
@@ -570,7 +582,9 @@ pub struct Provisioner {
 
 impl fmt::Debug for Provisioner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Provisioner").field("store", &self.store).finish_non_exhaustive()
+        f.debug_struct("Provisioner")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -593,7 +607,9 @@ impl Provisioner {
         params: VolumeParams,
     ) -> Result<Created, ProvisionError> {
         if name.is_empty() {
-            return Err(ProvisionError::InvalidArgument("volume name is empty".into()));
+            return Err(ProvisionError::InvalidArgument(
+                "volume name is empty".into(),
+            ));
         }
         let id = volume_id_for(name);
         if let Some(record) = self.store.record(&id)? {
@@ -610,14 +626,19 @@ impl Provisioner {
                 });
             }
             let info = self.store.get(&id)?;
-            let fits = info.capacity_bytes >= required && (limit == 0 || info.capacity_bytes <= limit);
+            let fits =
+                info.capacity_bytes >= required && (limit == 0 || info.capacity_bytes <= limit);
             if !fits {
                 return Err(ProvisionError::AlreadyExists {
                     name: name.into(),
                     what: format!(
                         "capacity {} outside the requested range [{required}, {}]",
                         info.capacity_bytes,
-                        if limit == 0 { "unlimited".to_string() } else { limit.to_string() }
+                        if limit == 0 {
+                            "unlimited".to_string()
+                        } else {
+                            limit.to_string()
+                        }
                     ),
                 });
             }
@@ -711,7 +732,11 @@ impl Provisioner {
             let from = decode_token(starting_token)?;
             ids.partition_point(|id| id.as_str() < from.as_str())
         };
-        let end = if max_entries == 0 { ids.len() } else { (start + max_entries).min(ids.len()) };
+        let end = if max_entries == 0 {
+            ids.len()
+        } else {
+            (start + max_entries).min(ids.len())
+        };
         let mut volumes = Vec::with_capacity(end - start);
         for id in &ids[start..end] {
             match self.store.get(id) {
@@ -722,7 +747,10 @@ impl Provisioner {
             }
         }
         let next_token = ids.get(end).map(|id| encode_token(id)).unwrap_or_default();
-        Ok(Page { volumes, next_token })
+        Ok(Page {
+            volumes,
+            next_token,
+        })
     }
 
     /// Free bytes in the state directory's filesystem.
@@ -731,7 +759,12 @@ impl Provisioner {
     }
 
     /// Grows the backing file of `volume_id` to fit the range; never shrinks. Returns the new size.
-    pub fn expand(&self, volume_id: &str, required: u64, limit: u64) -> Result<u64, ProvisionError> {
+    pub fn expand(
+        &self,
+        volume_id: &str,
+        required: u64,
+        limit: u64,
+    ) -> Result<u64, ProvisionError> {
         let info = self.store.get(volume_id)?;
         if limit != 0 && limit < required {
             return Err(ProvisionError::InvalidArgument(format!(
@@ -757,7 +790,10 @@ impl Provisioner {
             )));
         }
         let ctx = format!("growing {}", info.backing.display());
-        let f = OpenOptions::new().write(true).open(&info.backing).map_err(io_err(ctx.clone()))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&info.backing)
+            .map_err(io_err(ctx.clone()))?;
         f.set_len(size).map_err(io_err(ctx.clone()))?;
         f.sync_all().map_err(io_err(ctx))?;
         let mut record = info.record;
@@ -779,13 +815,17 @@ pub fn backing_condition(backing: &Path) -> Condition {
     let mut region = vec![0u8; ERASE_BYTES];
     let read = File::open(backing).and_then(|f| f.read_exact_at(&mut region, 0));
     if let Err(e) = read {
-        return Condition::Abnormal(format!("cannot read the header region of the backing file: {e}"));
+        return Condition::Abnormal(format!(
+            "cannot read the header region of the backing file: {e}"
+        ));
     }
     if !header::has_magic(&region) {
         if region.iter().all(|&b| b == 0) {
             return Condition::Healthy;
         }
-        return Condition::Abnormal("the header region holds data that is not a sealcsi header".into());
+        return Condition::Abnormal(
+            "the header region holds data that is not a sealcsi header".into(),
+        );
     }
     match header::select(&region) {
         Ok(active) => match &active.other_copy_error {
@@ -803,10 +843,14 @@ pub fn backing_condition(backing: &Path) -> Condition {
 /// Overwrites both header copies with zeros and syncs: without them the volume key is gone for good.
 pub fn crypto_erase(backing: &Path) -> Result<(), ProvisionError> {
     let ctx = format!("crypto-erasing {}", backing.display());
-    let f = OpenOptions::new().write(true).open(backing).map_err(io_err(ctx.clone()))?;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(backing)
+        .map_err(io_err(ctx.clone()))?;
     let len = f.metadata().map_err(io_err(ctx.clone()))?.len();
     let n = (ERASE_BYTES as u64).min(len) as usize;
-    f.write_all_at(&vec![0u8; n], 0).map_err(io_err(ctx.clone()))?;
+    f.write_all_at(&vec![0u8; n], 0)
+        .map_err(io_err(ctx.clone()))?;
     f.sync_all().map_err(io_err(ctx))?;
     Ok(())
 }
@@ -827,7 +871,10 @@ fn decode_token(token: &str) -> Result<String, ProvisionError> {
 
 /// Parameters as a sorted map, for logs and volume contexts (no secrets are ever parameters here).
 pub fn sorted(params: &HashMap<String, String>) -> BTreeMap<&str, &str> {
-    params.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    params
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -836,7 +883,10 @@ mod tests {
     use crate::dm::{MemoryDm, TargetLine};
 
     fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn provisioner() -> (tempfile::TempDir, Arc<MemoryDm>, Provisioner) {
@@ -853,7 +903,13 @@ mod tests {
         assert_ne!(id, volume_id_for("pvc-2"));
         assert!(is_volume_id(&id));
         assert_eq!(id.len(), 35);
-        for bad in ["", "sv-", "sv-XYZ", "../etc", "sv-0123456789abcdef0123456789abcdeg"] {
+        for bad in [
+            "",
+            "sv-",
+            "sv-XYZ",
+            "../etc",
+            "sv-0123456789abcdef0123456789abcdeg",
+        ] {
             assert!(!is_volume_id(bad), "{bad}");
         }
         assert!(crate::dm::DmName::try_from(format!("{}-integrity", dm_name_for(&id))).is_ok());
@@ -861,16 +917,34 @@ mod tests {
 
     #[test]
     fn parameters_parse_and_refuse_unknown_keys() {
-        assert_eq!(VolumeParams::parse(&params(&[])).unwrap(), VolumeParams::default());
+        assert_eq!(
+            VolumeParams::parse(&params(&[])).unwrap(),
+            VolumeParams::default()
+        );
         let p = VolumeParams::parse(&params(&[("integrity", "none"), ("init", "full")])).unwrap();
         assert_eq!(p.profile(), Profile::XtsOnly);
         assert_eq!(p.init, InitParam::Full);
         let p = VolumeParams::parse(&params(&[("journal", "direct")])).unwrap();
-        assert_eq!(p.profile(), Profile::AeadHmacSha256 { journal: Journal::Direct });
-        let err = VolumeParams::parse(&params(&[("fs", "ext4")])).unwrap_err().to_string();
-        assert!(err.contains("\"fs\"") && err.contains("integrity") && err.contains("init") && err.contains("journal"), "{err}");
+        assert_eq!(
+            p.profile(),
+            Profile::AeadHmacSha256 {
+                journal: Journal::Direct
+            }
+        );
+        let err = VolumeParams::parse(&params(&[("fs", "ext4")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"fs\"")
+                && err.contains("integrity")
+                && err.contains("init")
+                && err.contains("journal"),
+            "{err}"
+        );
         assert!(VolumeParams::parse(&params(&[("init", "slow")])).is_err());
-        assert!(VolumeParams::parse(&params(&[("integrity", "none"), ("journal", "direct")])).is_err());
+        assert!(
+            VolumeParams::parse(&params(&[("integrity", "none"), ("journal", "direct")])).is_err()
+        );
         // The CO's own keys are not ours to judge.
         VolumeParams::parse(&params(&[("csi.storage.k8s.io/pvc/name", "x")])).unwrap();
         let round = VolumeParams::parse(&p.to_map()).unwrap();
@@ -883,11 +957,22 @@ mod tests {
         assert_eq!(size_for_range(0, 0).unwrap(), DEFAULT_VOLUME_BYTES);
         assert_eq!(size_for_range(1, 0).unwrap(), MIN_VOLUME_BYTES);
         assert_eq!(size_for_range(100 * M + 1, 0).unwrap(), 101 * M);
-        assert_eq!(size_for_range(100 * M + 1, 100 * M + 10).unwrap_err().meaning(), Meaning::OutOfRange);
+        assert_eq!(
+            size_for_range(100 * M + 1, 100 * M + 10)
+                .unwrap_err()
+                .meaning(),
+            Meaning::OutOfRange
+        );
         assert_eq!(size_for_range(100 * M, 200 * M + 5).unwrap(), 100 * M);
         assert_eq!(size_for_range(0, 100 * M + 5).unwrap(), 100 * M);
-        assert_eq!(size_for_range(10, 5).unwrap_err().meaning(), Meaning::InvalidArgument);
-        assert_eq!(size_for_range(0, M).unwrap_err().meaning(), Meaning::OutOfRange);
+        assert_eq!(
+            size_for_range(10, 5).unwrap_err().meaning(),
+            Meaning::InvalidArgument
+        );
+        assert_eq!(
+            size_for_range(0, M).unwrap_err().meaning(),
+            Meaning::OutOfRange
+        );
     }
 
     #[test]
@@ -900,15 +985,28 @@ mod tests {
         assert_eq!(b, Created::Existing(a.info().clone()));
         let e = p.create("v", 128 << 20, 0, params).unwrap_err();
         assert_eq!(e.meaning(), Meaning::AlreadyExists);
-        let other = VolumeParams { init: InitParam::Full, ..params };
-        assert_eq!(p.create("v", 64 << 20, 0, other).unwrap_err().meaning(), Meaning::AlreadyExists);
-        assert_eq!(p.store().get(a.info().id()).unwrap().capacity_bytes, 64 << 20);
+        let other = VolumeParams {
+            init: InitParam::Full,
+            ..params
+        };
+        assert_eq!(
+            p.create("v", 64 << 20, 0, other).unwrap_err().meaning(),
+            Meaning::AlreadyExists
+        );
+        assert_eq!(
+            p.store().get(a.info().id()).unwrap().capacity_bytes,
+            64 << 20
+        );
     }
 
     #[test]
     fn delete_erases_both_header_copies_and_refuses_open_volumes() {
         let (_d, dm, p) = provisioner();
-        let v = p.create("v", 0, 64 << 20, VolumeParams::default()).unwrap().info().clone();
+        let v = p
+            .create("v", 0, 64 << 20, VolumeParams::default())
+            .unwrap()
+            .info()
+            .clone();
         std::fs::OpenOptions::new()
             .write(true)
             .open(&v.backing)
@@ -929,7 +1027,10 @@ mod tests {
             }),
         }];
         dm.create(&name, "SEALCSI-x", &line).unwrap();
-        assert_eq!(p.delete(v.id()).unwrap_err().meaning(), Meaning::FailedPrecondition);
+        assert_eq!(
+            p.delete(v.id()).unwrap_err().meaning(),
+            Meaning::FailedPrecondition
+        );
         dm.remove(&name).unwrap();
         crypto_erase(&v.backing).unwrap();
         let data = std::fs::read(&v.backing).unwrap();
@@ -938,14 +1039,18 @@ mod tests {
         p.delete(v.id()).unwrap();
         assert!(!v.backing.exists());
         p.delete(v.id()).unwrap();
-        assert_eq!(p.store().get(v.id()).unwrap_err().meaning(), Meaning::NotFound);
+        assert_eq!(
+            p.store().get(v.id()).unwrap_err().meaning(),
+            Meaning::NotFound
+        );
     }
 
     #[test]
     fn list_pages_in_stable_order() {
         let (_d, _dm, p) = provisioner();
         for i in 0..5 {
-            p.create(&format!("v{i}"), 0, 64 << 20, VolumeParams::default()).unwrap();
+            p.create(&format!("v{i}"), 0, 64 << 20, VolumeParams::default())
+                .unwrap();
         }
         let mut seen = Vec::new();
         let mut token = String::new();
@@ -963,26 +1068,48 @@ mod tests {
         assert_eq!(seen, sorted);
         assert_eq!(seen.len(), 5);
         assert_eq!(p.list(0, "").unwrap().volumes.len(), 5);
-        assert_eq!(p.list(1, "garbage").unwrap_err().meaning(), Meaning::Aborted);
+        assert_eq!(
+            p.list(1, "garbage").unwrap_err().meaning(),
+            Meaning::Aborted
+        );
     }
 
     #[test]
     fn expand_grows_and_never_shrinks() {
         let (_d, _dm, p) = provisioner();
-        let v = p.create("v", 64 << 20, 0, VolumeParams::default()).unwrap().info().clone();
+        let v = p
+            .create("v", 64 << 20, 0, VolumeParams::default())
+            .unwrap()
+            .info()
+            .clone();
         assert_eq!(p.expand(v.id(), 32 << 20, 0).unwrap(), 64 << 20);
         assert_eq!(p.expand(v.id(), 100 << 20, 0).unwrap(), 100 << 20);
         assert_eq!(std::fs::metadata(&v.backing).unwrap().len(), 100 << 20);
-        assert_eq!(p.expand(v.id(), 64 << 20, 80 << 20).unwrap_err().meaning(), Meaning::OutOfRange);
-        assert_eq!(p.expand("sv-0000", 1, 0).unwrap_err().meaning(), Meaning::NotFound);
+        assert_eq!(
+            p.expand(v.id(), 64 << 20, 80 << 20).unwrap_err().meaning(),
+            Meaning::OutOfRange
+        );
+        assert_eq!(
+            p.expand("sv-0000", 1, 0).unwrap_err().meaning(),
+            Meaning::NotFound
+        );
     }
 
     #[test]
     fn condition_reads_the_header_region() {
         let (_d, _dm, p) = provisioner();
-        let v = p.create("v", 64 << 20, 0, VolumeParams::default()).unwrap().info().clone();
+        let v = p
+            .create("v", 64 << 20, 0, VolumeParams::default())
+            .unwrap()
+            .info()
+            .clone();
         assert_eq!(p.condition(&v), Condition::Healthy);
-        std::fs::OpenOptions::new().write(true).open(&v.backing).unwrap().write_all_at(b"junk", 100).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&v.backing)
+            .unwrap()
+            .write_all_at(b"junk", 100)
+            .unwrap();
         assert!(matches!(p.condition(&v), Condition::Abnormal(_)));
     }
 }

@@ -310,6 +310,11 @@ mod tests {
         assert_eq!(dm.table(&n).unwrap(), table());
         dm.reload(&n, &bigger).unwrap();
         assert_eq!(dm.table(&n).unwrap(), bigger);
-        assert_eq!(integrity_status(&dm.status(&n).unwrap()[0].3).unwrap().provided_data_sectors, 2048);
+        assert_eq!(
+            integrity_status(&dm.status(&n).unwrap()[0].3)
+                .unwrap()
+                .provided_data_sectors,
+            2048
+        );
     }
 }

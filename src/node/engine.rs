@@ -47,9 +47,10 @@ pub fn class_meaning(class: ErrorClass) -> Meaning {
         ErrorClass::InvalidArgument => Meaning::InvalidArgument,
         // This node cannot open the volume, the header is damaged, the device holds something else or
         // is held: none of it goes away by retrying the same call; an operator must act.
-        ErrorClass::WrongIdentity | ErrorClass::InvalidHeader | ErrorClass::Refused | ErrorClass::Busy => {
-            Meaning::FailedPrecondition
-        }
+        ErrorClass::WrongIdentity
+        | ErrorClass::InvalidHeader
+        | ErrorClass::Refused
+        | ErrorClass::Busy => Meaning::FailedPrecondition,
         ErrorClass::Internal => Meaning::Internal,
     }
 }
@@ -94,7 +95,12 @@ pub trait VolumeEngine: Send + Sync {
     /// Opens the sealed volume in `backing` as `dm_name`. A device without a sealcsi header and without
     /// any other signature is formatted first with `format` (never forced); a device whose header does
     /// not unseal here is an error, never a reason to format. Idempotent: an open volume is success.
-    fn stage_device(&self, backing: &Path, dm_name: &str, format: &FormatOptions) -> Result<StagedDevice, EngineError>;
+    fn stage_device(
+        &self,
+        backing: &Path,
+        dm_name: &str,
+        format: &FormatOptions,
+    ) -> Result<StagedDevice, EngineError>;
     /// The top device node if `dm_name` is open.
     fn open_device(&self, dm_name: &str) -> Result<Option<PathBuf>, EngineError>;
     /// Closes `dm_name` (and its integrity device); `false` if nothing was open.
@@ -136,7 +142,9 @@ pub fn header_condition(
         Err(e) => Some(format!("the volume header no longer decodes: {e}")),
         Ok(active) => {
             if let Err(e) = unseal(&active.header) {
-                return Some(format!("the volume header no longer unseals on this node: {e}"));
+                return Some(format!(
+                    "the volume header no longer unseals on this node: {e}"
+                ));
             }
             active.other_copy_error.as_ref().map(|e| {
                 format!(
@@ -150,7 +158,10 @@ pub fn header_condition(
 }
 
 /// Integrity mismatches the integrity device counted, if it exists and reports any.
-pub fn integrity_problem(dm: &dyn DeviceMapper, names: &StackNames) -> Result<Option<String>, EngineError> {
+pub fn integrity_problem(
+    dm: &dyn DeviceMapper,
+    names: &StackNames,
+) -> Result<Option<String>, EngineError> {
     if dm.info(&names.integrity)?.is_none() {
         return Ok(None);
     }
@@ -211,24 +222,38 @@ impl KernelEngine {
     ) -> Result<(CryptKey, Option<crate::keyring::LogonKey>), EngineError> {
         if crate::keyring::available() {
             let mut nonce = [0u8; 8];
-            crate::keys::random_bytes(&mut nonce).map_err(|e| MappingError::Keyring(e.to_string()))?;
+            crate::keys::random_bytes(&mut nonce)
+                .map_err(|e| MappingError::Keyring(e.to_string()))?;
             let description = format!("sealcsi:{}-{}", header.uuid_string(), hex::encode(nonce));
             let logon = crate::keyring::LogonKey::add(&description, key.expose())
                 .map_err(|e| MappingError::Keyring(e.to_string()))?;
             Ok((CryptKey::Keyring { description }, Some(logon)))
         } else {
-            Ok((CryptKey::Hex(zeroize::Zeroizing::new(key.expose().to_vec())), None))
+            Ok((
+                CryptKey::Hex(zeroize::Zeroizing::new(key.expose().to_vec())),
+                None,
+            ))
         }
     }
 }
 
 impl VolumeEngine for KernelEngine {
-    fn stage_device(&self, backing: &Path, dm_name: &str, format: &FormatOptions) -> Result<StagedDevice, EngineError> {
+    fn stage_device(
+        &self,
+        backing: &Path,
+        dm_name: &str,
+        format: &FormatOptions,
+    ) -> Result<StagedDevice, EngineError> {
         let names = StackNames::new(dm_name)?;
         let mut formatted = false;
-        if self.dm.info(&names.crypt)?.is_none() && !header::has_magic(&read_header_region(backing)?) {
+        if self.dm.info(&names.crypt)?.is_none()
+            && !header::has_magic(&read_header_region(backing)?)
+        {
             // Never a sealcsi volume. Format refuses (force is never set here) if anything else is there.
-            let opts = FormatOptions { force: false, ..*format };
+            let opts = FormatOptions {
+                force: false,
+                ..*format
+            };
             let report = self.volumes().format(backing, &opts, &mut |_, _| {})?;
             tracing::info!(volume.uuid = %report.uuid, seconds = report.total_seconds, "formatted new sealed volume");
             formatted = true;
@@ -266,7 +291,11 @@ impl VolumeEngine for KernelEngine {
         problems.extend(header_condition(&region, |h| {
             vols.unseal(h).map(drop).map_err(|e| e.to_string())
         }));
-        Ok(if problems.is_empty() { Condition::Healthy } else { Condition::Abnormal(problems.join("; ")) })
+        Ok(if problems.is_empty() {
+            Condition::Healthy
+        } else {
+            Condition::Abnormal(problems.join("; "))
+        })
     }
 
     fn size_bytes(&self, dm_name: &str) -> Result<u64, EngineError> {
@@ -283,7 +312,8 @@ impl VolumeEngine for KernelEngine {
                 source,
             })?
             .header;
-        let lo = LoopDevice::find(backing)?.ok_or_else(|| EngineError::NotOpen(format!("loop device of {}", backing.display())))?;
+        let lo = LoopDevice::find(backing)?
+            .ok_or_else(|| EngineError::NotOpen(format!("loop device of {}", backing.display())))?;
         lo.set_capacity()?;
         let device_bytes = crate::devio::size_of(lo.path()).map_err(|source| EngineError::Io {
             context: format!("size of {}", lo.path().display()),
@@ -293,12 +323,16 @@ impl VolumeEngine for KernelEngine {
             Profile::AeadHmacSha256 { .. } => {
                 let mut live = self.dm.table(&names.integrity)?;
                 let [line] = live.as_mut_slice() else {
-                    return Err(DmError::InvalidTable("integrity device has more than one line".into()).into());
+                    return Err(DmError::InvalidTable(
+                        "integrity device has more than one line".into(),
+                    )
+                    .into());
                 };
                 line.target.set_device(lo.path().to_path_buf());
                 // The integrity target computes the data sectors the grown device provides when its table
                 // is loaded and records them in its superblock on resume; then map all of them.
-                self.dm.reload(&names.integrity, std::slice::from_ref(line))?;
+                self.dm
+                    .reload(&names.integrity, std::slice::from_ref(line))?;
                 let status = self.dm.status(&names.integrity)?;
                 let provided = status
                     .first()
@@ -307,7 +341,8 @@ impl VolumeEngine for KernelEngine {
                     .map_or(line.length, |s| s.provided_data_sectors);
                 if provided > line.length {
                     line.length = provided;
-                    self.dm.reload(&names.integrity, std::slice::from_ref(line))?;
+                    self.dm
+                        .reload(&names.integrity, std::slice::from_ref(line))?;
                 }
                 (names.integrity.node(), provided)
             }
@@ -327,11 +362,19 @@ impl VolumeEngine for KernelEngine {
         if matches!(header.profile, Profile::AeadHmacSha256 { .. }) {
             // Blocks never written have no valid tag and read as errors: write the new space once, so the
             // filesystem's resize (and anyone after it) reads zeros there.
-            crate::devio::zero_range(&names.crypt.node(), old_bytes, new_bytes - old_bytes, |_, _| {})
-                .map_err(|source| EngineError::Io {
-                    context: format!("initializing the new space of {}", names.crypt.node().display()),
-                    source,
-                })?;
+            crate::devio::zero_range(
+                &names.crypt.node(),
+                old_bytes,
+                new_bytes - old_bytes,
+                |_, _| {},
+            )
+            .map_err(|source| EngineError::Io {
+                context: format!(
+                    "initializing the new space of {}",
+                    names.crypt.node().display()
+                ),
+                source,
+            })?;
         }
         Ok(new_bytes)
     }

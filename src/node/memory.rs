@@ -15,7 +15,9 @@ use super::engine::{
     EngineError, StagedDevice, VolumeEngine, dm_size_bytes, integrity_problem, read_header_region,
 };
 use crate::dm::{CryptKey, DeviceMapper, DmError, MemoryDm};
-use crate::header::{COPY_OFFSETS, DATA_OFFSET, FsKind, Header, HEADER_SIZE, HeaderError, Journal, Profile};
+use crate::header::{
+    COPY_OFFSETS, DATA_OFFSET, FsKind, HEADER_SIZE, Header, HeaderError, Journal, Profile,
+};
 use crate::mapping::{self, SECTOR, StackNames};
 use crate::provision::Condition;
 use crate::sealing::SourceKind;
@@ -34,20 +36,29 @@ pub struct MemoryEngine {
     mismatches: Mutex<BTreeMap<String, u64>>,
     formats: Mutex<Vec<(PathBuf, FormatOptions)>>,
     grown: Mutex<Vec<(FsKind, PathBuf)>>,
+    stage_delay: Mutex<std::time::Duration>,
 }
 
 fn profile_code(p: Profile) -> u8 {
     match p {
-        Profile::AeadHmacSha256 { journal: Journal::Journal } => 1,
-        Profile::AeadHmacSha256 { journal: Journal::Direct } => 2,
+        Profile::AeadHmacSha256 {
+            journal: Journal::Journal,
+        } => 1,
+        Profile::AeadHmacSha256 {
+            journal: Journal::Direct,
+        } => 2,
         Profile::XtsOnly => 3,
     }
 }
 
 fn profile_from(code: u8) -> Option<Profile> {
     Some(match code {
-        1 => Profile::AeadHmacSha256 { journal: Journal::Journal },
-        2 => Profile::AeadHmacSha256 { journal: Journal::Direct },
+        1 => Profile::AeadHmacSha256 {
+            journal: Journal::Journal,
+        },
+        2 => Profile::AeadHmacSha256 {
+            journal: Journal::Direct,
+        },
         3 => Profile::XtsOnly,
         _ => return None,
     })
@@ -124,7 +135,9 @@ fn read_markers(region: &[u8]) -> Result<(Marker, Option<(usize, HeaderError)>),
 }
 
 fn has_marker_magic(region: &[u8]) -> bool {
-    COPY_OFFSETS.iter().any(|&o| &region[o as usize..o as usize + 8] == MEMORY_MAGIC)
+    COPY_OFFSETS
+        .iter()
+        .any(|&o| &region[o as usize..o as usize + 8] == MEMORY_MAGIC)
 }
 
 impl MemoryEngine {
@@ -137,6 +150,7 @@ impl MemoryEngine {
             mismatches: Mutex::default(),
             formats: Mutex::default(),
             grown: Mutex::default(),
+            stage_delay: Mutex::default(),
         }
     }
 
@@ -151,12 +165,23 @@ impl MemoryEngine {
 
     /// Makes the integrity layer of `dm_name` report `n` tag mismatches.
     pub fn inject_mismatches(&self, dm_name: &str, n: u64) {
-        self.mismatches.lock().unwrap_or_else(|e| e.into_inner()).insert(dm_name.to_string(), n);
+        self.mismatches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(dm_name.to_string(), n);
+    }
+
+    /// Makes every stage take at least `delay` (to hold an operation open in concurrency tests).
+    pub fn set_stage_delay(&self, delay: std::time::Duration) {
+        *self.stage_delay.lock().unwrap_or_else(|e| e.into_inner()) = delay;
     }
 
     /// Every format this engine did: (backing file, options).
     pub fn formats(&self) -> Vec<(PathBuf, FormatOptions)> {
-        self.formats.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.formats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Every filesystem grow: (filesystem, device or mount point given to the tool).
@@ -228,8 +253,15 @@ impl MemoryEngine {
 }
 
 impl VolumeEngine for MemoryEngine {
-    fn stage_device(&self, backing: &Path, dm_name: &str, format: &FormatOptions) -> Result<StagedDevice, EngineError> {
+    fn stage_device(
+        &self,
+        backing: &Path,
+        dm_name: &str,
+        format: &FormatOptions,
+    ) -> Result<StagedDevice, EngineError> {
         let names = StackNames::new(dm_name)?;
+        let delay = *self.stage_delay.lock().unwrap_or_else(|e| e.into_inner());
+        std::thread::sleep(delay);
         let mut region = read_header_region(backing)?;
         let mut formatted = false;
         if !has_marker_magic(&region) {
@@ -250,7 +282,10 @@ impl VolumeEngine for MemoryEngine {
                 profile: format.profile,
             };
             Self::write_marker(backing, &marker)?;
-            self.formats.lock().unwrap_or_else(|e| e.into_inner()).push((backing.to_path_buf(), *format));
+            self.formats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((backing.to_path_buf(), *format));
             formatted = true;
             region = read_header_region(backing)?;
         }
@@ -271,9 +306,15 @@ impl VolumeEngine for MemoryEngine {
         if let Some(line) = integrity {
             // A stale integrity device without its crypt device is removed first, as the real stack does.
             self.dm.remove(&names.integrity)?;
-            self.dm.create(&names.integrity, &mapping::dm_uuid(&uuid, "integrity"), &[line])?;
+            self.dm.create(
+                &names.integrity,
+                &mapping::dm_uuid(&uuid, "integrity"),
+                &[line],
+            )?;
         }
-        let info = self.dm.create(&names.crypt, &mapping::dm_uuid(&uuid, "crypt"), &[crypt])?;
+        let info = self
+            .dm
+            .create(&names.crypt, &mapping::dm_uuid(&uuid, "crypt"), &[crypt])?;
         Ok(StagedDevice {
             device: info.node,
             fs: marker.fs,
@@ -295,7 +336,11 @@ impl VolumeEngine for MemoryEngine {
         let names = StackNames::new(dm_name)?;
         let mut problems = Vec::new();
         problems.extend(integrity_problem(&*self.dm, &names)?);
-        if let Some(&n) = self.mismatches.lock().unwrap_or_else(|e| e.into_inner()).get(dm_name)
+        if let Some(&n) = self
+            .mismatches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(dm_name)
             && n > 0
         {
             problems.push(format!("dm-integrity counted {n} tag mismatch(es)"));
@@ -312,7 +357,11 @@ impl VolumeEngine for MemoryEngine {
                 }
             }
         }
-        Ok(if problems.is_empty() { Condition::Healthy } else { Condition::Abnormal(problems.join("; ")) })
+        Ok(if problems.is_empty() {
+            Condition::Healthy
+        } else {
+            Condition::Abnormal(problems.join("; "))
+        })
     }
 
     fn size_bytes(&self, dm_name: &str) -> Result<u64, EngineError> {
@@ -343,8 +392,15 @@ impl VolumeEngine for MemoryEngine {
         if fs == FsKind::None {
             return Err(crate::fs::FsError::NoFilesystem("grow").into());
         }
-        let target = if fs == FsKind::Xfs { mount_point } else { device };
-        self.grown.lock().unwrap_or_else(|e| e.into_inner()).push((fs, target.to_path_buf()));
+        let target = if fs == FsKind::Xfs {
+            mount_point
+        } else {
+            device
+        };
+        self.grown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((fs, target.to_path_buf()));
         Ok(())
     }
 
@@ -373,7 +429,10 @@ mod tests {
         region[HEADER_SIZE..HEADER_SIZE + MARKER_LEN].copy_from_slice(&m.encode());
         assert_eq!(read_markers(&region).unwrap(), (m, None));
         region[50] ^= 1;
-        assert_eq!(read_markers(&region).unwrap(), (m, Some((0, HeaderError::Checksum))));
+        assert_eq!(
+            read_markers(&region).unwrap(),
+            (m, Some((0, HeaderError::Checksum)))
+        );
         region[HEADER_SIZE + 50] ^= 1;
         assert_eq!(read_markers(&region).unwrap_err(), HeaderError::Checksum);
     }

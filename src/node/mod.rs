@@ -1,1 +1,474 @@
-//! The node core (being written).
+//! The node core: stage, unstage, publish, unpublish, stats and expansion of sealed volumes on this node.
+//! No gRPC types here; `crate::csi::node` is a thin layer over [`NodeCore`].
+//!
+//! - [`engine`]: the sealed part (open/format/close/condition/resize of the device-mapper stack);
+//! - [`mount`]: mounts and the kernel's mount table;
+//! - [`memory`]: the in-memory engine for host tests.
+//!
+//! Idempotency comes from observed state: what is mounted where (/proc/self/mountinfo), which
+//! device-mapper devices exist. Device names are derived from the volume id.
+//!
+//! Every method blocks (ioctls, mkfs, mount): call from a blocking context.
+
+pub mod engine;
+pub mod memory;
+pub mod mount;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::dm::DmName;
+use crate::header::FsKind;
+use crate::init::InitMode;
+use crate::provision::{
+    AccessType, Capability, Condition, InitParam, Meaning, Meaningful, ProvisionError, Store,
+    VolumeInfo, dm_name_for, fs_name,
+};
+use crate::volume::FormatOptions;
+pub use engine::{EngineError, KernelEngine, StagedDevice, VolumeEngine};
+pub use memory::MemoryEngine;
+pub use mount::{MemoryMounter, MountError, MountInfo, Mounter, SystemMounter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The volume is not in the state the call needs (not staged, still in use).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Something incompatible is already at the path.
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Meaningful for NodeError {
+    fn meaning(&self) -> Meaning {
+        match self {
+            NodeError::Provision(e) => e.meaning(),
+            NodeError::Engine(e) => e.meaning(),
+            NodeError::Mount(MountError::BadOption(_)) => Meaning::InvalidArgument,
+            NodeError::Mount(e) if e.is_busy() => Meaning::FailedPrecondition,
+            NodeError::Mount(_) => Meaning::Internal,
+            NodeError::InvalidArgument(_) => Meaning::InvalidArgument,
+            NodeError::FailedPrecondition(_) => Meaning::FailedPrecondition,
+            NodeError::AlreadyExists(_) => Meaning::AlreadyExists,
+            NodeError::NotFound(_) => Meaning::NotFound,
+            NodeError::Io { .. } => Meaning::Internal,
+        }
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> NodeError {
+    let context = context.into();
+    move |source| NodeError::Io { context, source }
+}
+
+/// Usage of a published volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Filesystem {
+        total_bytes: u64,
+        available_bytes: u64,
+        used_bytes: u64,
+        total_inodes: u64,
+        available_inodes: u64,
+        used_inodes: u64,
+    },
+    Block {
+        total_bytes: u64,
+    },
+}
+
+/// What NodeGetVolumeStats reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeStats {
+    pub usage: Usage,
+    pub condition: Condition,
+}
+
+/// The top device node of a volume's stack.
+pub fn device_node(volume_id: &str) -> Result<PathBuf, NodeError> {
+    let name = DmName::try_from(dm_name_for(volume_id)).map_err(EngineError::from)?;
+    Ok(name.node())
+}
+
+/// The node core.
+pub struct NodeCore {
+    store: Store,
+    engine: Arc<dyn VolumeEngine>,
+    mounter: Arc<dyn Mounter>,
+}
+
+impl std::fmt::Debug for NodeCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCore")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+fn fs_from_type(fs_type: &str) -> Option<FsKind> {
+    match fs_type {
+        "ext4" => Some(FsKind::Ext4),
+        "xfs" => Some(FsKind::Xfs),
+        _ => None,
+    }
+}
+
+impl NodeCore {
+    pub fn new(store: Store, engine: Arc<dyn VolumeEngine>, mounter: Arc<dyn Mounter>) -> Self {
+        Self {
+            store,
+            engine,
+            mounter,
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<dyn VolumeEngine> {
+        &self.engine
+    }
+
+    fn volume(&self, volume_id: &str) -> Result<VolumeInfo, NodeError> {
+        Ok(self.store.get(volume_id)?)
+    }
+
+    /// Opens the volume (formatting a new one) and, for a filesystem, mounts it at `staging`.
+    pub fn stage(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        cap: &Capability,
+    ) -> Result<(), NodeError> {
+        let vol = self.volume(volume_id)?;
+        let dm = dm_name_for(volume_id);
+        let node = device_node(volume_id)?;
+        if matches!(cap.access, AccessType::Mount { .. })
+            && let Some(m) = self.mounter.mounted_at(staging)?
+        {
+            if Path::new(&m.source) == node && self.engine.open_device(&dm)?.is_some() {
+                return Ok(());
+            }
+            return Err(NodeError::AlreadyExists(format!(
+                "{} already has a mount of {} (not this volume)",
+                staging.display(),
+                m.source
+            )));
+        }
+        let params = vol.record.parameters;
+        let format = match &cap.access {
+            AccessType::Block => FormatOptions {
+                profile: params.profile(),
+                fs: FsKind::None,
+                init: InitMode::Full,
+                force: false,
+            },
+            AccessType::Mount { fs, .. } => FormatOptions {
+                profile: params.profile(),
+                fs: fs.unwrap_or(FsKind::Ext4),
+                init: match params.init {
+                    InitParam::Fast => InitMode::Fast,
+                    InitParam::Full => InitMode::Full,
+                },
+                force: false,
+            },
+        };
+        let was_open = self.engine.open_device(&dm)?.is_some();
+        let staged = self.engine.stage_device(&vol.backing, &dm, &format)?;
+        tracing::info!(volume.id = %volume_id, device = %staged.device.display(), formatted = staged.formatted, "volume open");
+        let AccessType::Mount { fs, flags } = &cap.access else {
+            return Ok(());
+        };
+        let mismatch = match (staged.fs, fs) {
+            (FsKind::None, _) => Some(
+                "it was created as a raw block volume; it has no filesystem to mount".to_string(),
+            ),
+            (have, Some(want)) if have != *want => Some(format!(
+                "it holds {}, the capability asks for {}",
+                fs_name(have),
+                fs_name(*want)
+            )),
+            _ => None,
+        };
+        if let Some(why) = mismatch {
+            if !was_open {
+                self.close_quietly(volume_id, &dm);
+            }
+            return Err(NodeError::InvalidArgument(format!(
+                "cannot mount volume {volume_id}: {why}"
+            )));
+        }
+        fs::create_dir_all(staging).map_err(io_err(format!("creating {}", staging.display())))?;
+        let mut options = flags.clone();
+        if cap.mode.read_only() {
+            options.push("ro".into());
+        }
+        self.mounter
+            .mount(&staged.device, staging, fs_name(staged.fs), &options)?;
+        Ok(())
+    }
+
+    fn close_quietly(&self, volume_id: &str, dm: &str) {
+        if let Err(e) = self.engine.close(dm) {
+            tracing::warn!(volume.id = %volume_id, error = %e, "could not close the volume after a failed stage");
+        }
+    }
+
+    /// Unmounts the staging path (if our volume is mounted there) and closes the volume.
+    pub fn unstage(&self, volume_id: &str, staging: &Path) -> Result<(), NodeError> {
+        let known = self.store.record(volume_id)?.is_some();
+        let dm = dm_name_for(volume_id);
+        let node = device_node(volume_id)?;
+        let mut acted = false;
+        if let Some(m) = self.mounter.mounted_at(staging)? {
+            if Path::new(&m.source) != node {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "{} holds a mount of {}, not of volume {volume_id}",
+                    staging.display(),
+                    m.source
+                )));
+            }
+            let elsewhere: Vec<String> = self
+                .mounter
+                .mount_points_of(&m)?
+                .into_iter()
+                .filter(|p| p != &m.mount_point)
+                .map(|p| p.display().to_string())
+                .collect();
+            if !elsewhere.is_empty() {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "volume {volume_id} is still published at {}; unpublish it first",
+                    elsewhere.join(", ")
+                )));
+            }
+            self.mounter.umount(staging)?;
+            acted = true;
+        }
+        match self.engine.close(&dm) {
+            Ok(closed) => acted |= closed,
+            Err(e) if e.meaning() == Meaning::FailedPrecondition => {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "volume {volume_id} is still in use (published somewhere?): {e}"
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if !known && !acted {
+            return Err(NodeError::NotFound(format!(
+                "volume {volume_id} does not exist"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bind-mounts the staged volume (filesystem) or its device node (block) at `target`.
+    pub fn publish(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: &Capability,
+        readonly: bool,
+    ) -> Result<(), NodeError> {
+        self.volume(volume_id)?;
+        let node = device_node(volume_id)?;
+        let ro = readonly || cap.mode.read_only();
+        match &cap.access {
+            AccessType::Mount { .. } => {
+                let staged = self
+                    .mounter
+                    .mounted_at(staging)?
+                    .filter(|m| Path::new(&m.source) == node)
+                    .ok_or_else(|| {
+                        NodeError::FailedPrecondition(format!(
+                            "volume {volume_id} is not staged at {}",
+                            staging.display()
+                        ))
+                    })?;
+                if let Some(m) = self.mounter.mounted_at(target)? {
+                    if m.same_filesystem(&staged) && m.read_only() == ro {
+                        return Ok(());
+                    }
+                    return Err(NodeError::AlreadyExists(format!(
+                        "{} is already mounted with {} ({})",
+                        target.display(),
+                        m.source,
+                        if m.read_only() {
+                            "read-only"
+                        } else {
+                            "read-write"
+                        }
+                    )));
+                }
+                fs::create_dir_all(target)
+                    .map_err(io_err(format!("creating {}", target.display())))?;
+                self.mounter.bind(staging, target, ro)?;
+            }
+            AccessType::Block => {
+                let device = self
+                    .engine
+                    .open_device(&dm_name_for(volume_id))?
+                    .ok_or_else(|| {
+                        NodeError::FailedPrecondition(format!(
+                            "volume {volume_id} is not staged on this node"
+                        ))
+                    })?;
+                if let Some(m) = self.mounter.mounted_at(target)? {
+                    if self.mounter.is_bind_of(target, &device)? && m.read_only() == ro {
+                        return Ok(());
+                    }
+                    return Err(NodeError::AlreadyExists(format!(
+                        "{} is already mounted with something else",
+                        target.display()
+                    )));
+                }
+                if let Some(parent) = target.parent() {
+                    fs::create_dir_all(parent)
+                        .map_err(io_err(format!("creating {}", parent.display())))?;
+                }
+                if target.is_dir() {
+                    return Err(NodeError::InvalidArgument(format!(
+                        "target path {} of a block volume is a directory",
+                        target.display()
+                    )));
+                }
+                fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(target)
+                    .map_err(io_err(format!("creating {}", target.display())))?;
+                self.mounter.bind(&device, target, ro)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmounts `target` and removes it.
+    pub fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), NodeError> {
+        let known = self.store.record(volume_id)?.is_some();
+        let mut acted = false;
+        // Bind mounts can stack when a CO retried a publish that half-succeeded: remove them all.
+        for _ in 0..16 {
+            if self.mounter.mounted_at(target)?.is_none() {
+                break;
+            }
+            self.mounter.umount(target)?;
+            acted = true;
+        }
+        let removed = match fs::symlink_metadata(target) {
+            Ok(m) if m.is_dir() => fs::remove_dir(target),
+            Ok(_) => fs::remove_file(target),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Ok(()) => acted = true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("removing {}", target.display()))(e)),
+        }
+        if !known && !acted {
+            return Err(NodeError::NotFound(format!(
+                "volume {volume_id} does not exist"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Usage and health of the volume published (or staged) at `volume_path`.
+    pub fn stats(&self, volume_id: &str, volume_path: &Path) -> Result<VolumeStats, NodeError> {
+        let vol = self.volume(volume_id)?;
+        let dm = dm_name_for(volume_id);
+        let meta = fs::metadata(volume_path).map_err(|_| {
+            NodeError::NotFound(format!(
+                "volume path {} does not exist",
+                volume_path.display()
+            ))
+        })?;
+        if self.mounter.mounted_at(volume_path)?.is_none() {
+            return Err(NodeError::NotFound(format!(
+                "volume {volume_id} is not mounted at {}",
+                volume_path.display()
+            )));
+        }
+        let usage = if meta.is_dir() {
+            let st = nix::sys::statvfs::statvfs(volume_path).map_err(|e| NodeError::Io {
+                context: format!("statvfs {}", volume_path.display()),
+                source: e.into(),
+            })?;
+            let frsize = st.fragment_size() as u64;
+            let (blocks, bfree, bavail) = (
+                st.blocks() as u64,
+                st.blocks_free() as u64,
+                st.blocks_available() as u64,
+            );
+            let (files, ffree) = (st.files() as u64, st.files_free() as u64);
+            Usage::Filesystem {
+                total_bytes: blocks * frsize,
+                available_bytes: bavail * frsize,
+                used_bytes: blocks.saturating_sub(bfree) * frsize,
+                total_inodes: files,
+                available_inodes: ffree,
+                used_inodes: files.saturating_sub(ffree),
+            }
+        } else {
+            Usage::Block {
+                total_bytes: self.engine.size_bytes(&dm)?,
+            }
+        };
+        let condition = match self.engine.condition(&dm, &vol.backing) {
+            Ok(c) => c,
+            Err(e) => Condition::Abnormal(format!("cannot check the volume: {e}")),
+        };
+        Ok(VolumeStats { usage, condition })
+    }
+
+    /// Grows the open mapping to the backing file's size, then the filesystem mounted at `volume_path`
+    /// (if it is one). Returns the volume's new size in bytes.
+    pub fn expand(&self, volume_id: &str, volume_path: &Path) -> Result<u64, NodeError> {
+        let vol = self.volume(volume_id)?;
+        let dm = dm_name_for(volume_id);
+        let meta = fs::metadata(volume_path).map_err(|_| {
+            NodeError::NotFound(format!(
+                "volume path {} does not exist",
+                volume_path.display()
+            ))
+        })?;
+        let device = self.engine.open_device(&dm)?.ok_or_else(|| {
+            NodeError::FailedPrecondition(format!("volume {volume_id} is not staged on this node"))
+        })?;
+        let bytes = self.engine.expand(&dm, &vol.backing)?;
+        if meta.is_dir() {
+            let m = self.mounter.mounted_at(volume_path)?.ok_or_else(|| {
+                NodeError::NotFound(format!(
+                    "volume {volume_id} is not mounted at {}",
+                    volume_path.display()
+                ))
+            })?;
+            let fs = fs_from_type(&m.fs_type).ok_or_else(|| {
+                NodeError::FailedPrecondition(format!(
+                    "{} holds {}, not ext4 or xfs",
+                    volume_path.display(),
+                    m.fs_type
+                ))
+            })?;
+            self.engine.grow_fs(fs, &device, volume_path)?;
+        }
+        tracing::info!(volume.id = %volume_id, bytes, "volume expanded");
+        Ok(bytes)
+    }
+}

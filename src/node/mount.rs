@@ -83,7 +83,9 @@ fn unescape(s: &str) -> String {
             && i + 3 < b.len()
             && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
-            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
             if let Ok(byte) = u8::try_from(v) {
                 out.push(byte);
                 i += 4;
@@ -131,7 +133,11 @@ fn parse_line(line: &str) -> Option<MountInfo> {
 pub fn split_options(options: &[String]) -> Result<(MsFlags, String), MountError> {
     let mut flags = MsFlags::empty();
     let mut data = Vec::new();
-    for opt in options.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
+    for opt in options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter(|o| !o.is_empty())
+    {
         let flag = match opt {
             "ro" => Some(MsFlags::MS_RDONLY),
             "rw" => Some(MsFlags::empty()),
@@ -147,7 +153,8 @@ pub fn split_options(options: &[String]) -> Result<(MsFlags, String), MountError
             "lazytime" => Some(MsFlags::MS_LAZYTIME),
             "defaults" => Some(MsFlags::empty()),
             // Flags that would change what the mount is, not how it behaves: not ours to take.
-            "bind" | "rbind" | "remount" | "move" | "shared" | "private" | "slave" | "unbindable" => {
+            "bind" | "rbind" | "remount" | "move" | "shared" | "private" | "slave"
+            | "unbindable" => {
                 return Err(MountError::BadOption(opt.to_string()));
             }
             _ => None,
@@ -168,7 +175,13 @@ pub fn split_options(options: &[String]) -> Result<(MsFlags, String), MountError
 /// The mount operations the node core needs.
 pub trait Mounter: Send + Sync {
     /// Mounts filesystem `fs_type` on `source` at `target` with `options` (flags and data).
-    fn mount(&self, source: &Path, target: &Path, fs_type: &str, options: &[String]) -> Result<(), MountError>;
+    fn mount(
+        &self,
+        source: &Path,
+        target: &Path,
+        fs_type: &str,
+        options: &[String],
+    ) -> Result<(), MountError>;
     /// Bind-mounts `source` (a directory or a device node) on `target`; read-only through a
     /// `remount,bind,ro` when `readonly` (a bind mount ignores MS_RDONLY on its first call).
     fn bind(&self, source: &Path, target: &Path, readonly: bool) -> Result<(), MountError>;
@@ -178,6 +191,8 @@ pub trait Mounter: Send + Sync {
     fn mounted_at(&self, path: &Path) -> Result<Option<MountInfo>, MountError>;
     /// Whether `target` is a bind mount of the device node `device` (same device number).
     fn is_bind_of(&self, target: &Path, device: &Path) -> Result<bool, MountError>;
+    /// Every mount point where the filesystem of `mount` is mounted (itself and its bind mounts).
+    fn mount_points_of(&self, mount: &MountInfo) -> Result<Vec<PathBuf>, MountError>;
 }
 
 /// The real mounter: mount(2)/umount2(2) and /proc/self/mountinfo. Blocking.
@@ -188,7 +203,13 @@ pub struct SystemMounter;
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
 
 impl Mounter for SystemMounter {
-    fn mount(&self, source: &Path, target: &Path, fs_type: &str, options: &[String]) -> Result<(), MountError> {
+    fn mount(
+        &self,
+        source: &Path,
+        target: &Path,
+        fs_type: &str,
+        options: &[String],
+    ) -> Result<(), MountError> {
         let (flags, data) = split_options(options)?;
         let data = (!data.is_empty()).then_some(data.as_str());
         nix::mount::mount(Some(source), target, Some(fs_type), flags, data)
@@ -196,11 +217,19 @@ impl Mounter for SystemMounter {
     }
 
     fn bind(&self, source: &Path, target: &Path, readonly: bool) -> Result<(), MountError> {
-        nix::mount::mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(|e| MountError::sys("bind mount", target, e))?;
+        nix::mount::mount(
+            Some(source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| MountError::sys("bind mount", target, e))?;
         if readonly {
             let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
+            if let Err(e) =
+                nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+            {
                 // Never leave a writable mount where a read-only one was asked for.
                 let _ = nix::mount::umount2(target, MntFlags::empty());
                 return Err(MountError::sys("remount read-only", target, e));
@@ -210,7 +239,8 @@ impl Mounter for SystemMounter {
     }
 
     fn umount(&self, target: &Path) -> Result<(), MountError> {
-        nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW).map_err(|e| MountError::sys("umount", target, e))
+        nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW)
+            .map_err(|e| MountError::sys("umount", target, e))
     }
 
     fn mounted_at(&self, path: &Path) -> Result<Option<MountInfo>, MountError> {
@@ -219,9 +249,13 @@ impl Mounter for SystemMounter {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(MountError::sys("resolve", path, e)),
         };
-        let text = fs::read_to_string(MOUNTINFO).map_err(|e| MountError::sys("read", Path::new(MOUNTINFO), e))?;
+        let text = fs::read_to_string(MOUNTINFO)
+            .map_err(|e| MountError::sys("read", Path::new(MOUNTINFO), e))?;
         // Later lines are mounted on top of earlier ones.
-        Ok(parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == path))
+        Ok(parse_mountinfo(&text)
+            .into_iter()
+            .rev()
+            .find(|m| m.mount_point == path))
     }
 
     fn is_bind_of(&self, target: &Path, device: &Path) -> Result<bool, MountError> {
@@ -230,7 +264,19 @@ impl Mounter for SystemMounter {
             _ => return Ok(false),
         };
         use std::os::unix::fs::FileTypeExt;
-        Ok(t.file_type().is_block_device() && d.file_type().is_block_device() && t.rdev() == d.rdev())
+        Ok(t.file_type().is_block_device()
+            && d.file_type().is_block_device()
+            && t.rdev() == d.rdev())
+    }
+
+    fn mount_points_of(&self, mount: &MountInfo) -> Result<Vec<PathBuf>, MountError> {
+        let text = fs::read_to_string(MOUNTINFO)
+            .map_err(|e| MountError::sys("read", Path::new(MOUNTINFO), e))?;
+        Ok(parse_mountinfo(&text)
+            .into_iter()
+            .filter(|m| m.same_filesystem(mount))
+            .map(|m| m.mount_point)
+            .collect())
     }
 }
 
@@ -279,13 +325,23 @@ impl MemoryMounter {
         if target.exists() {
             Ok(())
         } else {
-            Err(MountError::sys("mount", target, io::Error::from(io::ErrorKind::NotFound)))
+            Err(MountError::sys(
+                "mount",
+                target,
+                io::Error::from(io::ErrorKind::NotFound),
+            ))
         }
     }
 }
 
 impl Mounter for MemoryMounter {
-    fn mount(&self, source: &Path, target: &Path, fs_type: &str, options: &[String]) -> Result<(), MountError> {
+    fn mount(
+        &self,
+        source: &Path,
+        target: &Path,
+        fs_type: &str,
+        options: &[String],
+    ) -> Result<(), MountError> {
         let (flags, data) = split_options(options)?;
         Self::exists(target)?;
         let (major, minor) = Self::fake_dev(source);
@@ -300,7 +356,11 @@ impl Mounter for MemoryMounter {
             options: vec![if ro { "ro" } else { "rw" }.to_string()],
             fs_type: fs_type.to_string(),
             source: source.display().to_string(),
-            super_options: data.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
+            super_options: data
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect(),
         });
         Ok(())
     }
@@ -320,7 +380,11 @@ impl Mounter for MemoryMounter {
             parent_id: 1,
             major,
             minor,
-            root: if base.is_some() { "/".into() } else { source.display().to_string() },
+            root: if base.is_some() {
+                "/".into()
+            } else {
+                source.display().to_string()
+            },
             mount_point: target.to_owned(),
             options: vec![if readonly { "ro" } else { "rw" }.to_string()],
             fs_type,
@@ -333,7 +397,11 @@ impl Mounter for MemoryMounter {
     fn umount(&self, target: &Path) -> Result<(), MountError> {
         let mut mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
         let Some(stack) = mounts.get_mut(target) else {
-            return Err(MountError::sys("umount", target, io::Error::from_raw_os_error(nix::libc::EINVAL)));
+            return Err(MountError::sys(
+                "umount",
+                target,
+                io::Error::from_raw_os_error(nix::libc::EINVAL),
+            ));
         };
         stack.pop();
         if stack.is_empty() {
@@ -351,6 +419,15 @@ impl Mounter for MemoryMounter {
         Ok(self
             .mounted_at(target)?
             .is_some_and(|m| m.source == device.display().to_string() && m.root != "/"))
+    }
+
+    fn mount_points_of(&self, mount: &MountInfo) -> Result<Vec<PathBuf>, MountError> {
+        Ok(self
+            .table()
+            .into_iter()
+            .filter(|m| m.same_filesystem(mount))
+            .map(|m| m.mount_point)
+            .collect())
     }
 }
 
@@ -370,7 +447,10 @@ bad line
     fn parses_mountinfo() {
         let m = parse_mountinfo(SAMPLE);
         assert_eq!(m.len(), 4);
-        assert_eq!(m[1].mount_point, PathBuf::from("/var/lib/kubelet/staging dir"));
+        assert_eq!(
+            m[1].mount_point,
+            PathBuf::from("/var/lib/kubelet/staging dir")
+        );
         assert_eq!((m[1].major, m[1].minor), (253, 3));
         assert_eq!(m[1].fs_type, "ext4");
         assert_eq!(m[1].source, "/dev/mapper/sealcsi-sv-1");
@@ -383,7 +463,12 @@ bad line
 
     #[test]
     fn splits_options() {
-        let (f, d) = split_options(&["ro,noatime".into(), "discard".into(), "errors=remount-ro".into()]).unwrap();
+        let (f, d) = split_options(&[
+            "ro,noatime".into(),
+            "discard".into(),
+            "errors=remount-ro".into(),
+        ])
+        .unwrap();
         assert!(f.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOATIME));
         assert_eq!(d, "discard,errors=remount-ro");
         assert!(split_options(&["bind".into()]).is_err());
@@ -397,9 +482,13 @@ bad line
         fs::create_dir_all(&stage).unwrap();
         fs::create_dir_all(&target).unwrap();
         let m = MemoryMounter::new();
-        m.mount(Path::new("/dev/mapper/x"), &stage, "ext4", &[]).unwrap();
+        m.mount(Path::new("/dev/mapper/x"), &stage, "ext4", &[])
+            .unwrap();
         m.bind(&stage, &target, true).unwrap();
-        let (s, t) = (m.mounted_at(&stage).unwrap().unwrap(), m.mounted_at(&target).unwrap().unwrap());
+        let (s, t) = (
+            m.mounted_at(&stage).unwrap().unwrap(),
+            m.mounted_at(&target).unwrap().unwrap(),
+        );
         assert!(s.same_filesystem(&t));
         assert!(t.read_only() && !s.read_only());
         m.umount(&target).unwrap();
@@ -417,7 +506,12 @@ bad line
         // Whatever this host has mounted at /, the parser must find it.
         if Path::new(MOUNTINFO).exists() {
             assert!(SystemMounter.mounted_at(Path::new("/")).unwrap().is_some());
-            assert!(SystemMounter.mounted_at(Path::new("/nonexistent-sealcsi")).unwrap().is_none());
+            assert!(
+                SystemMounter
+                    .mounted_at(Path::new("/nonexistent-sealcsi"))
+                    .unwrap()
+                    .is_none()
+            );
         }
     }
 }

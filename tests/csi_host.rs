@@ -1,0 +1,1610 @@
+//! The whole CSI gRPC surface over a real unix socket, against the in-memory device-mapper, volume engine
+//! and mounter and a temporary state directory. Runs on any host (`cargo test`).
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sealcsi::csi::proto::controller_client::ControllerClient;
+use sealcsi::csi::proto::controller_service_capability::rpc::Type as CtrlRpc;
+use sealcsi::csi::proto::identity_client::IdentityClient;
+use sealcsi::csi::proto::node_client::NodeClient;
+use sealcsi::csi::proto::node_service_capability::rpc::Type as NodeRpc;
+use sealcsi::csi::proto::plugin_capability;
+use sealcsi::csi::proto::volume_capability::{
+    AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
+};
+use sealcsi::csi::proto::*;
+use sealcsi::csi::{
+    CsiError, DEFAULT_DRIVER_NAME, Mode as PluginMode, PluginConfig, PluginDeps, TOPOLOGY_KEY,
+};
+use sealcsi::dm::{DeviceMapper, MemoryDm, memory::MemoryOp};
+use sealcsi::header::FsKind;
+use sealcsi::init::InitMode;
+use sealcsi::node::{MemoryEngine, MemoryMounter, Mounter, VolumeEngine};
+use tokio::sync::oneshot;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const MIB: i64 = 1 << 20;
+
+struct Plugin {
+    _dir: Option<tempfile::TempDir>,
+    state: PathBuf,
+    work: PathBuf,
+    socket: PathBuf,
+    dm: Arc<MemoryDm>,
+    engine: Arc<MemoryEngine>,
+    mounter: Arc<MemoryMounter>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), CsiError>>>,
+    channel: Channel,
+}
+
+async fn connect(path: PathBuf) -> Channel {
+    for _ in 0..500 {
+        if tokio::net::UnixStream::connect(&path).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+impl Plugin {
+    async fn start() -> Plugin {
+        Self::start_with(PluginMode::All, "node-a", "identity-a", None).await
+    }
+
+    /// A plugin in `mode` on node `node_id` whose engine has `identity`; `state` shares another
+    /// plugin's state directory.
+    async fn start_with(
+        mode: PluginMode,
+        node_id: &str,
+        identity: &str,
+        state: Option<&Path>,
+    ) -> Plugin {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("state"));
+        let work = dir.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        let socket = dir.path().join("csi/csi.sock");
+        let dm = Arc::new(MemoryDm::new());
+        let engine = Arc::new(MemoryEngine::new(dm.clone(), identity));
+        let mounter = Arc::new(MemoryMounter::new());
+        let deps = PluginDeps {
+            dm: dm.clone(),
+            engine: engine.clone(),
+            mounter: mounter.clone(),
+        };
+        let config = PluginConfig::new(
+            format!("unix://{}", socket.display()),
+            node_id,
+            mode,
+            &state,
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(sealcsi::csi::serve_until(config, deps, async move {
+            let _ = stopped.await;
+        }));
+        let channel = connect(socket.clone()).await;
+        Plugin {
+            _dir: Some(dir),
+            state,
+            work,
+            socket,
+            dm,
+            engine,
+            mounter,
+            stop: Some(stop),
+            task: Some(task),
+            channel,
+        }
+    }
+
+    fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel.clone())
+    }
+
+    fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel.clone())
+    }
+
+    fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel.clone())
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.work.join(name)
+    }
+
+    fn backing(&self, volume_id: &str) -> PathBuf {
+        self.state.join("volumes").join(format!("{volume_id}.img"))
+    }
+
+    async fn stop(mut self) -> Result<(), CsiError> {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap()
+    }
+
+    async fn create(&self, name: &str, bytes: i64, params: &[(&str, &str)]) -> Volume {
+        self.controller()
+            .create_volume(create_req(
+                name,
+                bytes,
+                params,
+                vec![mount_cap(Mode::SingleNodeWriter, "")],
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+    }
+
+    async fn stage(
+        &self,
+        id: &str,
+        staging: &Path,
+        cap: VolumeCapability,
+    ) -> Result<(), tonic::Status> {
+        self.node()
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap),
+                secrets: HashMap::from([("never-logged".into(), "s3cr3t".into())]),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn unstage(&self, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        self.node()
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn publish(
+        &self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
+        self.node()
+            .node_publish_volume(NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap),
+                readonly,
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn unpublish(&self, id: &str, target: &Path) -> Result<(), tonic::Status> {
+        self.node()
+            .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.display().to_string(),
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn stats(
+        &self,
+        id: &str,
+        path: &Path,
+    ) -> Result<NodeGetVolumeStatsResponse, tonic::Status> {
+        self.node()
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: path.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+fn mount_cap(mode: Mode, fs: &str) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: vec![],
+            volume_mount_group: String::new(),
+        })),
+    }
+}
+
+fn block_cap(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
+fn create_req(
+    name: &str,
+    bytes: i64,
+    params: &[(&str, &str)],
+    caps: Vec<VolumeCapability>,
+) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: caps,
+        parameters: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        secrets: HashMap::from([("never-logged".into(), "s3cr3t".into())]),
+        ..Default::default()
+    }
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+    r.expect_err("expected an error status").code()
+}
+
+#[tokio::test]
+async fn identity_reports_driver_capabilities_and_readiness() {
+    let p = Plugin::start().await;
+    let info = p
+        .identity()
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, DEFAULT_DRIVER_NAME);
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+    let caps = p
+        .identity()
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let services: Vec<_> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(plugin_capability::Type::Service(s)) => Some(s.r#type),
+            _ => None,
+        })
+        .collect();
+    assert!(services.contains(&(plugin_capability::service::Type::ControllerService as i32)));
+    assert!(
+        services
+            .contains(&(plugin_capability::service::Type::VolumeAccessibilityConstraints as i32))
+    );
+    assert!(caps.capabilities.iter().any(|c| matches!(&c.r#type,
+        Some(plugin_capability::Type::VolumeExpansion(e)) if e.r#type == plugin_capability::volume_expansion::Type::Online as i32)));
+    let probe = p
+        .identity()
+        .probe(ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(true));
+
+    p.engine.set_source_down(true);
+    let err = p.identity().probe(ProbeRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("sealing source"),
+        "{}",
+        err.message()
+    );
+    p.engine.set_source_down(false);
+    p.dm.fail_next(MemoryOp::Version);
+    let err = p.identity().probe(ProbeRequest {}).await.unwrap_err();
+    assert!(err.message().contains("device-mapper"), "{}", err.message());
+    assert_eq!(
+        p.identity()
+            .probe(ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready,
+        Some(true)
+    );
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn capabilities_and_node_info() {
+    let p = Plugin::start().await;
+    let caps = p
+        .controller()
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let rpcs: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| {
+            c.r#type
+                .as_ref()
+                .map(|controller_service_capability::Type::Rpc(r)| r.r#type)
+        })
+        .collect();
+    for want in [
+        CtrlRpc::CreateDeleteVolume,
+        CtrlRpc::ListVolumes,
+        CtrlRpc::GetCapacity,
+        CtrlRpc::ExpandVolume,
+        CtrlRpc::GetVolume,
+        CtrlRpc::VolumeCondition,
+    ] {
+        assert!(rpcs.contains(&(want as i32)), "{want:?}");
+    }
+    assert!(!rpcs.contains(&(CtrlRpc::PublishUnpublishVolume as i32)));
+    assert!(!rpcs.contains(&(CtrlRpc::CreateDeleteSnapshot as i32)));
+    let caps = p
+        .node()
+        .node_get_capabilities(NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let rpcs: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| {
+            c.r#type
+                .as_ref()
+                .map(|node_service_capability::Type::Rpc(r)| r.r#type)
+        })
+        .collect();
+    for want in [
+        NodeRpc::StageUnstageVolume,
+        NodeRpc::GetVolumeStats,
+        NodeRpc::ExpandVolume,
+        NodeRpc::VolumeCondition,
+    ] {
+        assert!(rpcs.contains(&(want as i32)), "{want:?}");
+    }
+    let info = p
+        .node()
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "node-a");
+    assert_eq!(
+        info.accessible_topology.unwrap().segments[TOPOLOGY_KEY],
+        "node-a"
+    );
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn create_volume_validates_requests() {
+    let p = Plugin::start().await;
+    let mut c = p.controller();
+    let ok_cap = || vec![mount_cap(Mode::SingleNodeWriter, "")];
+    assert_eq!(
+        code(
+            c.create_volume(create_req("", 64 * MIB, &[], ok_cap()))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.create_volume(create_req("v", 64 * MIB, &[], vec![]))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    for mode in [
+        Mode::MultiNodeMultiWriter,
+        Mode::MultiNodeReaderOnly,
+        Mode::MultiNodeSingleWriter,
+    ] {
+        let r = c
+            .create_volume(create_req("v", 64 * MIB, &[], vec![mount_cap(mode, "")]))
+            .await;
+        assert_eq!(code(r), Code::InvalidArgument, "{mode:?}");
+    }
+    let r = c
+        .create_volume(create_req(
+            "v",
+            64 * MIB,
+            &[],
+            vec![mount_cap(Mode::SingleNodeWriter, "btrfs")],
+        ))
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    let no_type = VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: None,
+    };
+    assert_eq!(
+        code(
+            c.create_volume(create_req("v", 64 * MIB, &[], vec![no_type]))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+
+    let err = c
+        .create_volume(create_req("v", 64 * MIB, &[("fstype", "ext4")], ok_cap()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    for key in ["integrity", "init", "journal"] {
+        assert!(
+            err.message().contains(key),
+            "allowed keys listed: {}",
+            err.message()
+        );
+    }
+    let r = c
+        .create_volume(create_req("v", 64 * MIB, &[("integrity", "md5")], ok_cap()))
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+
+    let mut req = create_req("v", 64 * MIB, &[], ok_cap());
+    req.capacity_range = Some(CapacityRange {
+        required_bytes: 100 * MIB,
+        limit_bytes: 80 * MIB,
+    });
+    assert_eq!(
+        code(c.create_volume(req).await),
+        Code::InvalidArgument,
+        "limit < required"
+    );
+    let mut req = create_req("v", 0, &[], ok_cap());
+    req.capacity_range = Some(CapacityRange {
+        required_bytes: 0,
+        limit_bytes: MIB,
+    });
+    assert_eq!(
+        code(c.create_volume(req).await),
+        Code::OutOfRange,
+        "limit below the smallest volume"
+    );
+    let mut req = create_req("v", 64 * MIB, &[], ok_cap());
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Volume(
+            volume_content_source::VolumeSource {
+                volume_id: "sv-x".into(),
+            },
+        )),
+    });
+    assert_eq!(code(c.create_volume(req).await), Code::InvalidArgument);
+    let mut req = create_req("v", 64 * MIB, &[], ok_cap());
+    let other = Topology {
+        segments: HashMap::from([(TOPOLOGY_KEY.to_string(), "node-b".to_string())]),
+    };
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![other],
+        preferred: vec![],
+    });
+    assert_eq!(code(c.create_volume(req).await), Code::ResourceExhausted);
+    // Nothing was made by any of these.
+    let list = c
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.entries.is_empty());
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn create_volume_is_idempotent_and_refuses_conflicts() {
+    let p = Plugin::start().await;
+    let mut c = p.controller();
+    let caps = vec![
+        mount_cap(Mode::SingleNodeWriter, ""),
+        block_cap(Mode::SingleNodeReaderOnly),
+    ];
+    let a = c
+        .create_volume(create_req(
+            "pvc-1",
+            100 * MIB + 1,
+            &[("journal", "direct")],
+            caps.clone(),
+        ))
+        .await
+        .unwrap();
+    let a = a.into_inner().volume.unwrap();
+    assert!(a.volume_id.starts_with("sv-"));
+    assert_eq!(a.capacity_bytes, 101 * MIB, "whole MiB");
+    assert_eq!(a.volume_context["journal"], "direct");
+    assert_eq!(a.accessible_topology[0].segments[TOPOLOGY_KEY], "node-a");
+    assert_eq!(
+        std::fs::metadata(p.backing(&a.volume_id)).unwrap().len(),
+        101 * MIB as u64
+    );
+    let b = c
+        .create_volume(create_req(
+            "pvc-1",
+            100 * MIB + 1,
+            &[("journal", "direct")],
+            caps.clone(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(b.into_inner().volume.unwrap(), a);
+    let r = c
+        .create_volume(create_req(
+            "pvc-1",
+            200 * MIB,
+            &[("journal", "direct")],
+            caps.clone(),
+        ))
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    let r = c
+        .create_volume(create_req("pvc-1", 100 * MIB + 1, &[], caps.clone()))
+        .await;
+    assert_eq!(code(r), Code::AlreadyExists);
+    let other = p.create("pvc-2", 64 * MIB, &[]).await;
+    assert_ne!(other.volume_id, a.volume_id);
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn delete_volume_crypto_erases_both_header_copies_and_is_idempotent() {
+    let p = Plugin::start().await;
+    let v = p.create("pvc-del", 64 * MIB, &[]).await;
+    let staging = p.path("staging");
+    p.stage(
+        &v.volume_id,
+        &staging,
+        mount_cap(Mode::SingleNodeWriter, ""),
+    )
+    .await
+    .unwrap();
+    // Staged: refused.
+    let del = || DeleteVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        secrets: HashMap::new(),
+    };
+    assert_eq!(
+        code(p.controller().delete_volume(del()).await),
+        Code::FailedPrecondition
+    );
+    p.unstage(&v.volume_id, &staging).await.unwrap();
+
+    let backing = p.backing(&v.volume_id);
+    let region = std::fs::read(&backing).unwrap();
+    assert_eq!(&region[..7], b"MEMSEAL", "copy 0 written at format");
+    assert_eq!(&region[4096..4103], b"MEMSEAL", "copy 1 written at format");
+    // A second name for the file shows what delete did to its content before removing it.
+    let witness = p.path("witness");
+    std::fs::hard_link(&backing, &witness).unwrap();
+    p.controller().delete_volume(del()).await.unwrap();
+    assert!(!backing.exists());
+    let after = std::fs::read(&witness).unwrap();
+    assert!(
+        after[..8192].iter().all(|&b| b == 0),
+        "both header copies zeroed"
+    );
+    p.controller().delete_volume(del()).await.unwrap();
+    p.controller()
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: "not-ours".into(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            p.controller()
+                .delete_volume(DeleteVolumeRequest::default())
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let r = p
+        .controller()
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn list_volumes_paginates_in_stable_order() {
+    let p = Plugin::start().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(p.create(&format!("pvc-{i}"), 64 * MIB, &[]).await.volume_id);
+    }
+    ids.sort();
+    let mut c = p.controller();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .list_volumes(ListVolumesRequest {
+                max_entries: 2,
+                starting_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.entries.len() <= 2);
+        for e in &page.entries {
+            let status = e.status.as_ref().unwrap();
+            assert!(!status.volume_condition.as_ref().unwrap().abnormal);
+            seen.push(e.volume.as_ref().unwrap().volume_id.clone());
+        }
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ids);
+    let all = c
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.entries.len(), 5);
+    assert!(all.next_token.is_empty());
+    let r = c
+        .list_volumes(ListVolumesRequest {
+            max_entries: 1,
+            starting_token: "bogus".into(),
+        })
+        .await;
+    assert_eq!(code(r), Code::Aborted);
+    let r = c
+        .list_volumes(ListVolumesRequest {
+            max_entries: -1,
+            starting_token: String::new(),
+        })
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn get_capacity_reports_free_space_of_this_node() {
+    let p = Plugin::start().await;
+    let mut c = p.controller();
+    let cap = c
+        .get_capacity(GetCapacityRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cap.available_capacity > 0);
+    assert_eq!(cap.minimum_volume_size, Some(64 * MIB));
+    let other = GetCapacityRequest {
+        accessible_topology: Some(Topology {
+            segments: HashMap::from([(TOPOLOGY_KEY.to_string(), "node-b".to_string())]),
+        }),
+        ..Default::default()
+    };
+    assert_eq!(
+        c.get_capacity(other)
+            .await
+            .unwrap()
+            .into_inner()
+            .available_capacity,
+        0
+    );
+    let multi = GetCapacityRequest {
+        volume_capabilities: vec![mount_cap(Mode::MultiNodeMultiWriter, "")],
+        ..Default::default()
+    };
+    assert_eq!(
+        c.get_capacity(multi)
+            .await
+            .unwrap()
+            .into_inner()
+            .available_capacity,
+        0
+    );
+    let bad = GetCapacityRequest {
+        parameters: HashMap::from([("colour".to_string(), "red".to_string())]),
+        ..Default::default()
+    };
+    assert_eq!(code(c.get_capacity(bad).await), Code::InvalidArgument);
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn get_volume_and_validate_capabilities() {
+    let p = Plugin::start().await;
+    let v = p.create("pvc-v", 64 * MIB, &[("init", "full")]).await;
+    let mut c = p.controller();
+    let got = c
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap(), v);
+    assert!(!got.status.unwrap().volume_condition.unwrap().abnormal);
+    let r = c
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "sv-00".into(),
+        })
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+    assert_eq!(
+        code(
+            c.controller_get_volume(ControllerGetVolumeRequest::default())
+                .await
+        ),
+        Code::InvalidArgument
+    );
+
+    let validate = |caps: Vec<VolumeCapability>, params: &[(&str, &str)], id: &str| {
+        ValidateVolumeCapabilitiesRequest {
+            volume_id: id.into(),
+            volume_capabilities: caps,
+            parameters: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    };
+    let ok = c
+        .validate_volume_capabilities(validate(
+            vec![
+                mount_cap(Mode::SingleNodeWriter, "xfs"),
+                block_cap(Mode::SingleNodeMultiWriter),
+            ],
+            &[("init", "full")],
+            &v.volume_id,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.confirmed.unwrap().volume_capabilities.len(), 2);
+    let no = c
+        .validate_volume_capabilities(validate(
+            vec![mount_cap(Mode::MultiNodeReaderOnly, "")],
+            &[],
+            &v.volume_id,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none());
+    assert!(
+        no.message.contains("MULTI_NODE_READER_ONLY"),
+        "{}",
+        no.message
+    );
+    let no = c
+        .validate_volume_capabilities(validate(
+            vec![mount_cap(Mode::SingleNodeWriter, "")],
+            &[("init", "fast")],
+            &v.volume_id,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none());
+    let r = c
+        .validate_volume_capabilities(validate(vec![], &[], &v.volume_id))
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    let r = c
+        .validate_volume_capabilities(validate(
+            vec![mount_cap(Mode::SingleNodeWriter, "")],
+            &[],
+            "",
+        ))
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    let r = c
+        .validate_volume_capabilities(validate(
+            vec![mount_cap(Mode::SingleNodeWriter, "")],
+            &[],
+            "sv-nope",
+        ))
+        .await;
+    assert_eq!(code(r), Code::NotFound);
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn unimplemented_rpcs_and_services() {
+    let p = Plugin::start().await;
+    let mut c = p.controller();
+    assert_eq!(
+        code(c.create_snapshot(CreateSnapshotRequest::default()).await),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(c.delete_snapshot(DeleteSnapshotRequest::default()).await),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(c.list_snapshots(ListSnapshotsRequest::default()).await),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(c.get_snapshot(GetSnapshotRequest::default()).await),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(
+            c.controller_publish_volume(ControllerPublishVolumeRequest::default())
+                .await
+        ),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(
+            c.controller_unpublish_volume(ControllerUnpublishVolumeRequest::default())
+                .await
+        ),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        code(
+            c.controller_modify_volume(ControllerModifyVolumeRequest::default())
+                .await
+        ),
+        Code::Unimplemented
+    );
+    let mut g = group_controller_client::GroupControllerClient::new(p.channel.clone());
+    let r = g
+        .group_controller_get_capabilities(GroupControllerGetCapabilitiesRequest {})
+        .await;
+    assert_eq!(code(r), Code::Unimplemented);
+    let mut s = snapshot_metadata_client::SnapshotMetadataClient::new(p.channel.clone());
+    let r = s
+        .get_metadata_allocated(GetMetadataAllocatedRequest::default())
+        .await;
+    assert_eq!(code(r), Code::Unimplemented);
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn node_requests_need_their_fields_and_known_volumes() {
+    let p = Plugin::start().await;
+    let v = p.create("pvc-n", 64 * MIB, &[]).await;
+    let id = v.volume_id.as_str();
+    let staging = p.path("staging");
+    let target = p.path("target");
+    let cap = || mount_cap(Mode::SingleNodeWriter, "");
+    let mut n = p.node();
+    assert_eq!(
+        code(p.stage("", &staging, cap()).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(p.stage(id, Path::new(""), cap()).await),
+        Code::InvalidArgument
+    );
+    let r = n
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument, "missing capability");
+    assert_eq!(
+        code(
+            p.stage(id, &staging, mount_cap(Mode::MultiNodeMultiWriter, ""))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            p.stage("sv-0123456789abcdef0123456789abcdef", &staging, cap())
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(code(p.unstage("", &staging).await), Code::InvalidArgument);
+    assert_eq!(
+        code(p.unstage(id, Path::new("")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            p.unstage("sv-0123456789abcdef0123456789abcdef", &staging)
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(p.publish("", &staging, &target, cap(), false).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(p.publish(id, &staging, Path::new(""), cap(), false).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(p.publish(id, Path::new(""), &target, cap(), false).await),
+        Code::InvalidArgument
+    );
+    let r = n
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument, "missing capability");
+    assert_eq!(
+        code(
+            p.publish(
+                "sv-0123456789abcdef0123456789abcdef",
+                &staging,
+                &target,
+                cap(),
+                false
+            )
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(p.publish(id, &staging, &target, cap(), false).await),
+        Code::FailedPrecondition,
+        "not staged"
+    );
+    assert_eq!(code(p.unpublish("", &target).await), Code::InvalidArgument);
+    assert_eq!(
+        code(p.unpublish(id, Path::new("")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            p.unpublish("sv-0123456789abcdef0123456789abcdef", &target)
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(code(p.stats("", &target).await), Code::InvalidArgument);
+    assert_eq!(
+        code(p.stats(id, Path::new("")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(code(p.stats(id, &p.path("nowhere")).await), Code::NotFound);
+    assert_eq!(
+        code(
+            p.stats("sv-0123456789abcdef0123456789abcdef", &target)
+                .await
+        ),
+        Code::NotFound
+    );
+    let r = n
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    let r = n
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_path: target.display().to_string(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn filesystem_lifecycle_is_idempotent_at_every_step() {
+    let p = Plugin::start().await;
+    let v = p.create("pvc-fs", 64 * MIB, &[]).await;
+    let id = v.volume_id.as_str();
+    let staging = p.path("staging");
+    let target = p.path("pods/pod-1/volume");
+    let cap = || mount_cap(Mode::SingleNodeWriter, "");
+    p.stage(id, &staging, cap()).await.unwrap();
+    p.stage(id, &staging, cap()).await.unwrap();
+    let formats = p.engine.formats();
+    assert_eq!(formats.len(), 1, "formatted once");
+    assert_eq!(formats[0].1.fs, FsKind::Ext4);
+    assert_eq!(formats[0].1.init, InitMode::Fast);
+    assert!(!formats[0].1.force);
+    let staged = p.mounter.mounted_at(&staging).unwrap().unwrap();
+    assert_eq!(staged.fs_type, "ext4");
+    assert_eq!(staged.source, format!("/dev/mapper/sealcsi-{id}"));
+
+    p.publish(id, &staging, &target, cap(), false)
+        .await
+        .unwrap();
+    p.publish(id, &staging, &target, cap(), false)
+        .await
+        .unwrap();
+    let published = p.mounter.mounted_at(&target).unwrap().unwrap();
+    assert!(published.same_filesystem(&staged));
+    assert!(!published.read_only());
+    assert_eq!(
+        code(p.publish(id, &staging, &target, cap(), true).await),
+        Code::AlreadyExists,
+        "readonly differs"
+    );
+    // A second target on this node (SINGLE_NODE_MULTI_WRITER-style).
+    let target2 = p.path("pods/pod-2/volume");
+    p.publish(
+        id,
+        &staging,
+        &target2,
+        mount_cap(Mode::SingleNodeMultiWriter, ""),
+        false,
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(
+        code(p.unstage(id, &staging).await),
+        Code::FailedPrecondition,
+        "still published"
+    );
+    assert!(
+        p.mounter.mounted_at(&staging).unwrap().is_some(),
+        "staging left as it was"
+    );
+    p.unpublish(id, &target).await.unwrap();
+    assert!(!target.exists(), "target removed");
+    p.unpublish(id, &target).await.unwrap();
+    p.unpublish(id, &target2).await.unwrap();
+    p.unstage(id, &staging).await.unwrap();
+    assert!(p.mounter.mounted_at(&staging).unwrap().is_none());
+    assert!(
+        p.engine
+            .open_device(&format!("sealcsi-{id}"))
+            .unwrap()
+            .is_none()
+    );
+    p.unstage(id, &staging).await.unwrap();
+
+    // Stage again: opened, not formatted again.
+    p.stage(id, &staging, cap()).await.unwrap();
+    assert_eq!(p.engine.formats().len(), 1);
+    assert_eq!(
+        code(
+            p.stage(
+                id,
+                &p.path("staging-2"),
+                mount_cap(Mode::SingleNodeWriter, "xfs")
+            )
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    p.unstage(id, &staging).await.unwrap();
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn readonly_publish_is_a_readonly_bind() {
+    let p = Plugin::start().await;
+    let v = p.create("pvc-ro", 64 * MIB, &[]).await;
+    let (staging, target) = (p.path("s"), p.path("t"));
+    p.stage(
+        &v.volume_id,
+        &staging,
+        mount_cap(Mode::SingleNodeWriter, "xfs"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(p.engine.formats()[0].1.fs, FsKind::Xfs);
+    p.publish(
+        &v.volume_id,
+        &staging,
+        &target,
+        mount_cap(Mode::SingleNodeWriter, "xfs"),
+        true,
+    )
+    .await
+    .unwrap();
+    assert!(p.mounter.mounted_at(&target).unwrap().unwrap().read_only());
+    assert!(!p.mounter.mounted_at(&staging).unwrap().unwrap().read_only());
+    p.publish(
+        &v.volume_id,
+        &staging,
+        &target,
+        mount_cap(Mode::SingleNodeWriter, "xfs"),
+        true,
+    )
+    .await
+    .unwrap();
+    let t2 = p.path("t2");
+    p.publish(
+        &v.volume_id,
+        &staging,
+        &t2,
+        mount_cap(Mode::SingleNodeReaderOnly, "xfs"),
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(
+        p.mounter.mounted_at(&t2).unwrap().unwrap().read_only(),
+        "reader-only mode"
+    );
+    p.unpublish(&v.volume_id, &target).await.unwrap();
+    p.unpublish(&v.volume_id, &t2).await.unwrap();
+    p.unstage(&v.volume_id, &staging).await.unwrap();
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn block_volume_stage_publish_and_stats() {
+    let p = Plugin::start().await;
+    let v = p.create("pvc-blk", 64 * MIB, &[("init", "fast")]).await;
+    let id = v.volume_id.as_str();
+    let staging = p.path("staging");
+    let target = p.path("pods/pod/dev/vol");
+    let cap = || block_cap(Mode::SingleNodeWriter);
+    p.stage(id, &staging, cap()).await.unwrap();
+    let f = p.engine.formats();
+    assert_eq!(
+        (f[0].1.fs, f[0].1.init),
+        (FsKind::None, InitMode::Full),
+        "block volumes are always fully initialized"
+    );
+    assert!(
+        p.mounter.mounted_at(&staging).unwrap().is_none(),
+        "nothing mounted at stage"
+    );
+    p.publish(id, &staging, &target, cap(), false)
+        .await
+        .unwrap();
+    p.publish(id, &staging, &target, cap(), false)
+        .await
+        .unwrap();
+    assert!(
+        std::fs::metadata(&target).unwrap().is_file(),
+        "device bound onto a file"
+    );
+    let device = PathBuf::from(format!("/dev/mapper/sealcsi-{id}"));
+    assert!(p.mounter.is_bind_of(&target, &device).unwrap());
+    let stats = p.stats(id, &target).await.unwrap();
+    assert_eq!(stats.usage.len(), 1);
+    assert_eq!(stats.usage[0].unit, volume_usage::Unit::Bytes as i32);
+    assert_eq!(
+        stats.usage[0].total,
+        63 * MIB,
+        "data behind the 1 MiB header region"
+    );
+    assert!(!stats.volume_condition.unwrap().abnormal);
+    // A block volume has no filesystem to mount.
+    assert_eq!(
+        code(
+            p.stage(id, &p.path("s2"), mount_cap(Mode::SingleNodeWriter, ""))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    let ro = p.path("pods/pod/dev/ro");
+    p.publish(id, &staging, &ro, cap(), true).await.unwrap();
+    assert!(p.mounter.mounted_at(&ro).unwrap().unwrap().read_only());
+    p.unpublish(id, &ro).await.unwrap();
+    p.unpublish(id, &target).await.unwrap();
+    assert!(!target.exists());
+    p.unstage(id, &staging).await.unwrap();
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn stats_of_a_filesystem_and_abnormal_conditions() {
+    let p = Plugin::start().await;
+    let v = p.create("pvc-st", 64 * MIB, &[]).await;
+    let id = v.volume_id.as_str();
+    let (staging, target) = (p.path("s"), p.path("t"));
+    p.stage(id, &staging, mount_cap(Mode::SingleNodeWriter, ""))
+        .await
+        .unwrap();
+    p.publish(
+        id,
+        &staging,
+        &target,
+        mount_cap(Mode::SingleNodeWriter, ""),
+        false,
+    )
+    .await
+    .unwrap();
+    let stats = p.stats(id, &target).await.unwrap();
+    let units: Vec<i32> = stats.usage.iter().map(|u| u.unit).collect();
+    assert_eq!(
+        units,
+        vec![
+            volume_usage::Unit::Bytes as i32,
+            volume_usage::Unit::Inodes as i32
+        ]
+    );
+    assert!(stats.usage[0].total > 0 && stats.usage[1].total > 0);
+    let condition = stats.volume_condition.unwrap();
+    assert!(!condition.abnormal, "{}", condition.message);
+
+    p.engine.inject_mismatches(&format!("sealcsi-{id}"), 3);
+    let c = p
+        .stats(id, &target)
+        .await
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(
+        c.abnormal && c.message.contains("mismatch"),
+        "{}",
+        c.message
+    );
+    p.engine.inject_mismatches(&format!("sealcsi-{id}"), 0);
+
+    // The host flips a byte of header copy 0: still opens from copy 1, but the volume is reported.
+    let backing = p.backing(id);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&backing)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 20).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], 20).unwrap();
+    let c = p
+        .stats(id, &target)
+        .await
+        .unwrap()
+        .volume_condition
+        .unwrap();
+    assert!(
+        c.abnormal && c.message.contains("header copy 0"),
+        "{}",
+        c.message
+    );
+    let got = p
+        .controller()
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The controller reads the header region too; the memory engine's marker is not a sealcsi header,
+    // so it sees "data that is not a sealcsi header".
+    assert!(got.status.unwrap().volume_condition.unwrap().abnormal);
+    p.unpublish(id, &target).await.unwrap();
+    p.unstage(id, &staging).await.unwrap();
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn expansion_grows_file_mapping_and_filesystem() {
+    let p = Plugin::start().await;
+    let v = p.create("pvc-x", 64 * MIB, &[]).await;
+    let id = v.volume_id.as_str();
+    let (staging, target) = (p.path("s"), p.path("t"));
+    p.stage(id, &staging, mount_cap(Mode::SingleNodeWriter, ""))
+        .await
+        .unwrap();
+    p.publish(
+        id,
+        &staging,
+        &target,
+        mount_cap(Mode::SingleNodeWriter, ""),
+        false,
+    )
+    .await
+    .unwrap();
+    let mut c = p.controller();
+    let expand = |required: i64, limit: i64| ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }),
+        ..Default::default()
+    };
+    let r = c
+        .controller_expand_volume(expand(128 * MIB, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 128 * MIB);
+    assert!(r.node_expansion_required);
+    assert_eq!(
+        std::fs::metadata(p.backing(id)).unwrap().len(),
+        128 * MIB as u64
+    );
+    // Never shrinks; asking for less is success at the current size.
+    assert_eq!(
+        c.controller_expand_volume(expand(64 * MIB, 0))
+            .await
+            .unwrap()
+            .into_inner()
+            .capacity_bytes,
+        128 * MIB
+    );
+    assert_eq!(
+        code(
+            c.controller_expand_volume(expand(64 * MIB, 100 * MIB))
+                .await
+        ),
+        Code::OutOfRange
+    );
+    let mut no_range = expand(0, 0);
+    no_range.capacity_range = None;
+    assert_eq!(
+        code(c.controller_expand_volume(no_range).await),
+        Code::InvalidArgument
+    );
+    let mut unknown = expand(128 * MIB, 0);
+    unknown.volume_id = "sv-0123456789abcdef0123456789abcdef".into();
+    assert_eq!(
+        code(c.controller_expand_volume(unknown).await),
+        Code::NotFound
+    );
+
+    let node_expand = |path: &Path| NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: path.display().to_string(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 128 * MIB,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    let r = p
+        .node()
+        .node_expand_volume(node_expand(&target))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 127 * MIB);
+    assert_eq!(
+        p.engine.grown(),
+        vec![(
+            FsKind::Ext4,
+            PathBuf::from(format!("/dev/mapper/sealcsi-{id}"))
+        )]
+    );
+    // Again: nothing more to grow, same answer.
+    let r = p
+        .node()
+        .node_expand_volume(node_expand(&target))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 127 * MIB);
+    assert_eq!(
+        code(
+            p.node()
+                .node_expand_volume(node_expand(&p.path("nowhere")))
+                .await
+        ),
+        Code::NotFound
+    );
+    p.unpublish(id, &target).await.unwrap();
+    p.unstage(id, &staging).await.unwrap();
+    assert_eq!(
+        code(p.node().node_expand_volume(node_expand(&staging)).await),
+        Code::FailedPrecondition,
+        "not staged"
+    );
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_operations_on_one_volume_are_aborted() {
+    let p = Arc::new(Plugin::start().await);
+    let v = p.create("pvc-c", 64 * MIB, &[]).await;
+    let other = p.create("pvc-c2", 64 * MIB, &[]).await;
+    p.engine.set_stage_delay(Duration::from_millis(800));
+    let id = v.volume_id.clone();
+    let first = {
+        let p = p.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            p.stage(&id, &p.path("s"), mount_cap(Mode::SingleNodeWriter, ""))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        code(
+            p.stage(&id, &p.path("s"), mount_cap(Mode::SingleNodeWriter, ""))
+                .await
+        ),
+        Code::Aborted
+    );
+    assert_eq!(code(p.unstage(&id, &p.path("s")).await), Code::Aborted);
+    let del = p
+        .controller()
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            secrets: HashMap::new(),
+        })
+        .await;
+    assert_eq!(code(del), Code::Aborted);
+    // Another volume is not held up.
+    p.engine.set_stage_delay(Duration::ZERO);
+    p.stage(
+        &other.volume_id,
+        &p.path("s-other"),
+        mount_cap(Mode::SingleNodeWriter, ""),
+    )
+    .await
+    .unwrap();
+    first.await.unwrap().unwrap();
+    // Once done, the volume takes operations again.
+    p.stage(&id, &p.path("s"), mount_cap(Mode::SingleNodeWriter, ""))
+        .await
+        .unwrap();
+    p.unstage(&id, &p.path("s")).await.unwrap();
+    p.unstage(&other.volume_id, &p.path("s-other"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn another_identity_cannot_stage_and_nothing_is_reformatted() {
+    let a = Plugin::start().await;
+    let v = a.create("pvc-id", 64 * MIB, &[]).await;
+    a.stage(
+        &v.volume_id,
+        &a.path("s"),
+        mount_cap(Mode::SingleNodeWriter, ""),
+    )
+    .await
+    .unwrap();
+    a.unstage(&v.volume_id, &a.path("s")).await.unwrap();
+    let before = std::fs::read(a.backing(&v.volume_id)).unwrap()[..8192].to_vec();
+
+    let b = Plugin::start_with(PluginMode::Node, "node-a", "identity-b", Some(&a.state)).await;
+    let err = b
+        .stage(
+            &v.volume_id,
+            &b.path("s"),
+            mount_cap(Mode::SingleNodeWriter, ""),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("cannot unseal"), "{}", err.message());
+    assert!(b.engine.formats().is_empty());
+    assert_eq!(
+        std::fs::read(a.backing(&v.volume_id)).unwrap()[..8192],
+        before[..]
+    );
+    assert!(b.dm.list().unwrap().is_empty());
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn stage_refuses_a_device_holding_other_data() {
+    let p = Plugin::start().await;
+    let v = p.create("pvc-junk", 64 * MIB, &[]).await;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.backing(&v.volume_id))
+        .unwrap();
+    f.write_all_at(b"XFSB", 0).unwrap();
+    let err = p
+        .stage(
+            &v.volume_id,
+            &p.path("s"),
+            mount_cap(Mode::SingleNodeWriter, ""),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(p.engine.formats().is_empty());
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn node_mode_serves_no_controller_and_socket_is_0660_and_removed_on_stop() {
+    let p = Plugin::start_with(PluginMode::Node, "node-n", "identity-a", None).await;
+    let socket = p.socket.clone();
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let r = p
+        .controller()
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await;
+    assert_eq!(code(r), Code::Unimplemented);
+    let caps = p
+        .identity()
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!caps.capabilities.iter().any(|c| matches!(&c.r#type,
+        Some(plugin_capability::Type::Service(s)) if s.r#type == plugin_capability::service::Type::ControllerService as i32)));
+    p.node().node_get_info(NodeGetInfoRequest {}).await.unwrap();
+    p.stop().await.unwrap();
+    assert!(!socket.exists(), "socket removed after shutdown");
+}
+
+#[tokio::test]
+async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let deps = || {
+        let dm = Arc::new(MemoryDm::new());
+        PluginDeps {
+            dm: dm.clone(),
+            engine: Arc::new(MemoryEngine::new(dm, "x")),
+            mounter: Arc::new(MemoryMounter::new()),
+        }
+    };
+    let config = PluginConfig::new(
+        format!("unix://{}", socket.display()),
+        "n",
+        PluginMode::All,
+        dir.path().join("state"),
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(sealcsi::csi::serve_until(
+        config.clone(),
+        deps(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let channel = connect(socket.clone()).await;
+    IdentityClient::new(channel)
+        .probe(ProbeRequest {})
+        .await
+        .unwrap();
+    // A second plugin on the same live socket refuses to start.
+    let second = sealcsi::csi::serve_until(config.clone(), deps(), std::future::pending()).await;
+    assert!(matches!(second, Err(CsiError::Socket { .. })), "{second:?}");
+    let bad = PluginConfig::new(
+        "tcp://0.0.0.0:1",
+        "n",
+        PluginMode::All,
+        dir.path().join("state"),
+    );
+    assert!(matches!(
+        sealcsi::csi::serve_until(bad, deps(), async {}).await,
+        Err(CsiError::Config(_))
+    ));
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}

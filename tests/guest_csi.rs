@@ -1,0 +1,564 @@
+//! Guest tests of the CSI plugin: the real server in-process (KernelDm, the simulated sealing source,
+//! real mounts) on a unix socket, driven over gRPC through the whole volume lifecycle.
+//!
+//! They need root, loop devices and device-mapper, so they are ignored in a plain `cargo test`:
+//!
+//! ```text
+//! cargo test --test guest_csi --no-run      # prints the test binary's path
+//! tests/vm/run-in-guest.sh --timeout 1500 -- <binary> --ignored --test-threads=1 --nocapture
+//! ```
+//!
+//! Each test works under `$SCRATCH/guest_csi/<test>` (default /scratch) and cleans up its mounts and
+//! device-mapper devices even when it fails.
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sealcsi::csi::proto::controller_client::ControllerClient;
+use sealcsi::csi::proto::identity_client::IdentityClient;
+use sealcsi::csi::proto::node_client::NodeClient;
+use sealcsi::csi::proto::volume_capability::{
+    AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
+};
+use sealcsi::csi::proto::*;
+use sealcsi::csi::{Mode as PluginMode, PluginConfig, PluginDeps};
+use sealcsi::dm::{DeviceMapper, KernelDm};
+use sealcsi::sealing::SimSource;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const MIB: i64 = 1 << 20;
+const GIB: i64 = 1 << 30;
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = PathBuf::from(std::env::var_os("SCRATCH").unwrap_or_else(|| "/scratch".into()))
+        .join("guest_csi")
+        .join(test);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn connect(path: PathBuf) -> Channel {
+    for _ in 0..1000 {
+        if tokio::net::UnixStream::connect(&path).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+/// A plugin serving in this process on the real kernel.
+struct Plugin {
+    dir: PathBuf,
+    state: PathBuf,
+    channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), sealcsi::csi::CsiError>>>,
+}
+
+impl Plugin {
+    /// A plugin whose volumes live in `state`, sealing with the simulated identity `identity` (its
+    /// seed in `dir/sim-<identity>`).
+    async fn start(dir: &Path, state: &Path, identity: &str) -> Plugin {
+        let sim_dir = dir.join(format!("sim-{identity}"));
+        fs::create_dir_all(&sim_dir).unwrap();
+        let source = SimSource::open(&sim_dir, identity).unwrap();
+        let deps = PluginDeps::kernel(Box::new(source)).unwrap();
+        let socket = dir.join(format!("csi-{identity}.sock"));
+        let config = PluginConfig::new(
+            format!("unix://{}", socket.display()),
+            "guest-node",
+            PluginMode::All,
+            state,
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(sealcsi::csi::serve_until(config, deps, async move {
+            let _ = stopped.await;
+        }));
+        Plugin {
+            dir: dir.to_path_buf(),
+            state: state.to_path_buf(),
+            channel: connect(socket).await,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel.clone())
+    }
+
+    fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel.clone())
+    }
+
+    fn backing(&self, id: &str) -> PathBuf {
+        self.state.join("volumes").join(format!("{id}.img"))
+    }
+
+    async fn create(&self, name: &str, bytes: i64, cap: VolumeCapability) -> Volume {
+        self.controller()
+            .create_volume(CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![cap],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+    }
+
+    async fn stage(
+        &self,
+        id: &str,
+        staging: &Path,
+        cap: VolumeCapability,
+    ) -> Result<(), tonic::Status> {
+        self.node()
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn unstage(&self, id: &str, staging: &Path) {
+        self.node()
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn publish(
+        &self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) {
+        self.node()
+            .node_publish_volume(NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap),
+                readonly,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn unpublish(&self, id: &str, target: &Path) {
+        self.node()
+            .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.display().to_string(),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn stats(&self, id: &str, path: &Path) -> NodeGetVolumeStatsResponse {
+        self.node()
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: path.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn delete(&self, id: &str) {
+        self.controller()
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: id.into(),
+                secrets: HashMap::new(),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+impl Drop for Plugin {
+    /// Whatever a failed test left: unmount everything under the test's directory, close our devices.
+    fn drop(&mut self) {
+        if let Ok(text) = fs::read_to_string("/proc/self/mountinfo") {
+            let mut points: Vec<PathBuf> = sealcsi::node::mount::parse_mountinfo(&text)
+                .into_iter()
+                .map(|m| m.mount_point)
+                .filter(|p| p.starts_with(&self.dir))
+                .collect();
+            points.reverse();
+            for p in points {
+                let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        if let Ok(dm) = KernelDm::new()
+            && let Ok(list) = dm.list()
+        {
+            for d in list {
+                let name = d.name.as_str();
+                if name.starts_with("sealcsi-sv-") && !name.ends_with("-integrity") {
+                    let _ = sealcsi::volume::close(&dm, name);
+                }
+            }
+        }
+    }
+}
+
+fn mount_cap(fs: &str) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: vec![],
+            volume_mount_group: String::new(),
+        })),
+    }
+}
+
+fn block_cap() -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut block = Sha256::digest([seed]).to_vec();
+    while out.len() < len {
+        out.extend_from_slice(&block);
+        block = Sha256::digest(&block).to_vec();
+    }
+    out.truncate(len);
+    out
+}
+
+fn write_synced(path: &Path, data: &[u8]) {
+    let mut f = fs::File::create(path).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[tokio::test]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+async fn guest_csi_filesystem_lifecycle_1gib_ext4() {
+    let dir = scratch("lifecycle");
+    let p = Plugin::start(&dir, &dir.join("state"), "node-a").await;
+    let probe = IdentityClient::new(p.channel.clone())
+        .probe(ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let (staging, target) = (dir.join("staging"), dir.join("pods/p1/vol"));
+    let data = pattern(32 << 20, 1);
+
+    let started = Instant::now();
+    let v = p.create("pvc-life", GIB, mount_cap("")).await;
+    let id = v.volume_id.clone();
+    assert_eq!(v.capacity_bytes, GIB);
+    let t = Instant::now();
+    p.stage(&id, &staging, mount_cap("")).await.unwrap();
+    let first_stage = t.elapsed();
+    p.stage(&id, &staging, mount_cap("")).await.unwrap();
+    p.publish(&id, &staging, &target, mount_cap(""), false)
+        .await;
+    p.publish(&id, &staging, &target, mount_cap(""), false)
+        .await;
+    write_synced(&target.join("data.bin"), &data);
+    p.unpublish(&id, &target).await;
+    p.unstage(&id, &staging).await;
+    p.unstage(&id, &staging).await;
+    p.stage(&id, &staging, mount_cap("")).await.unwrap();
+    p.publish(&id, &staging, &target, mount_cap(""), false)
+        .await;
+    let back = fs::read(target.join("data.bin")).unwrap();
+    let cycle = started.elapsed();
+    assert!(back == data, "data read back after unstage/stage");
+
+    let stats = p.stats(&id, &target).await;
+    assert_eq!(stats.usage.len(), 2);
+    let bytes = stats.usage[0];
+    assert!(bytes.total > 900 * MIB && bytes.total < GIB, "{bytes:?}");
+    assert!(bytes.used >= 32 * MIB, "{bytes:?}");
+    assert!(
+        !stats.volume_condition.as_ref().unwrap().abnormal,
+        "{:?}",
+        stats.volume_condition
+    );
+
+    // A read-only publish cannot be written through.
+    let ro = dir.join("pods/p2/vol");
+    p.publish(&id, &staging, &ro, mount_cap(""), true).await;
+    assert!(fs::write(ro.join("x"), b"x").is_err());
+    p.unpublish(&id, &ro).await;
+
+    p.unpublish(&id, &target).await;
+    p.unstage(&id, &staging).await;
+    let backing = p.backing(&id);
+    p.delete(&id).await;
+    assert!(!backing.exists());
+    let total = started.elapsed();
+    println!(
+        "guest_csi: 1 GiB ext4 cycle (Create, Stage, Publish, write 32 MiB, Unpublish, Unstage, Stage, Publish, \
+         read back) took {:.2} s (first stage incl. format {:.2} s); with teardown and Delete {:.2} s",
+        cycle.as_secs_f64(),
+        first_stage.as_secs_f64(),
+        total.as_secs_f64()
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+async fn guest_csi_block_volume() {
+    let dir = scratch("block");
+    let p = Plugin::start(&dir, &dir.join("state"), "node-a").await;
+    let (staging, target) = (dir.join("staging"), dir.join("pods/p1/dev/vol"));
+    let v = p.create("pvc-block", 128 * MIB, block_cap()).await;
+    let id = v.volume_id.clone();
+    p.stage(&id, &staging, block_cap()).await.unwrap();
+    p.publish(&id, &staging, &target, block_cap(), false).await;
+    p.publish(&id, &staging, &target, block_cap(), false).await;
+    let data = pattern(1 << 20, 2);
+    {
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&target)
+            .unwrap();
+        f.seek(SeekFrom::Start(8 << 20)).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    let stats = p.stats(&id, &target).await;
+    assert_eq!(stats.usage.len(), 1);
+    assert!(
+        stats.usage[0].total > 120 * MIB && stats.usage[0].total < 128 * MIB,
+        "{:?}",
+        stats.usage
+    );
+    assert!(!stats.volume_condition.unwrap().abnormal);
+    p.unpublish(&id, &target).await;
+    p.unstage(&id, &staging).await;
+    p.stage(&id, &staging, block_cap()).await.unwrap();
+    p.publish(&id, &staging, &target, block_cap(), false).await;
+    let mut back = vec![0u8; data.len()];
+    let mut f = fs::File::open(&target).unwrap();
+    f.seek(SeekFrom::Start(8 << 20)).unwrap();
+    f.read_exact(&mut back).unwrap();
+    drop(f);
+    assert!(back == data, "block data read back");
+    // A raw block volume has no filesystem to mount.
+    let err = p
+        .stage(&id, &dir.join("s2"), mount_cap(""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    p.unpublish(&id, &target).await;
+    p.unstage(&id, &staging).await;
+    p.delete(&id).await;
+    p.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+async fn guest_csi_online_expansion() {
+    let dir = scratch("expand");
+    let p = Plugin::start(&dir, &dir.join("state"), "node-a").await;
+    let (staging, target) = (dir.join("staging"), dir.join("pods/p1/vol"));
+    let v = p.create("pvc-grow", 128 * MIB, mount_cap("")).await;
+    let id = v.volume_id.clone();
+    p.stage(&id, &staging, mount_cap("")).await.unwrap();
+    p.publish(&id, &staging, &target, mount_cap(""), false)
+        .await;
+    let data = pattern(8 << 20, 3);
+    write_synced(&target.join("before.bin"), &data);
+    let before = p.stats(&id, &target).await.usage[0].total;
+
+    let r = p
+        .controller()
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 256 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 256 * MIB);
+    assert!(r.node_expansion_required);
+    let t = Instant::now();
+    let r = p
+        .node()
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 256 * MIB,
+                limit_bytes: 0,
+            }),
+            staging_target_path: staging.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    println!(
+        "guest_csi: online expansion 128 -> 256 MiB took {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(r.capacity_bytes > 240 * MIB, "{r:?}");
+    let after = p.stats(&id, &target).await.usage[0].total;
+    assert!(
+        after > before + 100 * MIB,
+        "filesystem grew: {before} -> {after}"
+    );
+    // The new space is usable and the old data intact.
+    write_synced(&target.join("after.bin"), &pattern(150 << 20, 4));
+    assert!(fs::read(target.join("before.bin")).unwrap() == data);
+    p.unpublish(&id, &target).await;
+    p.unstage(&id, &staging).await;
+    // Opened again at the grown size.
+    p.stage(&id, &staging, mount_cap("")).await.unwrap();
+    p.publish(&id, &staging, &target, mount_cap(""), false)
+        .await;
+    assert_eq!(p.stats(&id, &target).await.usage[0].total, after);
+    assert!(fs::read(target.join("after.bin")).unwrap() == pattern(150 << 20, 4));
+    p.unpublish(&id, &target).await;
+    p.unstage(&id, &staging).await;
+    p.delete(&id).await;
+    p.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+async fn guest_csi_flipped_header_byte_is_abnormal_and_other_identity_cannot_stage() {
+    let dir = scratch("tamper");
+    let state = dir.join("state");
+    let p = Plugin::start(&dir, &state, "node-a").await;
+    let (staging, target) = (dir.join("staging"), dir.join("pods/p1/vol"));
+    let v = p.create("pvc-tamper", 512 * MIB, mount_cap("")).await;
+    let id = v.volume_id.clone();
+    p.stage(&id, &staging, mount_cap("xfs")).await.unwrap();
+    p.publish(&id, &staging, &target, mount_cap("xfs"), false)
+        .await;
+    write_synced(&target.join("f"), b"hello");
+    let stats = p.stats(&id, &target).await;
+    assert!(!stats.volume_condition.unwrap().abnormal);
+
+    // The host flips one byte of header copy 0.
+    let backing = p.backing(&id);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&backing)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 200).unwrap();
+    f.write_all_at(&[b[0] ^ 0x01], 200).unwrap();
+    f.sync_all().unwrap();
+    let c = p.stats(&id, &target).await.volume_condition.unwrap();
+    assert!(c.abnormal, "{c:?}");
+    assert!(c.message.contains("header copy 0"), "{}", c.message);
+    println!(
+        "guest_csi: condition after a flipped header byte: {}",
+        c.message
+    );
+    let got = p
+        .controller()
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.status.unwrap().volume_condition.unwrap().abnormal);
+    // Put it back.
+    f.write_all_at(&b, 200).unwrap();
+    f.sync_all().unwrap();
+    assert!(
+        !p.stats(&id, &target)
+            .await
+            .volume_condition
+            .unwrap()
+            .abnormal
+    );
+    p.unpublish(&id, &target).await;
+    p.unstage(&id, &staging).await;
+
+    // Another identity, same volumes: cannot stage, and nothing is reformatted.
+    let header_before = fs::read(&backing).unwrap()[..8192].to_vec();
+    let other_dir = dir.join("other");
+    fs::create_dir_all(&other_dir).unwrap();
+    let q = Plugin::start(&other_dir, &state, "node-b").await;
+    let err = q
+        .stage(&id, &dir.join("staging-b"), mount_cap("xfs"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("cannot unseal"), "{}", err.message());
+    assert_eq!(fs::read(&backing).unwrap()[..8192], header_before[..]);
+    q.stop().await;
+
+    // The owner still can.
+    p.stage(&id, &staging, mount_cap("xfs")).await.unwrap();
+    p.publish(&id, &staging, &target, mount_cap("xfs"), false)
+        .await;
+    assert_eq!(fs::read(target.join("f")).unwrap(), b"hello");
+    p.unpublish(&id, &target).await;
+    p.unstage(&id, &staging).await;
+    p.delete(&id).await;
+    assert!(!backing.exists());
+    p.stop().await;
+}
