@@ -356,7 +356,7 @@ impl<'a> Volumes<'a> {
     }
 
     /// Wraps `key` for this node's identity into a new keyslot of `header`.
-    fn seal_keyslot(&self, header: &Header, key: &VolumeKey) -> Result<Keyslot, VolumeError> {
+    pub fn seal_keyslot(&self, header: &Header, key: &VolumeKey) -> Result<Keyslot, VolumeError> {
         let binding = self.source.default_binding();
         let secret = self.source.secret(&binding)?;
         let mut slot = Keyslot {
