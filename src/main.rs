@@ -169,7 +169,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("sealcsi: error: {e:#}");
+            eprintln!("sealcsi: error: {}", error_chain(&e));
             ExitCode::from(exit_code(&e))
         }
     }
@@ -184,6 +184,23 @@ fn init_logging(filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// The error and its causes on one line. Many library errors already quote their cause in their own
+/// message (so that a single Display, as the gRPC edge sends, is complete): such causes are not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {
