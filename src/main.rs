@@ -61,6 +61,16 @@ struct Global {
     /// Log verbosity (tracing filter), e.g. info or sealcsi=debug.
     #[arg(long, env = "SEALCSI_LOG", default_value = "warn", global = true)]
     log: String,
+    /// Log line format on stderr.
+    #[arg(long, env = "SEALCSI_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -160,7 +170,7 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
         }
     };
-    init_logging(&cli.global.log);
+    init_logging(&cli.global.log, cli.global.log_format);
     // Threads share the process keyring only if it exists before they are spawned (dm-crypt looks the
     // volume key up there at table load). A node without a keyring falls back to secure hex tables.
     if let Err(e) = sealcsi::keyring::ensure_process_keyring() {
@@ -175,15 +185,18 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: LogFormat) {
     // The devicemapper crate logs whole tables at trace level; a table may hold a hex key, so that
     // target is capped whatever the operator asks for.
     let filter = tracing_subscriber::EnvFilter::try_new(format!("{filter},devicemapper=info"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
 }
 
 /// The error and its causes on one line. Many library errors already quote their cause in their own
