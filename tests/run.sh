@@ -27,6 +27,8 @@ fuzz_seconds=${SEALCSI_FUZZ_SECONDS:-60}
 if [ "$fuzz_seconds" -gt 0 ]; then
     echo "== fuzzing the header parser for ${fuzz_seconds}s"
     # cargo-fuzz needs -Z flags; RUSTC_BOOTSTRAP lets the stable toolchain accept them.
-    RUSTC_BOOTSTRAP=1 cargo fuzz run header fuzz/seeds/header -- -max_total_time="$fuzz_seconds"
+    # New inputs go to the first directory (fuzz/corpus, not committed); the seeds stay untouched.
+    mkdir -p fuzz/corpus/header
+    RUSTC_BOOTSTRAP=1 cargo fuzz run header fuzz/corpus/header fuzz/seeds/header -- -max_total_time="$fuzz_seconds"
 fi
 echo "== all tests passed"
