@@ -26,10 +26,23 @@ def header(cipher, integrity, journal, fs, tag, key_len, slots, seqno=1):
     h[4064:] = hashlib.sha256(h[:4064]).digest()
     return bytes(h)
 
+def with_recovery_slot(header_bytes, index, key_len):
+    """Adds a kind-2 (recovery) slot as docs/format.md describes it and fixes the checksum."""
+    h = bytearray(header_bytes)
+    s = 128 + 384 * index
+    h[s:s + 384] = bytes(384)
+    struct.pack_into("<BBHHHQ", h, s, 1, 2, 0, 32, key_len + 16, 1_700_000_002)
+    h[s + 16:s + 48] = hashlib.sha256(bytes([0x44]) * 32).digest()  # digest of the recipient key
+    h[s + 96:s + 128] = bytes([0x55]) * 32                          # HPKE enc
+    h[s + 224:s + 224 + key_len + 16] = bytes([0x66]) * (key_len + 16)
+    h[4064:] = hashlib.sha256(h[:4064]).digest()
+    return bytes(h)
+
 out = Path(__file__).parent / "seeds" / "header"
 out.mkdir(parents=True, exist_ok=True)
 aead = header(1, 1, 1, 1, 48, 96, [(0, 1), (3, 3)])
 xts = header(2, 0, 0, 2, 0, 64, [(1, 2)], seqno=7)
 (out / "aead-journal-2slots.bin").write_bytes(aead)
 (out / "xts-only-1slot.bin").write_bytes(xts)
+(out / "aead-recovery-slot.bin").write_bytes(with_recovery_slot(aead, 5, 96))
 (out / "region-two-copies.bin").write_bytes(aead + header(1, 1, 2, 0, 48, 96, [(0, 1)], seqno=2))

@@ -228,19 +228,46 @@ impl SourceKind {
 const SLOT_EMPTY: u8 = 0;
 const SLOT_ACTIVE: u8 = 1;
 const SLOT_KIND_SEALED: u8 = 1;
+const SLOT_KIND_RECOVERY: u8 = 2;
+/// The `source` field of a recovery slot: no sealing source.
+const SOURCE_NONE: u16 = 0;
+/// Bytes of binding in a recovery slot: the HPKE encapsulated key (X25519 public value).
+pub const RECOVERY_ENC_LEN: usize = 32;
 
-/// One wrapping of the volume key, sealed to one identity.
+/// What a keyslot's wrapped key is encrypted to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotKind {
+    /// Kind 1: AES-256-GCM-SIV under a KEK derived from a sealing source's secret.
+    Sealed(SourceKind),
+    /// Kind 2: an escrow slot, HPKE-encrypted to an operator-held X25519 key (docs/format.md). No node
+    /// unseals it; only `recover` with the operator's private key opens it.
+    Recovery,
+}
+
+/// One wrapping of the volume key, sealed to one identity (or escrowed to a recovery key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keyslot {
-    pub source: SourceKind,
+    pub kind: SlotKind,
     pub created: u64,
     pub identity_digest: [u8; DIGEST_LEN],
     pub salt: [u8; SALT_LEN],
     pub nonce: [u8; NONCE_LEN],
-    /// Source-specific parameters needed to ask for the same secret again (empty for `sim`).
+    /// Source-specific parameters needed to ask for the same secret again (empty for `sim`); for a
+    /// recovery slot, the 32-byte HPKE encapsulated key.
     pub binding: Vec<u8>,
-    /// The volume key under AES-256-GCM-SIV: ciphertext || 16-byte tag.
+    /// The volume key under AES-256-GCM-SIV (sealed) or the HPKE AEAD (recovery): ciphertext || 16-byte tag.
     pub wrapped: Vec<u8>,
+}
+
+impl Keyslot {
+    /// The sealing source of a sealed slot; `None` for a recovery slot.
+    pub fn source(&self) -> Option<SourceKind> {
+        match self.kind {
+            SlotKind::Sealed(source) => Some(source),
+            SlotKind::Recovery => None,
+        }
+    }
 }
 
 /// One decoded header copy.
@@ -420,8 +447,12 @@ impl Header {
 
 fn encode_slot_meta(slot: &Keyslot, out: &mut [u8]) {
     out[0] = SLOT_ACTIVE;
-    out[1] = SLOT_KIND_SEALED;
-    put_u16(out, 2, slot.source.code());
+    let (kind, source) = match slot.kind {
+        SlotKind::Sealed(source) => (SLOT_KIND_SEALED, source.code()),
+        SlotKind::Recovery => (SLOT_KIND_RECOVERY, SOURCE_NONE),
+    };
+    out[1] = kind;
+    put_u16(out, 2, source);
     put_u16(out, 4, slot.binding.len() as u16);
     put_u16(out, 6, slot.wrapped.len() as u16);
     put_u64(out, 8, slot.created);
@@ -445,13 +476,33 @@ fn decode_slot(buf: &[u8], profile: Profile) -> Result<Option<Keyslot>, HeaderEr
         SLOT_ACTIVE => {}
         other => return Err(invalid("keyslot.state", format!("unknown state {other}"))),
     }
-    if buf[1] != SLOT_KIND_SEALED {
-        return Err(invalid("keyslot.kind", format!("unknown kind {}", buf[1])));
-    }
-    let source = SourceKind::from_code(get_u16(buf, 2))?;
+    let kind = match buf[1] {
+        SLOT_KIND_SEALED => SlotKind::Sealed(SourceKind::from_code(get_u16(buf, 2))?),
+        SLOT_KIND_RECOVERY => {
+            let source = get_u16(buf, 2);
+            if source != SOURCE_NONE {
+                return Err(invalid(
+                    "keyslot.source",
+                    format!("{source} in a recovery slot (must be 0)"),
+                ));
+            }
+            SlotKind::Recovery
+        }
+        other => return Err(invalid("keyslot.kind", format!("unknown kind {other}"))),
+    };
     let binding_len = usize::from(get_u16(buf, 4));
     if binding_len > MAX_BINDING_LEN {
         return Err(invalid("keyslot.binding_len", format!("{binding_len}")));
+    }
+    if kind == SlotKind::Recovery {
+        if binding_len != RECOVERY_ENC_LEN {
+            return Err(invalid(
+                "keyslot.binding_len",
+                format!("{binding_len} in a recovery slot (must be {RECOVERY_ENC_LEN})"),
+            ));
+        }
+        // HPKE needs no salt or nonce of ours: both stay zero, so nothing is left for a host to vary.
+        require_zero(&buf[48..92], "keyslot.salt/nonce (recovery)")?;
     }
     let wrapped_len = usize::from(get_u16(buf, 6));
     if wrapped_len != profile.key_len() + WRAP_TAG_LEN {
@@ -474,7 +525,7 @@ fn decode_slot(buf: &[u8], profile: Profile) -> Result<Option<Keyslot>, HeaderEr
     )?;
     require_zero(&buf[SLOT_META_LEN + WRAPPED_AREA..], "keyslot.reserved@352")?;
     Ok(Some(Keyslot {
-        source,
+        kind,
         created: get_u64(buf, 8),
         identity_digest: array(buf, 16),
         salt: array(buf, 48),
@@ -550,7 +601,7 @@ mod tests {
 
     pub(crate) fn sample_slot(key_len: usize) -> Keyslot {
         Keyslot {
-            source: SourceKind::Sim,
+            kind: SlotKind::Sealed(SourceKind::Sim),
             created: 1_700_000_000,
             identity_digest: [3; DIGEST_LEN],
             salt: [4; SALT_LEN],
@@ -727,8 +778,9 @@ mod tests {
                 ..
             })
         ));
+        // Kind 2 (recovery) exists since the escrow slot; 3 is the first unknown kind.
         assert!(matches!(
-            mutated(s + 1, 2),
+            mutated(s + 1, 3),
             Err(HeaderError::Invalid {
                 field: "keyslot.kind",
                 ..
@@ -829,6 +881,104 @@ mod tests {
         );
     }
 
+    fn recovery_slot(key_len: usize) -> Keyslot {
+        Keyslot {
+            kind: SlotKind::Recovery,
+            created: 1_700_000_002,
+            identity_digest: [0xD1; DIGEST_LEN],
+            salt: [0; SALT_LEN],
+            nonce: [0; NONCE_LEN],
+            binding: vec![0xE2; RECOVERY_ENC_LEN],
+            wrapped: vec![0xC3; key_len + WRAP_TAG_LEN],
+        }
+    }
+
+    fn with_recovery() -> Header {
+        let mut h = sample();
+        h.keyslots[5] = Some(recovery_slot(h.profile.key_len()));
+        h
+    }
+
+    fn mutated_recovery(at: usize, value: u8) -> Result<Header, HeaderError> {
+        let mut buf = with_recovery().encode();
+        buf[SLOTS_START + 5 * SLOT_LEN + at] = value;
+        reseal_checksum(&mut buf);
+        Header::decode(&buf)
+    }
+
+    #[test]
+    fn recovery_slot_round_trips_with_the_documented_layout() {
+        let h = with_recovery();
+        let buf = h.encode();
+        assert_eq!(Header::decode(&buf).unwrap(), h);
+        let s = SLOTS_START + 5 * SLOT_LEN;
+        assert_eq!(&buf[s..s + 2], &[1, 2], "state active, kind 2 (recovery)");
+        assert_eq!(get_u16(&buf, s + 2), 0, "source 0: none");
+        assert_eq!(
+            get_u16(&buf, s + 4),
+            32,
+            "binding = 32-byte encapsulated key"
+        );
+        assert_eq!(get_u16(&buf, s + 6), 96 + 16, "wrapped = key + 16-byte tag");
+        assert_eq!(get_u64(&buf, s + 8), 1_700_000_002);
+        assert_eq!(&buf[s + 16..s + 48], &[0xD1; 32], "recipient key hash");
+        assert!(
+            buf[s + 48..s + 96].iter().all(|&b| b == 0),
+            "salt, nonce, reserved"
+        );
+        assert_eq!(&buf[s + 96..s + 128], &[0xE2; 32]);
+        assert!(buf[s + 128..s + 224].iter().all(|&b| b == 0));
+        assert_eq!(&buf[s + 224..s + 336], &[0xC3; 112][..]);
+        let slot = h.keyslots[5].as_ref().unwrap();
+        assert_eq!(slot.source(), None);
+        assert_eq!(
+            h.keyslots[0].as_ref().unwrap().source(),
+            Some(SourceKind::Sim)
+        );
+    }
+
+    #[test]
+    fn rejects_bad_recovery_slots() {
+        let field = |r: Result<Header, HeaderError>| match r {
+            Err(HeaderError::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        };
+        // A source in a recovery slot.
+        assert_eq!(field(mutated_recovery(2, 1)), "keyslot.source");
+        // Binding length other than 32 (shorter and longer).
+        assert_eq!(field(mutated_recovery(4, 31)), "keyslot.binding_len");
+        assert_eq!(field(mutated_recovery(4, 33)), "keyslot.binding_len");
+        assert_eq!(field(mutated_recovery(4, 0)), "keyslot.binding_len");
+        // Salt or nonce set.
+        assert_eq!(
+            field(mutated_recovery(48, 1)),
+            "keyslot.salt/nonce (recovery)"
+        );
+        assert_eq!(
+            field(mutated_recovery(91, 1)),
+            "keyslot.salt/nonce (recovery)"
+        );
+        // A wrapped length that does not fit the profile's key.
+        assert_eq!(field(mutated_recovery(6, 80)), "keyslot.wrapped_len");
+        // Unknown kinds are still refused (a reader that predates a kind refuses the header).
+        assert_eq!(field(mutated_recovery(1, 3)), "keyslot.kind");
+        assert_eq!(field(mutated_recovery(1, 0)), "keyslot.kind");
+        // A sealed slot relabelled as recovery keeps its source and salt: refused.
+        let mut buf = sample().encode();
+        buf[SLOTS_START + 1] = 2;
+        reseal_checksum(&mut buf);
+        assert_eq!(field(Header::decode(&buf)), "keyslot.source");
+    }
+
+    #[test]
+    fn aad_covers_the_slot_kind() {
+        let h = with_recovery();
+        let slot = h.keyslots[5].clone().unwrap();
+        let mut as_sealed = slot.clone();
+        as_sealed.kind = SlotKind::Sealed(SourceKind::Sim);
+        assert_ne!(h.keyslot_aad(&slot), h.keyslot_aad(&as_sealed));
+    }
+
     fn region(a: Option<&Header>, b: Option<&Header>) -> Vec<u8> {
         let mut out = vec![0u8; 2 * HEADER_SIZE];
         if let Some(a) = a {
@@ -897,8 +1047,14 @@ mod tests {
             (FsKind::Ext4, 1, 1_700_000_000)
         );
         assert_eq!(aead.uuid, core::array::from_fn(|i| i as u8));
-        let slots: Vec<_> = aead.active_slots().map(|(i, s)| (i, s.source)).collect();
-        assert_eq!(slots, vec![(0, SourceKind::Sim), (3, SourceKind::Tpm)]);
+        let slots: Vec<_> = aead.active_slots().map(|(i, s)| (i, s.kind)).collect();
+        assert_eq!(
+            slots,
+            vec![
+                (0, SlotKind::Sealed(SourceKind::Sim)),
+                (3, SlotKind::Sealed(SourceKind::Tpm))
+            ]
+        );
         let slot = aead.keyslots[0].as_ref().unwrap();
         assert_eq!(
             (slot.binding.as_slice(), slot.wrapped.len()),
@@ -915,7 +1071,22 @@ mod tests {
             (xts.profile, xts.fs, xts.seqno),
             (Profile::XtsOnly, FsKind::Xfs, 7)
         );
-        assert_eq!(xts.keyslots[1].as_ref().unwrap().source, SourceKind::Snp);
+        assert_eq!(
+            xts.keyslots[1].as_ref().unwrap().source(),
+            Some(SourceKind::Snp)
+        );
+
+        let recovery = Header::decode(include_bytes!(
+            "../fuzz/seeds/header/aead-recovery-slot.bin"
+        ))
+        .unwrap();
+        let slot = recovery.keyslots[5].as_ref().unwrap();
+        assert_eq!(slot.kind, SlotKind::Recovery);
+        assert_eq!(
+            (slot.binding.as_slice(), slot.wrapped.len()),
+            (&[0x55u8; 32][..], 112)
+        );
+        assert_eq!(recovery.active_slots().count(), 3);
 
         let active = select(include_bytes!("../fuzz/seeds/header/region-two-copies.bin")).unwrap();
         assert_eq!((active.copy, active.header.seqno), (1, 2));
@@ -927,7 +1098,7 @@ mod tests {
         );
     }
 
-    fn arb_slot(key_len: usize) -> impl Strategy<Value = Keyslot> {
+    fn arb_sealed_slot(key_len: usize) -> impl Strategy<Value = Keyslot> {
         (
             prop_oneof![
                 Just(SourceKind::Sim),
@@ -943,7 +1114,7 @@ mod tests {
         )
             .prop_map(
                 |(source, created, identity_digest, salt, nonce, binding, wrapped)| Keyslot {
-                    source,
+                    kind: SlotKind::Sealed(source),
                     created,
                     identity_digest,
                     salt,
@@ -952,6 +1123,31 @@ mod tests {
                     wrapped,
                 },
             )
+    }
+
+    fn arb_recovery_slot(key_len: usize) -> impl Strategy<Value = Keyslot> {
+        (
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<[u8; RECOVERY_ENC_LEN]>(),
+            proptest::collection::vec(any::<u8>(), key_len + WRAP_TAG_LEN),
+        )
+            .prop_map(|(created, identity_digest, enc, wrapped)| Keyslot {
+                kind: SlotKind::Recovery,
+                created,
+                identity_digest,
+                salt: [0; SALT_LEN],
+                nonce: [0; NONCE_LEN],
+                binding: enc.to_vec(),
+                wrapped,
+            })
+    }
+
+    fn arb_slot(key_len: usize) -> impl Strategy<Value = Keyslot> {
+        prop_oneof![
+            3 => arb_sealed_slot(key_len),
+            1 => arb_recovery_slot(key_len),
+        ]
     }
 
     fn arb_header() -> impl Strategy<Value = Header> {

@@ -58,11 +58,28 @@ struct Global {
     /// For --tee sim: the string standing in for the launch measurement.
     #[arg(long, env = "SEALCSI_SIM_IDENTITY", global = true)]
     sim_identity: Option<String>,
+    /// For --tee tpm (or auto): the TPM's TCTI [default: device:/dev/tpmrm0], e.g.
+    /// swtpm:host=127.0.0.1,port=2321. Setting it makes --tee auto use the TPM.
+    #[arg(long, env = "SEALCSI_TPM_TCTI", global = true)]
+    tpm_tcti: Option<String>,
+    /// For --tee tpm (or auto): the PCRs new keyslots are sealed to [default: sha256:0,2,4,7].
+    #[arg(long, env = "SEALCSI_TPM_PCRS", global = true)]
+    tpm_pcrs: Option<sealing::PcrSelection>,
+    /// For --tee snp (or auto): what new keyslots bind to: strict, upgradable or upgradable:svn=N
+    /// [default: strict].
+    #[arg(long, env = "SEALCSI_SNP_POLICY", global = true)]
+    snp_policy: Option<sealing::SnpPolicy>,
     /// Log verbosity (tracing filter), e.g. info or sealcsi=debug.
     #[arg(long, env = "SEALCSI_LOG", default_value = "warn", global = true)]
     log: String,
     /// Log line format on stderr.
-    #[arg(long, env = "SEALCSI_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "SEALCSI_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     log_format: LogFormat,
 }
 
@@ -80,6 +97,9 @@ enum Command {
     Volume(VolumeCommand),
     /// Serve the CSI Identity, Controller and Node services.
     Plugin(PluginArgs),
+    // recovery-keygen: see the keyslot block at the end of this file.
+    #[command(flatten)]
+    Recovery(RecoveryCommand),
 }
 
 #[derive(Args)]
@@ -96,6 +116,9 @@ struct PluginArgs {
     /// The CSI driver name.
     #[arg(long, env = "SEALCSI_DRIVER_NAME", default_value = sealcsi::csi::DEFAULT_DRIVER_NAME)]
     driver_name: String,
+    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9809); off by default.
+    #[arg(long, env = "SEALCSI_METRICS_ADDRESS")]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -160,6 +183,10 @@ enum VolumeCommand {
     Inspect { device: PathBuf },
     /// Print this node's sealing identity as JSON.
     Identity,
+    // Keyslot lifecycle (slots, add-slot, remove-slot, add-recovery, recover, erase): see the block at
+    // the end of this file.
+    #[command(flatten)]
+    Keyslots(KeyslotCommand),
 }
 
 fn main() -> ExitCode {
@@ -217,7 +244,8 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 fn exit_code(e: &anyhow::Error) -> u8 {
-    match e.downcast_ref::<VolumeError>().map(VolumeError::class) {
+    let class = e.downcast_ref::<VolumeError>().map(VolumeError::class);
+    match class.or_else(|| e.downcast_ref::<KeyslotError>().map(KeyslotError::class)) {
         Some(ErrorClass::InvalidArgument) => exit::USAGE,
         Some(ErrorClass::WrongIdentity) => exit::WRONG_IDENTITY,
         Some(ErrorClass::InvalidHeader) => exit::INVALID_HEADER,
@@ -233,12 +261,14 @@ fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
 }
 
 fn open_source(global: &Global) -> anyhow::Result<Box<dyn SealingSource>> {
-    let source = sealing::open_source(
-        global.tee,
-        &global.state_dir,
-        global.sim_identity.as_deref(),
-    )
-    .map_err(VolumeError::from)?;
+    let opts = sealing::SourceOptions {
+        state_dir: global.state_dir.clone(),
+        sim_identity: global.sim_identity.clone(),
+        tpm_tcti: global.tpm_tcti.clone(),
+        tpm_pcrs: global.tpm_pcrs.clone(),
+        snp_policy: global.snp_policy,
+    };
+    let source = sealing::open_source(global.tee, &opts).map_err(VolumeError::from)?;
     if source.is_simulated() {
         eprintln!("sealcsi: WARNING: {}", sealing::SIM_WARNING);
     }
@@ -253,6 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Volume(command) => run_volume(&cli.global, command),
         Command::Plugin(args) => run_plugin(&cli.global, args),
+        Command::Recovery(command) => run_recovery(command),
     }
 }
 
@@ -262,6 +293,7 @@ fn run_plugin(global: &Global, args: PluginArgs) -> anyhow::Result<()> {
     let mut config =
         sealcsi::csi::PluginConfig::new(args.endpoint, args.node_id, args.mode, &global.state_dir);
     config.driver_name = args.driver_name;
+    config.metrics_address = args.metrics_address;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -319,6 +351,7 @@ fn run_volume(global: &Global, command: VolumeCommand) -> anyhow::Result<()> {
             let source = open_source(global)?;
             print_json(&sealing::identity(source.as_ref()).map_err(VolumeError::from)?)
         }
+        VolumeCommand::Keyslots(command) => run_keyslots(global, command),
     }
 }
 
@@ -354,5 +387,204 @@ fn format_options(
         fs,
         init,
         force,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keyslot lifecycle and recovery escrow (issue 4a). The work is in `sealcsi::keyslots`; this block
+// only parses arguments and prints reports.
+// ---------------------------------------------------------------------------------------------
+
+use sealcsi::keyslots::{self, KeyslotError, Target};
+
+#[derive(Subcommand)]
+enum KeyslotCommand {
+    /// List a volume's keyslots as JSON, and the one this node opens (no key needed to list).
+    Slots { device: PathBuf },
+    /// Add a keyslot holding the same volume key for another identity; this node must open the volume.
+    /// Idempotent.
+    AddSlot {
+        device: PathBuf,
+        /// current | sim:<identity> | tpm-pcrs:<bank>:<idx>=<hex>,... | snp:strict | snp:upgradable[:svn=N]
+        #[arg(long = "for", value_name = "TARGET")]
+        target: Target,
+    },
+    /// Remove a keyslot (see `volume slots` for indices); this node must open the volume. Refuses the
+    /// last slot of the volume, or the last one this node opens, unless --force.
+    RemoveSlot {
+        device: PathBuf,
+        #[arg(long)]
+        slot: usize,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Escrow the volume key to an operator's recovery public key (HPKE); this node must open the
+    /// volume. Prints the key check value to keep with the private key.
+    AddRecovery {
+        device: PathBuf,
+        #[arg(long)]
+        recovery_public_key: PathBuf,
+    },
+    /// Open the escrow slot with the recovery private key and add a keyslot for this node.
+    Recover {
+        device: PathBuf,
+        #[arg(long)]
+        recovery_private_key: PathBuf,
+        /// The key check value `add-recovery` printed: refuses an escrow slot forged with the public key.
+        #[arg(long, required_unless_present = "unverified")]
+        key_check: Option<String>,
+        /// Recover without a key check value (accepting a slot anyone with the public key could forge).
+        #[arg(long, conflicts_with = "key_check")]
+        unverified: bool,
+    },
+    /// Crypto-erase: destroy every keyslot in both header copies. The data becomes unrecoverable.
+    Erase {
+        device: PathBuf,
+        /// Confirms the destruction.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RecoveryCommand {
+    /// Generate an X25519 recovery key pair: the private key file (mode 0600, never printed) and the
+    /// public key file for `volume add-recovery`.
+    RecoveryKeygen {
+        #[arg(long)]
+        private_key: PathBuf,
+        #[arg(long)]
+        public_key: PathBuf,
+    },
+}
+
+fn run_recovery(command: RecoveryCommand) -> anyhow::Result<()> {
+    match command {
+        RecoveryCommand::RecoveryKeygen {
+            private_key,
+            public_key,
+        } => print_json(&keyslots::write_recovery_keys(&private_key, &public_key)?),
+    }
+}
+
+fn run_keyslots(global: &Global, command: KeyslotCommand) -> anyhow::Result<()> {
+    match command {
+        KeyslotCommand::Slots { device } => {
+            let slots = keyslots::list(&device)?;
+            // Which slot this node opens, if it has a sealing source at all.
+            let this_node = match (open_source(global), kernel_dm()) {
+                (Ok(source), Ok(dm)) => {
+                    keyslots::this_node_slot(&Volumes::new(&dm, source.as_ref()), &device)?
+                }
+                _ => None,
+            };
+            print_json(&serde_json::json!({
+                "device": device,
+                "slots": slots,
+                "this_node_slot": this_node,
+            }))
+        }
+        KeyslotCommand::AddSlot { device, target } => {
+            let source = open_source(global)?;
+            let dm = kernel_dm()?;
+            let volumes = Volumes::new(&dm, source.as_ref());
+            let change = match &target {
+                // A pre-authorised TPM policy: a new secret sealed to PCR values the node will have
+                // after the next measured boot, not to the current ones.
+                keyslots::Target::TpmPcrs(spec) => {
+                    let (bank, values) = sealing::tpm::parse_expected_pcrs(spec)?;
+                    let pcrs: Vec<u8> = values.iter().map(|(pcr, _)| *pcr).collect();
+                    let (binding, secret) = sealing::tpm::seal_for_pcrs(
+                        &global.state_dir,
+                        global.tpm_tcti.as_deref(),
+                        bank,
+                        &pcrs,
+                        &values,
+                    )
+                    .map_err(VolumeError::from)?;
+                    keyslots::add_sealed(
+                        &volumes,
+                        &device,
+                        sealing::SourceKind::Tpm,
+                        binding,
+                        &secret,
+                    )?
+                }
+                _ => {
+                    let to = keyslots::open_target(&target, source.as_ref(), &global.state_dir)?;
+                    keyslots::add_slot(&volumes, &device, to.source(), None)?
+                }
+            };
+            print_json(&serde_json::json!({
+                "slot": change.slot,
+                "changed": change.changed,
+                "for": target.to_string(),
+            }))
+        }
+        KeyslotCommand::RemoveSlot {
+            device,
+            slot,
+            force,
+        } => {
+            let source = open_source(global)?;
+            let dm = kernel_dm()?;
+            let change =
+                keyslots::remove_slot(&Volumes::new(&dm, source.as_ref()), &device, slot, force)?;
+            print_json(&change)
+        }
+        KeyslotCommand::AddRecovery {
+            device,
+            recovery_public_key,
+        } => {
+            let public = keyslots::read_public_key(&recovery_public_key)?;
+            let source = open_source(global)?;
+            let dm = kernel_dm()?;
+            let report =
+                keyslots::add_recovery(&Volumes::new(&dm, source.as_ref()), &device, &public)?;
+            eprintln!(
+                "sealcsi: keep the key_check value ({}) with the recovery private key: \
+                 `volume recover --key-check` needs it",
+                report.key_check
+            );
+            print_json(&report)
+        }
+        KeyslotCommand::Recover {
+            device,
+            recovery_private_key,
+            key_check,
+            unverified,
+        } => {
+            let private = keyslots::read_private_key(&recovery_private_key)?;
+            let expected = key_check
+                .as_deref()
+                .map(keyslots::parse_key_check)
+                .transpose()?;
+            if unverified {
+                eprintln!(
+                    "sealcsi: WARNING: recovering without a key check: an escrow slot forged with the \
+                     public recovery key would be accepted"
+                );
+            }
+            let source = open_source(global)?;
+            let report = keyslots::recover(source.as_ref(), &device, &private, expected.as_ref())?;
+            print_json(&report)
+        }
+        KeyslotCommand::Erase { device, force } => {
+            if !force {
+                return Err(KeyslotError::NotConfirmed(format!(
+                    "refusing to erase {}: erase destroys every keyslot and makes the data \
+                     unrecoverable; pass --force",
+                    device.display()
+                ))
+                .into());
+            }
+            let report = keyslots::erase(&device)?;
+            eprintln!(
+                "sealcsi: {} was crypto-erased: no header copy holds a key any more, and its data can \
+                 never be decrypted again (by anyone who did not keep a copy of the old header)",
+                device.display()
+            );
+            print_json(&report)
+        }
     }
 }

@@ -26,6 +26,14 @@ use crate::header::{self, FsKind, HEADER_SIZE, Journal, Profile};
 
 /// Smallest volume: what `Volumes::format` accepts (`volume::MIN_DEVICE_SIZE`).
 pub const MIN_VOLUME_BYTES: u64 = 64 << 20;
+/// Smallest volume that holds an xfs filesystem, with `integrity: hmac-sha256` (either journal mode).
+/// mkfs.xfs (xfsprogs >= 5.19) refuses a filesystem under 300 MB; dm-integrity's tags and journal take
+/// the rest. Measured in the test guest (Linux 6.1, xfsprogs 6.1): `volume format --fs xfs` succeeds on a
+/// 307 MiB backing file and fails on 306 MiB.
+pub const XFS_MIN_VOLUME_BYTES_AEAD: u64 = 307 << 20;
+/// Smallest volume that holds an xfs filesystem with `integrity: none` (measured as above: 301 MiB
+/// succeeds, 300 MiB fails; the header region takes the difference).
+pub const XFS_MIN_VOLUME_BYTES_XTS: u64 = 301 << 20;
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
 /// Volume sizes are whole MiB.
@@ -276,6 +284,12 @@ pub struct VolumeRecord {
     pub created: u64,
 }
 
+/// The content of `<id>.grow`: see [`Store::set_pending_init`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct PendingInit {
+    from_bytes: u64,
+}
+
 /// A volume as the controller reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeInfo {
@@ -383,37 +397,61 @@ fn round_up(n: u64, to: u64) -> u64 {
     n.div_ceil(to).saturating_mul(to)
 }
 
+/// The smallest volume that can hold what it is created for: [`MIN_VOLUME_BYTES`], or more for an xfs
+/// filesystem ([`XFS_MIN_VOLUME_BYTES_AEAD`], [`XFS_MIN_VOLUME_BYTES_XTS`]).
+pub fn min_volume_bytes(params: VolumeParams, fs: Option<FsKind>) -> u64 {
+    match (fs, params.integrity) {
+        (Some(FsKind::Xfs), IntegrityParam::HmacSha256) => XFS_MIN_VOLUME_BYTES_AEAD,
+        (Some(FsKind::Xfs), IntegrityParam::None) => XFS_MIN_VOLUME_BYTES_XTS,
+        _ => MIN_VOLUME_BYTES,
+    }
+}
+
 /// The size a volume gets for a capacity range (`0` = unset, as in CSI).
 pub fn size_for_range(required: u64, limit: u64) -> Result<u64, ProvisionError> {
+    size_for_range_min(required, limit, MIN_VOLUME_BYTES, "a sealcsi volume")
+}
+
+/// [`size_for_range`] for a volume of at least `min` bytes (`what` names it in errors). A range below the
+/// minimum is rounded up to it when the limit allows (CSI lets a volume exceed `required_bytes`).
+pub fn size_for_range_min(
+    required: u64,
+    limit: u64,
+    min: u64,
+    what: &str,
+) -> Result<u64, ProvisionError> {
+    let min = min.max(MIN_VOLUME_BYTES);
     if limit != 0 && limit < required {
         return Err(ProvisionError::InvalidArgument(format!(
             "capacity range: limit_bytes {limit} is smaller than required_bytes {required}"
         )));
     }
     let size = if required == 0 {
-        let size = DEFAULT_VOLUME_BYTES.max(MIN_VOLUME_BYTES);
+        let size = DEFAULT_VOLUME_BYTES.max(min);
         if limit != 0 {
             size.min(limit / SIZE_ALIGN * SIZE_ALIGN)
         } else {
             size
         }
     } else {
-        round_up(required.max(MIN_VOLUME_BYTES), SIZE_ALIGN)
+        round_up(required.max(min), SIZE_ALIGN)
     };
     if limit != 0 && size > limit {
         // Rounding up to whole MiB crossed the limit: use the largest whole MiB within it.
         let within = limit / SIZE_ALIGN * SIZE_ALIGN;
-        if within >= required.max(MIN_VOLUME_BYTES) {
+        if within >= required.max(min) {
             return Ok(within);
         }
         return Err(ProvisionError::OutOfRange(format!(
-            "capacity range [{required}, {limit}] allows no volume: sealcsi volumes are whole MiB and at \
-             least {MIN_VOLUME_BYTES} bytes"
+            "capacity range [{required}, {limit}] allows no volume: {what} needs at least {min} bytes \
+             ({} MiB), and sealcsi volumes are whole MiB",
+            min >> 20
         )));
     }
-    if size < MIN_VOLUME_BYTES {
+    if size < min {
         return Err(ProvisionError::OutOfRange(format!(
-            "capacity limit {limit} is below the smallest sealcsi volume ({MIN_VOLUME_BYTES} bytes)"
+            "capacity limit {limit} is below the smallest size of {what} ({min} bytes, {} MiB)",
+            min >> 20
         )));
     }
     Ok(size)
@@ -535,6 +573,107 @@ impl Store {
             .map_err(io_err(format!("fsync {}", self.dir.display())))
     }
 
+    /// Grows the backing file of `volume_id` to fit the capacity range (`0` = unset); never shrinks.
+    /// Returns the file's size. Asking for no more than the current size is success at that size, unless
+    /// the volume is already above `limit` (OUT_OF_RANGE: sealcsi never shrinks).
+    pub fn grow_backing(
+        &self,
+        volume_id: &str,
+        required: u64,
+        limit: u64,
+    ) -> Result<u64, ProvisionError> {
+        let info = self.get(volume_id)?;
+        if limit != 0 && limit < required {
+            return Err(ProvisionError::InvalidArgument(format!(
+                "capacity range: limit_bytes {limit} is smaller than required_bytes {required}"
+            )));
+        }
+        if required <= info.capacity_bytes {
+            if limit != 0 && info.capacity_bytes > limit {
+                return Err(ProvisionError::OutOfRange(format!(
+                    "volume is {} bytes, above limit_bytes {limit}; sealcsi never shrinks a volume",
+                    info.capacity_bytes
+                )));
+            }
+            return Ok(info.capacity_bytes);
+        }
+        let size = size_for_range(required, limit)?;
+        let grow = size - info.capacity_bytes;
+        let free = free_bytes(&self.dir)?;
+        if grow > free {
+            return Err(ProvisionError::ResourceExhausted(format!(
+                "growing by {grow} bytes does not fit: {free} bytes free in {}",
+                self.dir.display()
+            )));
+        }
+        let ctx = format!("growing {}", info.backing.display());
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&info.backing)
+            .map_err(io_err(ctx.clone()))?;
+        f.set_len(size).map_err(io_err(ctx.clone()))?;
+        f.sync_all().map_err(io_err(ctx))?;
+        let mut record = info.record;
+        record.capacity_bytes = size;
+        self.write_record(&record)?;
+        tracing::info!(volume.id = %volume_id, bytes = size, "expanded volume backing file");
+        Ok(size)
+    }
+
+    /// The file recording an expansion whose new space is not initialized yet.
+    fn pending_init_path(&self, volume_id: &str) -> PathBuf {
+        self.dir.join(format!("{volume_id}.grow"))
+    }
+
+    /// Where the not yet initialized new space of `volume_id` starts (a byte offset in its top device),
+    /// if an expansion was interrupted before initializing it ([`Store::set_pending_init`]).
+    pub fn pending_init(&self, volume_id: &str) -> Result<Option<u64>, ProvisionError> {
+        let path = self.pending_init_path(self.checked(volume_id)?);
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+        };
+        let pending: PendingInit =
+            serde_json::from_slice(&text).map_err(|e| ProvisionError::Record {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(Some(pending.from_bytes))
+    }
+
+    /// Records, durably, that the top device of `volume_id` is about to grow and everything from
+    /// `from_bytes` on must be initialized before anyone uses it. Written before the mapping grows and
+    /// cleared ([`Store::clear_pending_init`]) only once the new space is initialized, so a retry after a
+    /// crash anywhere in between knows what is left to do even when the mapping has already grown.
+    pub fn set_pending_init(&self, volume_id: &str, from_bytes: u64) -> Result<(), ProvisionError> {
+        let id = self.checked(volume_id)?;
+        let path = self.pending_init_path(id);
+        let tmp = self.dir.join(format!(".{id}.grow.tmp"));
+        let text = serde_json::to_vec(&PendingInit { from_bytes }).map_err(|e| {
+            ProvisionError::Record {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        let ctx = format!("writing {}", tmp.display());
+        let mut f = File::create(&tmp).map_err(io_err(ctx.clone()))?;
+        f.write_all(&text).map_err(io_err(ctx.clone()))?;
+        f.sync_all().map_err(io_err(ctx))?;
+        fs::rename(&tmp, &path).map_err(io_err(format!("renaming to {}", path.display())))?;
+        self.sync_dir()
+    }
+
+    /// The new space of `volume_id` is initialized: forget the pending record.
+    pub fn clear_pending_init(&self, volume_id: &str) -> Result<(), ProvisionError> {
+        let path = self.pending_init_path(self.checked(volume_id)?);
+        match fs::remove_file(&path) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format!("removing {}", path.display()))(e)),
+        }
+    }
+
     /// Every recorded volume id, sorted.
     pub fn ids(&self) -> Result<Vec<String>, ProvisionError> {
         let mut ids: Vec<String> = fs::read_dir(&self.dir)
@@ -598,13 +737,16 @@ impl Provisioner {
         &self.store
     }
 
-    /// Creates volume `name` (or finds the one a previous identical call created).
+    /// Creates volume `name` (or finds the one a previous identical call created). `fs` is the filesystem
+    /// the CO will stage it with, if it said: an xfs volume is at least [`min_volume_bytes`] (rounded up
+    /// to it, or OUT_OF_RANGE when `limit` forbids that).
     pub fn create(
         &self,
         name: &str,
         required: u64,
         limit: u64,
         params: VolumeParams,
+        fs: Option<FsKind>,
     ) -> Result<Created, ProvisionError> {
         if name.is_empty() {
             return Err(ProvisionError::InvalidArgument(
@@ -645,7 +787,18 @@ impl Provisioner {
             return Ok(Created::Existing(info));
         }
 
-        let size = size_for_range(required, limit)?;
+        let min = min_volume_bytes(params, fs);
+        let what = if min > MIN_VOLUME_BYTES {
+            format!(
+                "an xfs volume (mkfs.xfs makes no filesystem under 300 MB; with integrity={} that takes a \
+                 volume of {} MiB)",
+                params.to_map()["integrity"],
+                min >> 20
+            )
+        } else {
+            "a sealcsi volume".to_string()
+        };
+        let size = size_for_range_min(required, limit, min, &what)?;
         let free = free_bytes(&self.store.dir)?;
         if size > free {
             return Err(ProvisionError::ResourceExhausted(format!(
@@ -712,6 +865,7 @@ impl Provisioner {
             crypto_erase(&backing)?;
             fs::remove_file(&backing).map_err(io_err(format!("removing {}", backing.display())))?;
         }
+        self.store.clear_pending_init(volume_id)?;
         match fs::remove_file(&record) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -758,49 +912,15 @@ impl Provisioner {
         free_bytes(&self.store.dir)
     }
 
-    /// Grows the backing file of `volume_id` to fit the range; never shrinks. Returns the new size.
+    /// Grows the backing file of `volume_id` to fit the range; never shrinks. Returns the new size. The
+    /// open mapping and the filesystem grow on the node (NodeExpandVolume, which also grows the file).
     pub fn expand(
         &self,
         volume_id: &str,
         required: u64,
         limit: u64,
     ) -> Result<u64, ProvisionError> {
-        let info = self.store.get(volume_id)?;
-        if limit != 0 && limit < required {
-            return Err(ProvisionError::InvalidArgument(format!(
-                "capacity range: limit_bytes {limit} is smaller than required_bytes {required}"
-            )));
-        }
-        if required <= info.capacity_bytes {
-            if limit != 0 && info.capacity_bytes > limit {
-                return Err(ProvisionError::OutOfRange(format!(
-                    "volume is {} bytes, above limit_bytes {limit}; sealcsi never shrinks a volume",
-                    info.capacity_bytes
-                )));
-            }
-            return Ok(info.capacity_bytes);
-        }
-        let size = size_for_range(required, limit)?;
-        let grow = size - info.capacity_bytes;
-        let free = free_bytes(&self.store.dir)?;
-        if grow > free {
-            return Err(ProvisionError::ResourceExhausted(format!(
-                "growing by {grow} bytes does not fit: {free} bytes free in {}",
-                self.store.dir.display()
-            )));
-        }
-        let ctx = format!("growing {}", info.backing.display());
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&info.backing)
-            .map_err(io_err(ctx.clone()))?;
-        f.set_len(size).map_err(io_err(ctx.clone()))?;
-        f.sync_all().map_err(io_err(ctx))?;
-        let mut record = info.record;
-        record.capacity_bytes = size;
-        self.store.write_record(&record)?;
-        tracing::info!(volume.id = %volume_id, bytes = size, "expanded volume backing file");
-        Ok(size)
+        self.store.grow_backing(volume_id, required, limit)
     }
 
     /// What the backing file says about the volume's health (no key needed).
@@ -976,21 +1096,74 @@ mod tests {
     }
 
     #[test]
+    fn xfs_volumes_have_their_own_minimum() {
+        const M: u64 = 1 << 20;
+        let aead = VolumeParams::default();
+        let xts = VolumeParams {
+            integrity: IntegrityParam::None,
+            ..aead
+        };
+        assert_eq!(min_volume_bytes(aead, None), MIN_VOLUME_BYTES);
+        assert_eq!(min_volume_bytes(aead, Some(FsKind::Ext4)), MIN_VOLUME_BYTES);
+        assert_eq!(min_volume_bytes(aead, Some(FsKind::Xfs)), 307 * M);
+        assert_eq!(min_volume_bytes(xts, Some(FsKind::Xfs)), 301 * M);
+        assert_eq!(size_for_range_min(1, 0, 307 * M, "x").unwrap(), 307 * M);
+        assert_eq!(
+            size_for_range_min(0, 0, 307 * M, "x").unwrap(),
+            DEFAULT_VOLUME_BYTES
+        );
+        assert_eq!(
+            size_for_range_min(0, 310 * M, 307 * M, "x").unwrap(),
+            310 * M
+        );
+        let e = size_for_range_min(100 * M, 300 * M, 307 * M, "an xfs volume").unwrap_err();
+        assert_eq!(e.meaning(), Meaning::OutOfRange);
+        assert!(e.to_string().contains("an xfs volume"), "{e}");
+        let (_d, _dm, p) = provisioner();
+        let v = p.create("x", 100 * M, 0, aead, Some(FsKind::Xfs)).unwrap();
+        assert_eq!(v.info().capacity_bytes, 307 * M);
+    }
+
+    #[test]
+    fn pending_init_records_survive_until_cleared_and_deletion() {
+        let (_d, _dm, p) = provisioner();
+        let v = p
+            .create("v", 64 << 20, 0, VolumeParams::default(), None)
+            .unwrap()
+            .info()
+            .clone();
+        let s = p.store();
+        assert_eq!(s.pending_init(v.id()).unwrap(), None);
+        s.set_pending_init(v.id(), 5 << 20).unwrap();
+        assert_eq!(s.pending_init(v.id()).unwrap(), Some(5 << 20));
+        s.clear_pending_init(v.id()).unwrap();
+        s.clear_pending_init(v.id()).unwrap();
+        assert_eq!(s.pending_init(v.id()).unwrap(), None);
+        s.set_pending_init(v.id(), 1).unwrap();
+        assert_eq!(s.ids().unwrap(), vec![v.id().to_string()]);
+        p.delete(v.id()).unwrap();
+        assert_eq!(s.pending_init(v.id()).unwrap(), None);
+        assert_eq!(std::fs::read_dir(s.dir()).unwrap().count(), 0);
+    }
+
+    #[test]
     fn create_is_idempotent_and_conflicts_are_refused() {
         let (_d, _dm, p) = provisioner();
         let params = VolumeParams::default();
-        let a = p.create("v", 64 << 20, 0, params).unwrap();
+        let a = p.create("v", 64 << 20, 0, params, None).unwrap();
         assert!(matches!(a, Created::New(_)));
-        let b = p.create("v", 64 << 20, 0, params).unwrap();
+        let b = p.create("v", 64 << 20, 0, params, None).unwrap();
         assert_eq!(b, Created::Existing(a.info().clone()));
-        let e = p.create("v", 128 << 20, 0, params).unwrap_err();
+        let e = p.create("v", 128 << 20, 0, params, None).unwrap_err();
         assert_eq!(e.meaning(), Meaning::AlreadyExists);
         let other = VolumeParams {
             init: InitParam::Full,
             ..params
         };
         assert_eq!(
-            p.create("v", 64 << 20, 0, other).unwrap_err().meaning(),
+            p.create("v", 64 << 20, 0, other, None)
+                .unwrap_err()
+                .meaning(),
             Meaning::AlreadyExists
         );
         assert_eq!(
@@ -1003,7 +1176,7 @@ mod tests {
     fn delete_erases_both_header_copies_and_refuses_open_volumes() {
         let (_d, dm, p) = provisioner();
         let v = p
-            .create("v", 0, 64 << 20, VolumeParams::default())
+            .create("v", 0, 64 << 20, VolumeParams::default(), None)
             .unwrap()
             .info()
             .clone();
@@ -1049,7 +1222,7 @@ mod tests {
     fn list_pages_in_stable_order() {
         let (_d, _dm, p) = provisioner();
         for i in 0..5 {
-            p.create(&format!("v{i}"), 0, 64 << 20, VolumeParams::default())
+            p.create(&format!("v{i}"), 0, 64 << 20, VolumeParams::default(), None)
                 .unwrap();
         }
         let mut seen = Vec::new();
@@ -1078,7 +1251,7 @@ mod tests {
     fn expand_grows_and_never_shrinks() {
         let (_d, _dm, p) = provisioner();
         let v = p
-            .create("v", 64 << 20, 0, VolumeParams::default())
+            .create("v", 64 << 20, 0, VolumeParams::default(), None)
             .unwrap()
             .info()
             .clone();
@@ -1099,7 +1272,7 @@ mod tests {
     fn condition_reads_the_header_region() {
         let (_d, _dm, p) = provisioner();
         let v = p
-            .create("v", 64 << 20, 0, VolumeParams::default())
+            .create("v", 64 << 20, 0, VolumeParams::default(), None)
             .unwrap()
             .info()
             .clone();

@@ -20,6 +20,7 @@ use crate::devio;
 use crate::dm::{DeviceMapper, DmError};
 use crate::header::{
     self, COPY_OFFSETS, DATA_OFFSET, FsKind, HEADER_SIZE, Header, HeaderError, Keyslot, Profile,
+    SlotKind,
 };
 use crate::init::{self, InitError, InitMode};
 use crate::keys::{Kek, KeyError, NONCE_LEN, SALT_LEN, VolumeKey, random_bytes};
@@ -360,7 +361,7 @@ impl<'a> Volumes<'a> {
         let binding = self.source.default_binding();
         let secret = self.source.secret(&binding)?;
         let mut slot = Keyslot {
-            source: self.source.kind(),
+            kind: SlotKind::Sealed(self.source.kind()),
             created: now_unix(),
             identity_digest: secret.digest(),
             salt: [0; SALT_LEN],
@@ -381,7 +382,8 @@ impl<'a> Volumes<'a> {
         let mut failed = Vec::new();
         for (index, slot) in header.active_slots() {
             active += 1;
-            if slot.source != self.source.kind() {
+            // Slots of other sources, and recovery (escrow) slots, are for someone else.
+            if slot.kind != SlotKind::Sealed(self.source.kind()) {
                 continue;
             }
             let secret = match self.source.secret(&slot.binding) {
@@ -582,7 +584,10 @@ pub struct IntegrityFacts {
 #[derive(Debug, Clone, Serialize)]
 pub struct SlotFacts {
     pub slot: usize,
-    pub source: crate::header::SourceKind,
+    /// "sealed" (to a sealing source) or "recovery" (escrowed to an operator's key).
+    pub kind: &'static str,
+    /// The sealing source; null for a recovery slot.
+    pub source: Option<crate::header::SourceKind>,
     pub identity_digest: String,
     pub binding: String,
     pub created: u64,
@@ -632,7 +637,11 @@ pub fn inspect(path: &Path) -> Result<Inspection, VolumeError> {
             .active_slots()
             .map(|(slot, s)| SlotFacts {
                 slot,
-                source: s.source,
+                kind: match s.kind {
+                    SlotKind::Sealed(_) => "sealed",
+                    SlotKind::Recovery => "recovery",
+                },
+                source: s.source(),
                 identity_digest: hex::encode(s.identity_digest),
                 binding: hex::encode(&s.binding),
                 created: s.created,
@@ -729,6 +738,32 @@ mod tests {
         let mut h = header.clone();
         h.seqno = 99;
         assert!(volumes.unseal(&h).is_ok());
+    }
+
+    #[test]
+    fn recovery_slots_are_skipped_by_unseal() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SimSource::open(dir.path(), "img-1").unwrap();
+        let (mut header, key) = sealed(&source);
+        // A recovery slot whose digest happens to equal this node's: unseal must not try it as sealed.
+        let mut escrow = header.keyslots[2].clone().unwrap();
+        escrow.kind = SlotKind::Recovery;
+        escrow.salt = [0; SALT_LEN];
+        escrow.nonce = [0; NONCE_LEN];
+        escrow.binding = vec![9; crate::header::RECOVERY_ENC_LEN];
+        header.keyslots[0] = Some(escrow);
+        let header = Header::decode(&header.encode()).unwrap();
+        let dm = MemoryDm::default();
+        let volumes = Volumes::new(&dm, &source);
+        let (slot, unsealed) = volumes.unseal(&header).unwrap();
+        assert_eq!((slot, unsealed.expose()), (2, key.expose()));
+        let mut only_escrow = header.clone();
+        only_escrow.keyslots[2] = None;
+        let err = volumes.unseal(&only_escrow).unwrap_err();
+        assert!(
+            matches!(err, VolumeError::WrongIdentity { slots: 1, .. }),
+            "{err:?}"
+        );
     }
 
     #[test]

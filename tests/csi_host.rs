@@ -77,6 +77,16 @@ impl Plugin {
         identity: &str,
         state: Option<&Path>,
     ) -> Plugin {
+        Self::start_full(mode, node_id, identity, state, None).await
+    }
+
+    async fn start_full(
+        mode: PluginMode,
+        node_id: &str,
+        identity: &str,
+        state: Option<&Path>,
+        metrics: Option<std::net::SocketAddr>,
+    ) -> Plugin {
         let dir = tempfile::tempdir().unwrap();
         let state = state
             .map(Path::to_path_buf)
@@ -92,12 +102,13 @@ impl Plugin {
             engine: engine.clone(),
             mounter: mounter.clone(),
         };
-        let config = PluginConfig::new(
+        let mut config = PluginConfig::new(
             format!("unix://{}", socket.display()),
             node_id,
             mode,
             &state,
         );
+        config.metrics_address = metrics;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(sealcsi::csi::serve_until(config, deps, async move {
             let _ = stopped.await;
@@ -362,12 +373,14 @@ async fn capabilities_and_node_info() {
         CtrlRpc::CreateDeleteVolume,
         CtrlRpc::ListVolumes,
         CtrlRpc::GetCapacity,
-        CtrlRpc::ExpandVolume,
         CtrlRpc::GetVolume,
         CtrlRpc::VolumeCondition,
     ] {
         assert!(rpcs.contains(&(want as i32)), "{want:?}");
     }
+    // Expansion is node-only for Kubernetes: one leader-elected csi-resizer serves the whole cluster and
+    // would send ControllerExpandVolume to a node that does not hold the volume.
+    assert!(!rpcs.contains(&(CtrlRpc::ExpandVolume as i32)));
     assert!(!rpcs.contains(&(CtrlRpc::PublishUnpublishVolume as i32)));
     assert!(!rpcs.contains(&(CtrlRpc::CreateDeleteSnapshot as i32)));
     let caps = p
@@ -1031,6 +1044,103 @@ async fn node_requests_need_their_fields_and_known_volumes() {
     p.stop().await.unwrap();
 }
 
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for _ in 0..100 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+                .await
+                .unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).await.unwrap();
+            return body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("metrics endpoint {addr} never answered");
+}
+
+#[tokio::test]
+async fn metrics_endpoint_counts_calls_staged_volumes_and_unseal_failures() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = Plugin::start_full(PluginMode::All, "node-a", "identity-a", None, Some(addr)).await;
+    let v = p.create("pvc-metrics", 64 * MIB, &[]).await;
+    let id = v.volume_id.as_str();
+    let staging = p.path("staging");
+    p.stage(id, &staging, mount_cap(Mode::SingleNodeWriter, ""))
+        .await
+        .unwrap();
+    let conflicting = create_req(
+        "pvc-metrics",
+        128 * MIB,
+        &[],
+        vec![mount_cap(Mode::SingleNodeWriter, "")],
+    );
+    assert_eq!(
+        code(p.controller().create_volume(conflicting).await),
+        Code::AlreadyExists
+    );
+
+    // Another identity sharing the state dir cannot unseal the volume: counted by reason.
+    let other_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let other = Plugin::start_full(
+        PluginMode::All,
+        "node-a",
+        "identity-b",
+        Some(&p.state),
+        Some(other_addr),
+    )
+    .await;
+    let err = other
+        .stage(
+            id,
+            &other.path("staging"),
+            mount_cap(Mode::SingleNodeWriter, ""),
+        )
+        .await;
+    assert!(err.is_err());
+    let other_text = scrape(other_addr).await;
+    assert!(
+        other_text.contains(r#"sealcsi_unseal_failures_total{reason="wrong_identity"} 1"#),
+        "{other_text}"
+    );
+
+    let text = scrape(addr).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(
+        text.contains(r#"sealcsi_csi_rpc_total{method="CreateVolume",code="Ok"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"sealcsi_csi_rpc_total{method="CreateVolume",code="AlreadyExists"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"sealcsi_csi_rpc_total{method="NodeStageVolume",code="Ok"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains(r#"sealcsi_csi_rpc_duration_seconds_count{method="NodeStageVolume"} 1"#));
+    assert!(text.contains("sealcsi_volumes_staged 1"), "{text}");
+    assert!(
+        text.contains(&format!(
+            r#"sealcsi_integrity_mismatches{{volume_id="{id}"}} 0"#
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"sealcsi_init_duration_seconds_count{mode="fast",phase="mkfs"} 1"#),
+        "{text}"
+    );
+    // No label carries a path, a volume name or anything a caller chose freely besides the volume id.
+    assert!(!text.contains("pvc-metrics") && !text.contains(&*staging.to_string_lossy()));
+}
+
 #[tokio::test]
 async fn filesystem_lifecycle_is_idempotent_at_every_step() {
     let p = Plugin::start().await;
@@ -1310,8 +1420,20 @@ async fn stats_of_a_filesystem_and_abnormal_conditions() {
     p.stop().await.unwrap();
 }
 
+fn node_expand(id: &str, path: &Path, required: i64, limit: i64) -> NodeExpandVolumeRequest {
+    NodeExpandVolumeRequest {
+        volume_id: id.into(),
+        volume_path: path.display().to_string(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }),
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
-async fn expansion_grows_file_mapping_and_filesystem() {
+async fn node_expansion_grows_file_mapping_and_filesystem() {
     let p = Plugin::start().await;
     let v = p.create("pvc-x", 64 * MIB, &[]).await;
     let id = v.volume_id.as_str();
@@ -1328,6 +1450,115 @@ async fn expansion_grows_file_mapping_and_filesystem() {
     )
     .await
     .unwrap();
+    let dm = format!("sealcsi-{id}");
+    let old_top = p.engine.size_bytes(&dm).unwrap() as i64;
+    assert_eq!(old_top, 63 * MIB);
+
+    // No ControllerExpandVolume first: the node grows the backing file itself.
+    let r = p
+        .node()
+        .node_expand_volume(node_expand(id, &target, 128 * MIB, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 127 * MIB);
+    assert_eq!(
+        std::fs::metadata(p.backing(id)).unwrap().len(),
+        128 * MIB as u64
+    );
+    let got = p
+        .controller()
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap().capacity_bytes, 128 * MIB);
+    assert_eq!(
+        p.engine.grown(),
+        vec![(FsKind::Ext4, PathBuf::from(format!("/dev/mapper/{dm}")))]
+    );
+    assert_eq!(
+        p.engine.inits(),
+        vec![(dm.clone(), old_top as u64, 127 * MIB as u64)],
+        "the new space is initialized once"
+    );
+    assert!(!p.state.join("volumes").join(format!("{id}.grow")).exists());
+    // Again: nothing more to grow or initialize, same answer.
+    let r = p
+        .node()
+        .node_expand_volume(node_expand(id, &target, 128 * MIB, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 127 * MIB);
+    assert_eq!(p.engine.inits().len(), 1);
+    // Never shrinks: asking for less is success at the current size; a limit below it is refused.
+    let r = p
+        .node()
+        .node_expand_volume(node_expand(id, &target, 64 * MIB, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 127 * MIB);
+    assert_eq!(
+        code(
+            p.node()
+                .node_expand_volume(node_expand(id, &target, 64 * MIB, 100 * MIB))
+                .await
+        ),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        code(
+            p.node()
+                .node_expand_volume(node_expand(id, &target, 200 * MIB, 100 * MIB))
+                .await
+        ),
+        Code::InvalidArgument
+    );
+    // Without a capacity range: the mapping takes what the file holds.
+    let mut no_range = node_expand(id, &target, 0, 0);
+    no_range.capacity_range = None;
+    let r = p.node().node_expand_volume(no_range).await.unwrap();
+    assert_eq!(r.into_inner().capacity_bytes, 127 * MIB);
+    assert_eq!(
+        code(
+            p.node()
+                .node_expand_volume(node_expand(id, &p.path("nowhere"), 256 * MIB, 0))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        std::fs::metadata(p.backing(id)).unwrap().len(),
+        128 * MIB as u64,
+        "a refused expansion grows nothing"
+    );
+    p.unpublish(id, &target).await.unwrap();
+    p.unstage(id, &staging).await.unwrap();
+    assert_eq!(
+        code(
+            p.node()
+                .node_expand_volume(node_expand(id, &staging, 256 * MIB, 0))
+                .await
+        ),
+        Code::FailedPrecondition,
+        "not staged"
+    );
+    assert_eq!(
+        std::fs::metadata(p.backing(id)).unwrap().len(),
+        128 * MIB as u64
+    );
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn controller_expand_still_grows_a_local_volume_for_direct_callers() {
+    let p = Plugin::start().await;
+    let v = p.create("pvc-x", 64 * MIB, &[]).await;
+    let id = v.volume_id.as_str();
     let mut c = p.controller();
     let expand = |required: i64, limit: i64| ControllerExpandVolumeRequest {
         volume_id: id.into(),
@@ -1348,7 +1579,6 @@ async fn expansion_grows_file_mapping_and_filesystem() {
         std::fs::metadata(p.backing(id)).unwrap().len(),
         128 * MIB as u64
     );
-    // Never shrinks; asking for less is success at the current size.
     assert_eq!(
         c.controller_expand_volume(expand(64 * MIB, 0))
             .await
@@ -1376,53 +1606,164 @@ async fn expansion_grows_file_mapping_and_filesystem() {
         code(c.controller_expand_volume(unknown).await),
         Code::NotFound
     );
+    // Then the node: the file is already grown, the mapping follows it.
+    let (staging, target) = (p.path("s"), p.path("t"));
+    let cap = || mount_cap(Mode::SingleNodeWriter, "");
+    p.stage(id, &staging, cap()).await.unwrap();
+    p.publish(id, &staging, &target, cap(), false)
+        .await
+        .unwrap();
+    let r = p
+        .node()
+        .node_expand_volume(node_expand(id, &target, 128 * MIB, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 127 * MIB);
+    p.stop().await.unwrap();
+}
 
-    let node_expand = |path: &Path| NodeExpandVolumeRequest {
-        volume_id: id.into(),
-        volume_path: path.display().to_string(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: 128 * MIB,
-            limit_bytes: 0,
-        }),
-        ..Default::default()
-    };
-    let r = p
-        .node()
-        .node_expand_volume(node_expand(&target))
+/// A crash after the mapping grew but before its new space was initialized: the retry finds nothing left
+/// to grow, and must initialize the new space all the same (and before the filesystem grows into it).
+#[tokio::test]
+async fn node_expansion_interrupted_before_initializing_new_space_converges() {
+    let p = Plugin::start().await;
+    let v = p.create("pvc-x", 64 * MIB, &[]).await;
+    let id = v.volume_id.as_str();
+    let dm = format!("sealcsi-{id}");
+    let (staging, target) = (p.path("s"), p.path("t"));
+    let cap = || mount_cap(Mode::SingleNodeWriter, "");
+    p.stage(id, &staging, cap()).await.unwrap();
+    p.publish(id, &staging, &target, cap(), false)
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.capacity_bytes, 127 * MIB);
-    assert_eq!(
-        p.engine.grown(),
-        vec![(
-            FsKind::Ext4,
-            PathBuf::from(format!("/dev/mapper/sealcsi-{id}"))
-        )]
-    );
-    // Again: nothing more to grow, same answer.
-    let r = p
-        .node()
-        .node_expand_volume(node_expand(&target))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.capacity_bytes, 127 * MIB);
+        .unwrap();
+
+    p.engine.fail_next_inits(1);
     assert_eq!(
         code(
             p.node()
-                .node_expand_volume(node_expand(&p.path("nowhere")))
+                .node_expand_volume(node_expand(id, &target, 128 * MIB, 0))
                 .await
         ),
-        Code::NotFound
+        Code::Internal
+    );
+    assert_eq!(p.engine.size_bytes(&dm).unwrap(), 127 << 20, "mapping grew");
+    assert!(p.engine.inits().is_empty());
+    assert!(p.engine.grown().is_empty(), "no filesystem growth over it");
+    let r = p
+        .node()
+        .node_expand_volume(node_expand(id, &target, 128 * MIB, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 127 * MIB);
+    assert_eq!(p.engine.inits(), vec![(dm.clone(), 63 << 20, 127 << 20)]);
+    assert_eq!(p.engine.grown().len(), 1);
+
+    // The same crash, then the node restarts (the mapping is gone) and the volume is staged again at its
+    // grown size: staging initializes the new space before anyone gets the volume.
+    p.engine.fail_next_inits(1);
+    assert_eq!(
+        code(
+            p.node()
+                .node_expand_volume(node_expand(id, &target, 256 * MIB, 0))
+                .await
+        ),
+        Code::Internal
     );
     p.unpublish(id, &target).await.unwrap();
     p.unstage(id, &staging).await.unwrap();
+    p.stage(id, &staging, cap()).await.unwrap();
     assert_eq!(
-        code(p.node().node_expand_volume(node_expand(&staging)).await),
-        Code::FailedPrecondition,
-        "not staged"
+        p.engine.inits().last().unwrap(),
+        &(dm.clone(), 127 << 20, 255 << 20)
     );
+    assert!(!p.state.join("volumes").join(format!("{id}.grow")).exists());
+    // A stage of a volume with nothing pending initializes nothing.
+    p.unstage(id, &staging).await.unwrap();
+    p.stage(id, &staging, cap()).await.unwrap();
+    assert_eq!(p.engine.inits().len(), 2);
+    p.unstage(id, &staging).await.unwrap();
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn xfs_volumes_are_at_least_what_mkfs_xfs_accepts() {
+    let p = Plugin::start().await;
+    let mut c = p.controller();
+    let xfs = || vec![mount_cap(Mode::SingleNodeWriter, "xfs")];
+    let cap_of = |r: CreateVolumeResponse| r.volume.unwrap().capacity_bytes;
+    // Rounded up to the smallest volume mkfs.xfs formats, for each integrity profile.
+    let r = c
+        .create_volume(create_req("x-aead", 100 * MIB, &[], xfs()))
+        .await
+        .unwrap();
+    assert_eq!(cap_of(r.into_inner()), 307 * MIB);
+    let r = c
+        .create_volume(create_req("x-aead", 100 * MIB, &[], xfs()))
+        .await
+        .unwrap();
+    assert_eq!(cap_of(r.into_inner()), 307 * MIB, "idempotent");
+    let r = c
+        .create_volume(create_req(
+            "x-xts",
+            100 * MIB,
+            &[("integrity", "none")],
+            xfs(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(cap_of(r.into_inner()), 301 * MIB);
+    let r = c
+        .create_volume(create_req("x-big", 400 * MIB, &[], xfs()))
+        .await
+        .unwrap();
+    assert_eq!(cap_of(r.into_inner()), 400 * MIB);
+    // ext4 and block volumes keep the general minimum.
+    let r = c
+        .create_volume(create_req(
+            "e",
+            100 * MIB,
+            &[],
+            vec![mount_cap(Mode::SingleNodeWriter, "ext4")],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(cap_of(r.into_inner()), 100 * MIB);
+    // A limit below the xfs minimum allows no volume.
+    let mut small = create_req("x-small", 100 * MIB, &[], xfs());
+    small.capacity_range.as_mut().unwrap().limit_bytes = 200 * MIB;
+    let err = c.create_volume(small).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+    assert!(
+        err.message().contains("xfs") && err.message().contains("307 MiB"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        !p.backing(&sealcsi::provision::volume_id_for("x-small"))
+            .exists()
+    );
+    // GetCapacity tells the minimum for what is asked.
+    let cap = c
+        .get_capacity(GetCapacityRequest {
+            volume_capabilities: xfs(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cap.minimum_volume_size, Some(307 * MIB));
+    let cap = c
+        .get_capacity(GetCapacityRequest {
+            volume_capabilities: xfs(),
+            parameters: HashMap::from([("integrity".to_string(), "none".to_string())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cap.minimum_volume_size, Some(301 * MIB));
     p.stop().await.unwrap();
 }
 

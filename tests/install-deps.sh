@@ -8,7 +8,9 @@ packages=(
     # reference peer for the benchmarks and cross-checks
     cryptsetup-bin
     # building: the devicemapper crate's bindgen + pkg-config probe, and the UML FPU-state shim
-    libdevmapper-dev libclang-dev pkg-config gcc
+    libdevmapper-dev libclang-dev pkg-config gcc libtss2-dev
+    # the TPM source is tested against a software TPM
+    swtpm
 )
 
 missing=()

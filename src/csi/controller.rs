@@ -1,5 +1,5 @@
-//! The Controller service over [`Provisioner`]: create, delete, list, capacity, expand, get and
-//! validate node-local sealed volumes. Snapshots, ControllerPublish and ModifyVolume are UNIMPLEMENTED.
+//! The Controller service over [`Provisioner`]: create, delete, list, capacity, expand (not advertised,
+//! see [`CAPABILITIES`]), get and validate node-local sealed volumes. Snapshots, ControllerPublish and ModifyVolume are UNIMPLEMENTED.
 
 use std::sync::Arc;
 
@@ -10,8 +10,10 @@ use super::convert::{self, CapabilityError, bytes, required};
 use super::proto::controller_service_capability::{Rpc, Type as CapType, rpc::Type as RpcType};
 use super::proto::{self, controller_server::Controller};
 use super::{Shared, blocking, status};
+use crate::header::FsKind;
 use crate::provision::{
-    Created, MIN_VOLUME_BYTES, ProvisionError, Provisioner, VolumeInfo, VolumeParams, volume_id_for,
+    AccessType, Capability, Created, ProvisionError, Provisioner, VolumeInfo, VolumeParams,
+    min_volume_bytes, volume_id_for,
 };
 
 pub struct ControllerService {
@@ -19,11 +21,17 @@ pub struct ControllerService {
 }
 
 /// The RPCs the controller advertises.
+///
+/// Not EXPAND_VOLUME, although ControllerExpandVolume works for a volume of this node: every node runs
+/// its own csi-resizer, which has no per-node mode. Its leader election makes one resizer in the cluster
+/// handle every claim, and its ControllerExpandVolume would land on the leader's plugin, which does not
+/// hold the volumes of other nodes (NotFound, resize marked infeasible). Without the capability,
+/// Kubernetes expands node-only: the resizer just records the new size in the PV, and the kubelet of the
+/// volume's node calls NodeExpandVolume, which grows the backing file itself.
 pub const CAPABILITIES: &[RpcType] = &[
     RpcType::CreateDeleteVolume,
     RpcType::ListVolumes,
     RpcType::GetCapacity,
-    RpcType::ExpandVolume,
     RpcType::GetVolume,
     RpcType::VolumeCondition,
     RpcType::SingleNodeMultiWriter,
@@ -66,9 +74,11 @@ impl ControllerService {
         if req.volume_capabilities.is_empty() {
             return Err(status::invalid_argument("volume_capabilities is required"));
         }
+        let mut caps = Vec::with_capacity(req.volume_capabilities.len());
         for cap in &req.volume_capabilities {
-            convert::capability(cap).map_err(|e| status::invalid_argument(e.message()))?;
+            caps.push(convert::capability(cap).map_err(|e| status::invalid_argument(e.message()))?);
         }
+        let fs = stage_fs(&caps);
         if req.volume_content_source.is_some() {
             return Err(status::invalid_argument(
                 "volume_content_source is not supported: sealcsi creates empty volumes only (no snapshots, no clones)",
@@ -103,7 +113,7 @@ impl ControllerService {
         let created = blocking(move || {
             let _guard = guard;
             provisioner
-                .create(&name, required_bytes, limit_bytes, params)
+                .create(&name, required_bytes, limit_bytes, params, fs)
                 .map_err(|e| status::from_error(&e))
         })
         .await?;
@@ -228,7 +238,7 @@ impl ControllerService {
         &self,
         req: proto::GetCapacityRequest,
     ) -> Result<Response<proto::GetCapacityResponse>, Status> {
-        VolumeParams::parse(&req.parameters).map_err(|e| status::from_error(&e))?;
+        let params = VolumeParams::parse(&req.parameters).map_err(|e| status::from_error(&e))?;
         let none = || {
             Ok(Response::new(proto::GetCapacityResponse {
                 available_capacity: 0,
@@ -236,13 +246,15 @@ impl ControllerService {
                 minimum_volume_size: None,
             }))
         };
+        let mut caps = Vec::with_capacity(req.volume_capabilities.len());
         for cap in &req.volume_capabilities {
             match convert::capability(cap) {
-                Ok(_) => {}
+                Ok(c) => caps.push(c),
                 Err(CapabilityError::Invalid(m)) => return Err(status::invalid_argument(m)),
                 Err(CapabilityError::Unsupported(_)) => return none(),
             }
         }
+        let min = min_volume_bytes(params, stage_fs(&caps));
         if let Some(t) = &req.accessible_topology
             && !self.is_this_node(t)
         {
@@ -254,7 +266,7 @@ impl ControllerService {
         Ok(Response::new(proto::GetCapacityResponse {
             available_capacity: bytes(free),
             maximum_volume_size: Some(bytes(free)),
-            minimum_volume_size: Some(bytes(MIN_VOLUME_BYTES)),
+            minimum_volume_size: Some(bytes(min)),
         }))
     }
 
@@ -313,6 +325,22 @@ impl ControllerService {
             }),
         }))
     }
+}
+
+/// The filesystem a volume with these capabilities will be staged with, where it matters for its size:
+/// xfs if any capability asks for it (its minimum is the largest).
+fn stage_fs(caps: &[Capability]) -> Option<FsKind> {
+    caps.iter()
+        .any(|c| {
+            matches!(
+                c.access,
+                AccessType::Mount {
+                    fs: Some(FsKind::Xfs),
+                    ..
+                }
+            )
+        })
+        .then_some(FsKind::Xfs)
 }
 
 fn span(rpc: &'static str, volume_id: &str) -> tracing::Span {

@@ -112,6 +112,8 @@ pub struct PluginConfig {
     pub mode: Mode,
     /// Volumes live under `<state_dir>/volumes/`.
     pub state_dir: PathBuf,
+    /// Where to serve Prometheus metrics (`GET /metrics`); off when `None`.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 impl PluginConfig {
@@ -128,6 +130,7 @@ impl PluginConfig {
             driver_name: DEFAULT_DRIVER_NAME.to_string(),
             mode,
             state_dir: state_dir.into(),
+            metrics_address: None,
         }
     }
 }
@@ -286,17 +289,18 @@ pub async fn serve_until(
     }
     let path = socket_path(&config.endpoint)?;
     let store = Store::open(&config.state_dir)?;
+    // Always collected (cheap); served only when an address is configured.
+    let metrics = crate::metrics::Metrics::new(Some(deps.dm.clone()));
     let shared = Arc::new(Shared {
         provisioner: config
             .mode
             .controller()
             .then(|| Arc::new(Provisioner::new(store.clone(), deps.dm.clone()))),
         node: config.mode.node().then(|| {
-            Arc::new(NodeCore::new(
-                store.clone(),
-                deps.engine.clone(),
-                deps.mounter.clone(),
-            ))
+            Arc::new(
+                NodeCore::new(store.clone(), deps.engine.clone(), deps.mounter.clone())
+                    .with_metrics(metrics.clone()),
+            )
         }),
         guards: guard::OpGuards::new(),
         config,
@@ -333,7 +337,16 @@ pub async fn serve_until(
         .node
         .is_some()
         .then(|| proto::node_server::NodeServer::new(node::NodeService::new(shared.clone())));
+    let metrics_server = shared.config.metrics_address.map(|addr| {
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, metrics).await {
+                tracing::error!(%addr, error = %e, "metrics endpoint stopped");
+            }
+        })
+    });
     let router = tonic::transport::Server::builder()
+        .layer(crate::metrics::MetricsLayer::new(metrics))
         .add_service(identity)
         .add_optional_service(controller)
         .add_optional_service(node);
@@ -362,6 +375,9 @@ pub async fn serve_until(
         && e.kind() != io::ErrorKind::NotFound
     {
         tracing::warn!(socket = %path.display(), error = %e, "could not remove the socket");
+    }
+    if let Some(task) = metrics_server {
+        task.abort();
     }
     tracing::info!("CSI plugin stopped");
     result

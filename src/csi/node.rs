@@ -207,10 +207,10 @@ impl Node for NodeService {
             if let Some(cap) = &req.volume_capability {
                 convert::capability(cap).map_err(|e| status::invalid_argument(e.message()))?;
             }
-            convert::range(req.capacity_range.as_ref())?;
+            let (required, limit) = convert::range(req.capacity_range.as_ref())?;
             let vid = id.clone();
             let size = self
-                .guarded(&id, move |core| core.expand(&vid, &path))
+                .guarded(&id, move |core| core.expand(&vid, &path, required, limit))
                 .await?;
             Ok(Response::new(proto::NodeExpandVolumeResponse {
                 capacity_bytes: bytes(size),

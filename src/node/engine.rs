@@ -80,7 +80,7 @@ impl Meaningful for EngineError {
 }
 
 /// What staging the device produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StagedDevice {
     /// The top device node (`/dev/mapper/<dm name>`).
     pub device: PathBuf,
@@ -88,6 +88,16 @@ pub struct StagedDevice {
     pub fs: FsKind,
     /// Whether this call formatted the volume.
     pub formatted: bool,
+    /// How long initialization took, when this call formatted the volume.
+    pub init: Option<InitTiming>,
+}
+
+/// The phases of one volume initialization.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InitTiming {
+    pub fast: bool,
+    pub wipe_seconds: f64,
+    pub mkfs_seconds: f64,
 }
 
 /// The sealed-volume operations of the node core.
@@ -110,7 +120,18 @@ pub trait VolumeEngine: Send + Sync {
     /// Size in bytes of the open top device.
     fn size_bytes(&self, dm_name: &str) -> Result<u64, EngineError>;
     /// Makes the open mapping take the backing file's (grown) size; returns the new top size in bytes.
+    /// Does not initialize the new space: see [`VolumeEngine::init_new_space`].
     fn expand(&self, dm_name: &str, backing: &Path) -> Result<u64, EngineError>;
+    /// Initializes bytes `from..to` of the open top device after it grew, where the profile needs it
+    /// (AEAD: never-written blocks have no valid tag and read as errors, so they are written with zeros
+    /// once). Idempotent: it only ever covers space no filesystem or user has been given yet.
+    fn init_new_space(
+        &self,
+        dm_name: &str,
+        backing: &Path,
+        from: u64,
+        to: u64,
+    ) -> Result<(), EngineError>;
     /// Grows the filesystem on `device`, mounted at `mount_point`.
     fn grow_fs(&self, fs: FsKind, device: &Path, mount_point: &Path) -> Result<(), EngineError>;
     /// `Err(what is missing)` unless the sealing source answers.
@@ -245,7 +266,7 @@ impl VolumeEngine for KernelEngine {
         format: &FormatOptions,
     ) -> Result<StagedDevice, EngineError> {
         let names = StackNames::new(dm_name)?;
-        let mut formatted = false;
+        let mut init = None;
         if self.dm.info(&names.crypt)?.is_none()
             && !header::has_magic(&read_header_region(backing)?)
         {
@@ -256,7 +277,11 @@ impl VolumeEngine for KernelEngine {
             };
             let report = self.volumes().format(backing, &opts, &mut |_, _| {})?;
             tracing::info!(volume.uuid = %report.uuid, seconds = report.total_seconds, "formatted new sealed volume");
-            formatted = true;
+            init = Some(InitTiming {
+                fast: opts.init == crate::init::InitMode::Fast,
+                wipe_seconds: report.init_seconds,
+                mkfs_seconds: report.mkfs_seconds,
+            });
         }
         let report = self.volumes().open(backing, dm_name)?;
         let region = read_header_region(backing)?;
@@ -269,7 +294,8 @@ impl VolumeEngine for KernelEngine {
         Ok(StagedDevice {
             device: report.device,
             fs,
-            formatted,
+            formatted: init.is_some(),
+            init,
         })
     }
 
@@ -358,25 +384,43 @@ impl VolumeEngine for KernelEngine {
         let reloaded = self.dm.reload(&names.crypt, std::slice::from_ref(&crypt));
         drop(logon);
         reloaded?;
-        let new_bytes = data_sectors * SECTOR;
-        if matches!(header.profile, Profile::AeadHmacSha256 { .. }) {
-            // Blocks never written have no valid tag and read as errors: write the new space once, so the
-            // filesystem's resize (and anyone after it) reads zeros there.
-            crate::devio::zero_range(
-                &names.crypt.node(),
-                old_bytes,
-                new_bytes - old_bytes,
-                |_, _| {},
-            )
-            .map_err(|source| EngineError::Io {
+        Ok(data_sectors * SECTOR)
+    }
+
+    fn init_new_space(
+        &self,
+        dm_name: &str,
+        backing: &Path,
+        from: u64,
+        to: u64,
+    ) -> Result<(), EngineError> {
+        let names = StackNames::new(dm_name)?;
+        let region = read_header_region(backing)?;
+        let header = header::select(&region)
+            .map_err(|source| VolumeError::Header {
+                device: backing.display().to_string(),
+                source,
+            })?
+            .header;
+        if !matches!(header.profile, Profile::AeadHmacSha256 { .. }) || to <= from {
+            return Ok(());
+        }
+        let size = dm_size_bytes(&*self.dm, &names.crypt)?;
+        let to = to.min(size);
+        if to <= from {
+            return Ok(());
+        }
+        // Blocks never written have no valid tag and read as errors: write the new space once, so the
+        // filesystem's resize (and anyone after it) reads zeros there. zero_range syncs before it returns.
+        crate::devio::zero_range(&names.crypt.node(), from, to - from, |_, _| {}).map_err(
+            |source| EngineError::Io {
                 context: format!(
-                    "initializing the new space of {}",
+                    "initializing bytes {from}..{to} of {}",
                     names.crypt.node().display()
                 ),
                 source,
-            })?;
-        }
-        Ok(new_bytes)
+            },
+        )
     }
 
     fn grow_fs(&self, fs: FsKind, device: &Path, mount_point: &Path) -> Result<(), EngineError> {

@@ -36,6 +36,8 @@ pub struct MemoryEngine {
     mismatches: Mutex<BTreeMap<String, u64>>,
     formats: Mutex<Vec<(PathBuf, FormatOptions)>>,
     grown: Mutex<Vec<(FsKind, PathBuf)>>,
+    inits: Mutex<Vec<(String, u64, u64)>>,
+    fail_inits: Mutex<u32>,
     stage_delay: Mutex<std::time::Duration>,
 }
 
@@ -141,6 +143,15 @@ fn has_marker_magic(region: &[u8]) -> bool {
 }
 
 impl MemoryEngine {
+    /// The fake does no initialization work: a format reports zero-length phases.
+    fn timing(formatted: bool, format: &FormatOptions) -> Option<super::engine::InitTiming> {
+        formatted.then_some(super::engine::InitTiming {
+            fast: format.init == crate::init::InitMode::Fast,
+            wipe_seconds: 0.0,
+            mkfs_seconds: 0.0,
+        })
+    }
+
     /// An engine whose "sealing identity" is `identity`, over `dm`.
     pub fn new(dm: Arc<MemoryDm>, identity: &str) -> Self {
         Self {
@@ -150,6 +161,8 @@ impl MemoryEngine {
             mismatches: Mutex::default(),
             formats: Mutex::default(),
             grown: Mutex::default(),
+            inits: Mutex::default(),
+            fail_inits: Mutex::default(),
             stage_delay: Mutex::default(),
         }
     }
@@ -187,6 +200,17 @@ impl MemoryEngine {
     /// Every filesystem grow: (filesystem, device or mount point given to the tool).
     pub fn grown(&self) -> Vec<(FsKind, PathBuf)> {
         self.grown.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every completed [`VolumeEngine::init_new_space`]: (dm name, from, to).
+    pub fn inits(&self) -> Vec<(String, u64, u64)> {
+        self.inits.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes the next `n` calls of [`VolumeEngine::init_new_space`] fail (as a crash between growing the
+    /// mapping and initializing the new space would leave it).
+    pub fn fail_next_inits(&self, n: u32) {
+        *self.fail_inits.lock().unwrap_or_else(|e| e.into_inner()) = n;
     }
 
     fn data_sectors(backing: &Path) -> Result<u64, EngineError> {
@@ -298,6 +322,7 @@ impl VolumeEngine for MemoryEngine {
                 device: info.node,
                 fs: marker.fs,
                 formatted,
+                init: Self::timing(formatted, format),
             });
         }
         let sectors = Self::data_sectors(backing)?;
@@ -319,6 +344,7 @@ impl VolumeEngine for MemoryEngine {
             device: info.node,
             fs: marker.fs,
             formatted,
+            init: Self::timing(formatted, format),
         })
     }
 
@@ -386,6 +412,36 @@ impl VolumeEngine for MemoryEngine {
             Err(DmError::NotFound(n)) => Err(EngineError::NotOpen(n)),
             Err(e) => Err(e.into()),
         }
+    }
+
+    fn init_new_space(
+        &self,
+        dm_name: &str,
+        _backing: &Path,
+        from: u64,
+        to: u64,
+    ) -> Result<(), EngineError> {
+        let names = StackNames::new(dm_name)?;
+        let size = dm_size_bytes(&*self.dm, &names.crypt)?;
+        {
+            let mut fail = self.fail_inits.lock().unwrap_or_else(|e| e.into_inner());
+            if *fail > 0 {
+                *fail -= 1;
+                return Err(EngineError::Io {
+                    context: format!("initializing bytes {from}..{to} of {dm_name}"),
+                    source: std::io::Error::other("injected failure"),
+                });
+            }
+        }
+        let to = to.min(size);
+        if to > from {
+            self.inits.lock().unwrap_or_else(|e| e.into_inner()).push((
+                dm_name.to_string(),
+                from,
+                to,
+            ));
+        }
+        Ok(())
     }
 
     fn grow_fs(&self, fs: FsKind, device: &Path, mount_point: &Path) -> Result<(), EngineError> {

@@ -113,6 +113,7 @@ pub struct NodeCore {
     store: Store,
     engine: Arc<dyn VolumeEngine>,
     mounter: Arc<dyn Mounter>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for NodeCore {
@@ -137,6 +138,40 @@ impl NodeCore {
             store,
             engine,
             mounter,
+            metrics: None,
+        }
+    }
+
+    /// Records initialization times and unseal failures in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn record_stage(&self, result: &Result<engine::StagedDevice, EngineError>) {
+        let Some(metrics) = &self.metrics else { return };
+        match result {
+            Ok(staged) => {
+                if let Some(t) = staged.init {
+                    metrics.observe_init(t.fast, t.wipe_seconds, t.mkfs_seconds);
+                }
+            }
+            Err(EngineError::Volume(e)) => {
+                use crate::metrics::UnsealFailure;
+                use crate::volume::ErrorClass;
+                let reason = match e.class() {
+                    ErrorClass::WrongIdentity => Some(UnsealFailure::WrongIdentity),
+                    ErrorClass::InvalidHeader => Some(UnsealFailure::InvalidHeader),
+                    _ if matches!(e, crate::volume::VolumeError::Seal(_)) => {
+                        Some(UnsealFailure::SourceUnavailable)
+                    }
+                    _ => None,
+                };
+                if let Some(reason) = reason {
+                    metrics.unseal_failed(reason);
+                }
+            }
+            Err(_) => {}
         }
     }
 
@@ -189,8 +224,16 @@ impl NodeCore {
             },
         };
         let was_open = self.engine.open_device(&dm)?.is_some();
-        let staged = self.engine.stage_device(&vol.backing, &dm, &format)?;
+        let staged = self.engine.stage_device(&vol.backing, &dm, &format);
+        self.record_stage(&staged);
+        let staged = staged?;
         tracing::info!(volume.id = %volume_id, device = %staged.device.display(), formatted = staged.formatted, "volume open");
+        if let Err(e) = self.finish_pending_init(volume_id, &dm, &vol.backing) {
+            if !was_open {
+                self.close_quietly(volume_id, &dm);
+            }
+            return Err(e);
+        }
         let AccessType::Mount { fs, flags } = &cap.access else {
             return Ok(());
         };
@@ -437,9 +480,23 @@ impl NodeCore {
         Ok(VolumeStats { usage, condition })
     }
 
-    /// Grows the open mapping to the backing file's size, then the filesystem mounted at `volume_path`
-    /// (if it is one). Returns the volume's new size in bytes.
-    pub fn expand(&self, volume_id: &str, volume_path: &Path) -> Result<u64, NodeError> {
+    /// Grows the volume to the capacity range (`0` = unset: to the backing file's current size): the
+    /// backing file (never shrunk), the open mapping (loop, integrity, crypt), the new space's
+    /// initialization, and the filesystem mounted at `volume_path` (if it is one). Returns the volume's new
+    /// size in bytes (of the top device).
+    ///
+    /// Safe to retry after a crash at any step. The file, the loop device and the mapping grow only when
+    /// they are smaller than what lies under them, so a retry redoes whatever is missing; the new space is
+    /// recorded as pending ([`Store::set_pending_init`]) before the mapping grows and forgotten only after
+    /// it is initialized, so a retry that finds the mapping already grown still initializes it. The
+    /// filesystem grows last, never over uninitialized space.
+    pub fn expand(
+        &self,
+        volume_id: &str,
+        volume_path: &Path,
+        required: u64,
+        limit: u64,
+    ) -> Result<u64, NodeError> {
         let vol = self.volume(volume_id)?;
         let dm = dm_name_for(volume_id);
         let meta = fs::metadata(volume_path).map_err(|_| {
@@ -451,8 +508,7 @@ impl NodeCore {
         let device = self.engine.open_device(&dm)?.ok_or_else(|| {
             NodeError::FailedPrecondition(format!("volume {volume_id} is not staged on this node"))
         })?;
-        let bytes = self.engine.expand(&dm, &vol.backing)?;
-        if meta.is_dir() {
+        let mount = if meta.is_dir() {
             let m = self.mounter.mounted_at(volume_path)?.ok_or_else(|| {
                 NodeError::NotFound(format!(
                     "volume {volume_id} is not mounted at {}",
@@ -466,9 +522,42 @@ impl NodeCore {
                     m.fs_type
                 ))
             })?;
+            Some(fs)
+        } else {
+            None
+        };
+        let file_bytes = self.store.grow_backing(volume_id, required, limit)?;
+        let before = self.engine.size_bytes(&dm)?;
+        let from = match self.store.pending_init(volume_id)? {
+            Some(pending) => pending.min(before),
+            None => before,
+        };
+        self.store.set_pending_init(volume_id, from)?;
+        let bytes = self.engine.expand(&dm, &vol.backing)?;
+        self.engine.init_new_space(&dm, &vol.backing, from, bytes)?;
+        self.store.clear_pending_init(volume_id)?;
+        if let Some(fs) = mount {
             self.engine.grow_fs(fs, &device, volume_path)?;
         }
-        tracing::info!(volume.id = %volume_id, bytes, "volume expanded");
+        tracing::info!(volume.id = %volume_id, bytes, backing.bytes = file_bytes, "volume expanded");
         Ok(bytes)
+    }
+
+    /// Finishes the initialization of new space that an interrupted expansion left (see [`Self::expand`]),
+    /// before the just opened volume is handed to anyone.
+    fn finish_pending_init(
+        &self,
+        volume_id: &str,
+        dm: &str,
+        backing: &Path,
+    ) -> Result<(), NodeError> {
+        let Some(from) = self.store.pending_init(volume_id)? else {
+            return Ok(());
+        };
+        let to = self.engine.size_bytes(dm)?;
+        tracing::info!(volume.id = %volume_id, from, to, "initializing the new space of an interrupted expansion");
+        self.engine.init_new_space(dm, backing, from, to)?;
+        self.store.clear_pending_init(volume_id)?;
+        Ok(())
     }
 }

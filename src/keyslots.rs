@@ -1,0 +1,1765 @@
+//! Keyslot lifecycle on a volume's header: list, add, remove, recovery escrow, recover, crypto-erase.
+//!
+//! Rules every operation keeps (docs/keys.md, "Keyslot lifecycle"):
+//! - It never touches the data area and never changes the volume key: a slot is one more (or one fewer)
+//!   wrapping of the same key.
+//! - Before changing anything it proves it may: it unseals the volume key with a slot this node opens
+//!   (`recover` proves it with the operator's escrow key instead). `erase` needs no key.
+//! - Each change is one atomic header update ([`write_header_update`]: the new header, with the next
+//!   sequence number, over the copy that does not win, flushed). A crash leaves the old or the new set of
+//!   slots, never neither. Removals and erase then write the same slot set over the other copy too, so
+//!   neither copy keeps the removed wrapping (that second write is itself an ordinary update).
+//! - Operations on one device are serialised by an exclusive `flock` on it.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hkdf::Hkdf;
+use hpke::aead::ChaCha20Poly1305;
+use hpke::kdf::HkdfSha256;
+use hpke::kem::X25519HkdfSha256;
+use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::devio;
+use crate::header::{
+    self, COPY_OFFSETS, HEADER_SIZE, Header, HeaderError, KEYSLOTS, Keyslot, MAX_BINDING_LEN,
+    SlotKind, SourceKind,
+};
+use crate::keys::{
+    DIGEST_LEN, Kek, KeyError, NONCE_LEN, SALT_LEN, SealingSecret, VolumeKey, WRAP_TAG_LEN,
+    random_bytes,
+};
+use crate::sealing::snp::{SnpBinding, SnpPolicy, SnpSource};
+use crate::sealing::{SealError, SealingSource, SimSource};
+use crate::volume::{ErrorClass, VolumeError, Volumes, read_header, write_header_update};
+
+/// HPKE suite of recovery slots: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20Poly1305, mode Base.
+type RecoveryKem = X25519HkdfSha256;
+type RecoveryKdf = HkdfSha256;
+type RecoveryAead = ChaCha20Poly1305;
+/// HPKE `info` of a recovery slot: this label, then the volume UUID (16 bytes).
+const RECOVERY_INFO_LABEL: &[u8] = b"sealcsi/v1/recovery";
+/// Label of the key check value printed by `add-recovery` and checked by `recover`.
+const KEY_CHECK_LABEL: &[u8] = b"sealcsi/v1/key-check";
+const PUBLIC_KEY_TAG: &str = "sealcsi-recovery-public-key-v1 x25519";
+const PRIVATE_KEY_TAG: &str = "sealcsi-recovery-private-key-v1 x25519";
+/// Length of an X25519 key.
+pub const RECOVERY_KEY_LEN: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyslotError {
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A `--for` target that does not parse.
+    #[error("invalid keyslot target {text:?}: {reason}")]
+    InvalidTarget { text: String, reason: String },
+    /// A target this build cannot seal to.
+    #[error("keyslot target {target} is not available: {reason}")]
+    TargetUnavailable { target: String, reason: String },
+    /// Every keyslot is in use.
+    #[error("all {KEYSLOTS} keyslots are in use: remove one first")]
+    Full,
+    /// The slot index names no active keyslot.
+    #[error("keyslot {0} does not exist (slots are 0..=7; see `sealcsi volume slots`)")]
+    NoSuchSlot(usize),
+    /// Removing the slot would lock this node (or everyone) out.
+    #[error("refusing to remove keyslot {index}: {reason}; pass --force to remove it anyway")]
+    LastSlot { index: usize, reason: &'static str },
+    /// A destructive operation was not confirmed.
+    #[error("{0}")]
+    NotConfirmed(String),
+    /// A slot claims an identity but does not authenticate under it.
+    #[error(
+        "keyslot {0} claims this identity but fails authentication (the header was altered); \
+         remove it before adding a slot for this identity"
+    )]
+    AlteredSlot(usize),
+    /// A recovery key file is missing, malformed or too widely readable.
+    #[error("recovery key file {path}: {reason}")]
+    RecoveryKeyFile { path: String, reason: String },
+    /// No escrow slot is addressed to this recovery key.
+    #[error(
+        "no recovery slot of this volume is for this recovery key (key fingerprint {fingerprint})"
+    )]
+    NoRecoverySlot { fingerprint: String },
+    /// Escrow slots addressed to this key do not decrypt.
+    #[error(
+        "recovery slot(s) {0:?} for this key fail to decrypt: the header was altered; refusing"
+    )]
+    RecoveryAuthentication(Vec<usize>),
+    /// The recovered key is not the key the operator escrowed.
+    #[error(
+        "the key in the recovery slot does not match {what}: the slot was replaced by someone who \
+         knows only the public recovery key (or the wrong volume was given); refusing to use it"
+    )]
+    KeyMismatch { what: &'static str },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HPKE {0}")]
+    Hpke(String),
+}
+
+impl KeyslotError {
+    /// The class that decides the CLI exit code.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            KeyslotError::Volume(e) => e.class(),
+            KeyslotError::InvalidTarget { .. }
+            | KeyslotError::TargetUnavailable { .. }
+            | KeyslotError::NoSuchSlot(_)
+            | KeyslotError::RecoveryKeyFile { .. } => ErrorClass::InvalidArgument,
+            KeyslotError::Full | KeyslotError::LastSlot { .. } | KeyslotError::NotConfirmed(_) => {
+                ErrorClass::Refused
+            }
+            KeyslotError::NoRecoverySlot { .. } => ErrorClass::WrongIdentity,
+            KeyslotError::AlteredSlot(_)
+            | KeyslotError::RecoveryAuthentication(_)
+            | KeyslotError::KeyMismatch { .. } => ErrorClass::InvalidHeader,
+            KeyslotError::Seal(_)
+            | KeyslotError::Key(_)
+            | KeyslotError::Io { .. }
+            | KeyslotError::Hpke(_) => ErrorClass::Internal,
+        }
+    }
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> KeyslotError {
+    let context = context.into();
+    move |source| KeyslotError::Io { context, source }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Targets: who a new keyslot is sealed to
+// ---------------------------------------------------------------------------------------------
+
+/// Who a new keyslot is sealed to: the `--for` argument.
+///
+/// Grammar:
+/// - `current`: this node's sealing source, with its default binding;
+/// - `sim:<identity>`: a simulated node with the same state directory (seed) and another identity
+///   string (development and tests: "another image");
+/// - `tpm-pcrs:<bank>:<idx>=<hex>[,<idx>=<hex>...]`: the TPM, for expected PCR values (the grammar and
+///   the banks are the TPM module's: `sealing::tpm::parse_expected_pcrs`, sha256 today);
+/// - `snp:strict`, `snp:upgradable[:svn=N]`: this SEV-SNP guest, under the named policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Current,
+    Sim(String),
+    /// The text after `tpm-pcrs:` (`<bank>:<idx>=<hex>,...`), checked by the TPM module's parser.
+    TpmPcrs(String),
+    Snp(SnpPolicy),
+}
+
+impl Target {
+    pub fn parse(text: &str) -> Result<Self, KeyslotError> {
+        let bad = |reason: String| KeyslotError::InvalidTarget {
+            text: text.to_owned(),
+            reason,
+        };
+        if text == "current" {
+            return Ok(Target::Current);
+        }
+        let (scheme, rest) = text.split_once(':').ok_or_else(|| {
+            bad(
+                "expected current, sim:<identity>, tpm-pcrs:<bank>:<idx>=<hex>,... or \
+                 snp:strict|upgradable[:svn=N]"
+                    .into(),
+            )
+        })?;
+        match scheme {
+            "sim" if !rest.is_empty() => Ok(Target::Sim(rest.to_owned())),
+            "sim" => Err(bad("the simulated identity is empty".into())),
+            "snp" => rest.parse().map(Target::Snp).map_err(bad),
+            "tpm-pcrs" => crate::sealing::tpm::parse_expected_pcrs(rest)
+                .map(|_| Target::TpmPcrs(rest.to_owned()))
+                .map_err(|e| bad(e.to_string())),
+            other => Err(bad(format!("unknown target kind {other:?}"))),
+        }
+    }
+}
+
+impl FromStr for Target {
+    type Err = KeyslotError;
+    fn from_str(s: &str) -> Result<Self, KeyslotError> {
+        Target::parse(s)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Current => f.write_str("current"),
+            Target::Sim(id) => write!(f, "sim:{id}"),
+            Target::Snp(policy) => write!(f, "snp:{policy}"),
+            Target::TpmPcrs(spec) => write!(f, "tpm-pcrs:{spec}"),
+        }
+    }
+}
+
+/// The sealing source a target resolves to: this node's own, or one opened for the target.
+pub enum TargetSource<'a> {
+    Node(&'a dyn SealingSource),
+    Opened(Box<dyn SealingSource>),
+}
+
+impl TargetSource<'_> {
+    pub fn source(&self) -> &dyn SealingSource {
+        match self {
+            TargetSource::Node(s) => *s,
+            TargetSource::Opened(s) => s.as_ref(),
+        }
+    }
+}
+
+/// Resolves `target` to a sealing source. `state_dir` is where simulated identities keep their seed.
+pub fn open_target<'a>(
+    target: &Target,
+    node: &'a dyn SealingSource,
+    state_dir: &Path,
+) -> Result<TargetSource<'a>, KeyslotError> {
+    match target {
+        Target::Current => Ok(TargetSource::Node(node)),
+        Target::Sim(identity) => Ok(TargetSource::Opened(Box::new(SimSource::open(
+            state_dir, identity,
+        )?))),
+        Target::Snp(policy) => Ok(TargetSource::Opened(Box::new(SnpSource::open(*policy)?))),
+        Target::TpmPcrs(_) => Err(KeyslotError::TargetUnavailable {
+            target: target.to_string(),
+            reason:
+                "a pre-authorised PCR binding is sealed with sealing::tpm::seal_for_pcrs and added \
+                     with add_sealed (the CLI does this for --for tpm-pcrs:...)"
+                    .into(),
+        }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listing
+// ---------------------------------------------------------------------------------------------
+
+/// A keyslot's public facts.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotInfo {
+    pub index: usize,
+    /// "sealed" or "recovery".
+    pub kind: &'static str,
+    /// The sealing source; null for a recovery slot.
+    pub source: Option<SourceKind>,
+    /// Sealed: the digest of the sealing secret (compare with `sealcsi volume identity`). Recovery: the
+    /// SHA-256 fingerprint of the recipient's public key.
+    pub identity_digest: String,
+    pub binding: String,
+    /// The binding decoded, where its format is known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decoded: Option<BindingInfo>,
+    pub created: u64,
+}
+
+/// A decoded binding.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum BindingInfo {
+    Sim,
+    Snp {
+        policy: String,
+        guest_field_select: String,
+        guest_svn: u32,
+        vmpl: u32,
+        tcb_version: u64,
+    },
+    Recovery {
+        hpke_suite: &'static str,
+        encapsulated_key: String,
+    },
+    /// The binding does not decode (a slot this build's source would not use).
+    Invalid {
+        reason: String,
+    },
+}
+
+fn decode_binding(slot: &Keyslot) -> Option<BindingInfo> {
+    match slot.kind {
+        SlotKind::Recovery => Some(BindingInfo::Recovery {
+            hpke_suite: "DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20Poly1305",
+            encapsulated_key: hex::encode(&slot.binding),
+        }),
+        SlotKind::Sealed(SourceKind::Sim) if slot.binding.is_empty() => Some(BindingInfo::Sim),
+        SlotKind::Sealed(SourceKind::Snp) => Some(match SnpBinding::decode(&slot.binding) {
+            Ok(b) => {
+                let request = b.request();
+                BindingInfo::Snp {
+                    policy: b.policy.to_string(),
+                    guest_field_select: format!("{:#x}", request.guest_field_select),
+                    guest_svn: request.guest_svn,
+                    vmpl: request.vmpl,
+                    tcb_version: request.tcb_version,
+                }
+            }
+            Err(e) => BindingInfo::Invalid {
+                reason: e.to_string(),
+            },
+        }),
+        SlotKind::Sealed(SourceKind::Sim) => Some(BindingInfo::Invalid {
+            reason: "a sim slot has no binding".into(),
+        }),
+        // The TPM binding format belongs to the TPM source.
+        SlotKind::Sealed(SourceKind::Tpm) => None,
+    }
+}
+
+fn slot_info(index: usize, slot: &Keyslot) -> SlotInfo {
+    SlotInfo {
+        index,
+        kind: match slot.kind {
+            SlotKind::Sealed(_) => "sealed",
+            SlotKind::Recovery => "recovery",
+        },
+        source: slot.source(),
+        identity_digest: hex::encode(slot.identity_digest),
+        binding: hex::encode(&slot.binding),
+        decoded: decode_binding(slot),
+        created: slot.created,
+    }
+}
+
+/// The active keyslots of the volume on `device` (no key needed, nothing written).
+pub fn list(device: &Path) -> Result<Vec<SlotInfo>, KeyslotError> {
+    let active = read_header(device)?;
+    Ok(active
+        .header
+        .active_slots()
+        .map(|(i, s)| slot_info(i, s))
+        .collect())
+}
+
+/// The slot this node unseals, if any (`None` when no slot is sealed to it).
+pub fn this_node_slot(volumes: &Volumes, device: &Path) -> Result<Option<usize>, KeyslotError> {
+    let active = read_header(device)?;
+    match volumes.unseal(&active.header) {
+        Ok((index, _)) => Ok(Some(index)),
+        Err(VolumeError::WrongIdentity { .. } | VolumeError::NoKeyslots) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header updates
+// ---------------------------------------------------------------------------------------------
+
+/// Holds an exclusive `flock` on the device for the length of one operation.
+struct DeviceLock(#[allow(dead_code)] nix::fcntl::Flock<File>);
+
+fn lock_device(device: &Path) -> Result<DeviceLock, KeyslotError> {
+    let file = File::open(device).map_err(io_error(format!("opening {}", device.display())))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map(DeviceLock)
+        .map_err(|(_, errno)| KeyslotError::Io {
+            context: format!("locking {}", device.display()),
+            source: std::io::Error::from(errno),
+        })
+}
+
+/// One atomic update, read back: the new slot set is on the disk and wins, or an error says why not.
+fn commit(device: &Path, active: &header::Active, new: Header) -> Result<Header, KeyslotError> {
+    let written = write_header_update(device, active, new)?;
+    let now = read_header(device)?;
+    if now.header != written {
+        return Err(KeyslotError::Io {
+            context: format!("verifying the header update of {}", device.display()),
+            source: std::io::Error::other("the header read back is not the one written"),
+        });
+    }
+    Ok(written)
+}
+
+/// Commits `new`, then writes the same slot set over the other copy as well, so that no copy keeps a
+/// removed slot. Each write is an ordinary atomic update: a crash between them leaves `new` in charge.
+fn commit_everywhere(
+    device: &Path,
+    active: &header::Active,
+    new: Header,
+) -> Result<Header, KeyslotError> {
+    commit(device, active, new.clone())?;
+    let now = read_header(device)?;
+    commit(device, &now, new)
+}
+
+/// Wraps `key` for `secret` into a new sealed slot of `header`.
+fn seal_slot(
+    header: &Header,
+    key: &VolumeKey,
+    source: SourceKind,
+    binding: Vec<u8>,
+    secret: &SealingSecret,
+) -> Result<Keyslot, KeyslotError> {
+    let mut slot = Keyslot {
+        kind: SlotKind::Sealed(source),
+        created: now_unix(),
+        identity_digest: secret.digest(),
+        salt: [0; SALT_LEN],
+        nonce: [0; NONCE_LEN],
+        binding,
+        wrapped: vec![0; key.len() + WRAP_TAG_LEN],
+    };
+    random_bytes(&mut slot.salt)?;
+    random_bytes(&mut slot.nonce)?;
+    let kek = Kek::derive(secret, &slot.salt, &header.uuid, &slot.identity_digest);
+    slot.wrapped = kek.wrap(&slot.nonce, &header.keyslot_aad(&slot), key);
+    Ok(slot)
+}
+
+/// Unwraps a sealed slot with `secret` (the caller matched the digest).
+fn unwrap_slot(
+    header: &Header,
+    slot: &Keyslot,
+    secret: &SealingSecret,
+) -> Result<VolumeKey, KeyError> {
+    let kek = Kek::derive(secret, &slot.salt, &header.uuid, &slot.identity_digest);
+    kek.unwrap(&slot.nonce, &header.keyslot_aad(slot), &slot.wrapped)
+}
+
+/// What an operation did: the slot it concerns, and whether the header changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SlotChange {
+    pub slot: usize,
+    /// False when the slot already existed (an idempotent repeat).
+    pub changed: bool,
+}
+
+/// Puts a slot for (`source`, `binding`) holding `key` into `header`, or finds the one already there.
+fn ensure_sealed_slot(
+    header: &Header,
+    key: &VolumeKey,
+    source: SourceKind,
+    binding: Vec<u8>,
+    secret: &SealingSecret,
+) -> Result<(usize, Option<Header>), KeyslotError> {
+    if binding.len() > MAX_BINDING_LEN {
+        return Err(KeyslotError::InvalidTarget {
+            text: hex::encode(&binding),
+            reason: format!("binding longer than {MAX_BINDING_LEN} bytes"),
+        });
+    }
+    let digest = secret.digest();
+    let kind = SlotKind::Sealed(source);
+    for (index, slot) in header.active_slots() {
+        if slot.kind == kind && slot.identity_digest == digest && slot.binding == binding {
+            return match unwrap_slot(header, slot, secret) {
+                Ok(existing) if existing.expose() == key.expose() => Ok((index, None)),
+                Ok(_) => Err(KeyslotError::KeyMismatch {
+                    what: "the key of this identity's existing keyslot",
+                }),
+                Err(_) => Err(KeyslotError::AlteredSlot(index)),
+            };
+        }
+    }
+    let index = header
+        .keyslots
+        .iter()
+        .position(Option::is_none)
+        .ok_or(KeyslotError::Full)?;
+    let mut new = header.clone();
+    new.keyslots[index] = Some(seal_slot(header, key, source, binding, secret)?);
+    Ok((index, Some(new)))
+}
+
+/// Adds a keyslot for `target` (with `binding`, or the target's default binding) holding this volume's
+/// key. This node must unseal the volume first. Idempotent: a slot with the same source, identity
+/// digest and binding is returned as it is.
+pub fn add_slot(
+    volumes: &Volumes,
+    device: &Path,
+    target: &dyn SealingSource,
+    binding: Option<&[u8]>,
+) -> Result<SlotChange, KeyslotError> {
+    let binding = binding.map_or_else(|| target.default_binding(), <[u8]>::to_vec);
+    let secret = target.secret(&binding)?;
+    add_sealed(volumes, device, target.kind(), binding, &secret)
+}
+
+/// [`add_slot`] for a secret obtained another way: e.g. a TPM secret sealed to expected (future) PCR
+/// values, which no source can produce until the node boots the new image.
+pub fn add_sealed(
+    volumes: &Volumes,
+    device: &Path,
+    kind: SourceKind,
+    binding: Vec<u8>,
+    secret: &SealingSecret,
+) -> Result<SlotChange, KeyslotError> {
+    let _lock = lock_device(device)?;
+    let active = read_header(device)?;
+    let (_, key) = volumes.unseal(&active.header)?;
+    let (slot, new) = ensure_sealed_slot(&active.header, &key, kind, binding, secret)?;
+    let changed = new.is_some();
+    if let Some(new) = new {
+        commit(device, &active, new)?;
+        tracing::info!(device = %device.display(), keyslot = slot, source = ?kind, "added a keyslot");
+    }
+    Ok(SlotChange { slot, changed })
+}
+
+/// Removes keyslot `index`. This node must unseal the volume first. Without `force` it refuses to
+/// remove the volume's last keyslot, or the last slot this node opens.
+pub fn remove_slot(
+    volumes: &Volumes,
+    device: &Path,
+    index: usize,
+    force: bool,
+) -> Result<SlotChange, KeyslotError> {
+    let _lock = lock_device(device)?;
+    let active = read_header(device)?;
+    if index >= KEYSLOTS || active.header.keyslots[index].is_none() {
+        return Err(KeyslotError::NoSuchSlot(index));
+    }
+    volumes.unseal(&active.header)?;
+    let mut new = active.header.clone();
+    new.keyslots[index] = None;
+    if !force {
+        if new.active_slots().next().is_none() {
+            return Err(KeyslotError::LastSlot {
+                index,
+                reason: "it is the volume's last keyslot, so nobody could open the data afterwards \
+                         (to destroy a volume on purpose, use erase)",
+            });
+        }
+        match volumes.unseal(&new) {
+            Ok(_) => {}
+            Err(VolumeError::WrongIdentity { .. } | VolumeError::NoKeyslots) => {
+                return Err(KeyslotError::LastSlot {
+                    index,
+                    reason: "it is the last keyslot this node opens, so this node would lose access",
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    commit_everywhere(device, &active, new)?;
+    tracing::info!(device = %device.display(), keyslot = index, "removed a keyslot");
+    Ok(SlotChange {
+        slot: index,
+        changed: true,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recovery escrow
+// ---------------------------------------------------------------------------------------------
+
+/// An operator's X25519 recovery public key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RecoveryPublicKey([u8; RECOVERY_KEY_LEN]);
+
+/// An operator's X25519 recovery private key: zeroized on drop, never printed.
+pub struct RecoveryPrivateKey(Zeroizing<[u8; RECOVERY_KEY_LEN]>);
+
+impl fmt::Debug for RecoveryPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RecoveryPublicKey({})", hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for RecoveryPrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RecoveryPrivateKey(<redacted>)")
+    }
+}
+
+impl RecoveryPublicKey {
+    pub fn from_bytes(bytes: [u8; RECOVERY_KEY_LEN]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; RECOVERY_KEY_LEN] {
+        &self.0
+    }
+
+    /// SHA-256 of the 32-byte public key: recorded as the recovery slot's identity digest.
+    pub fn fingerprint(&self) -> [u8; DIGEST_LEN] {
+        Sha256::digest(self.0).into()
+    }
+
+    fn hpke(&self) -> Result<<RecoveryKem as hpke::Kem>::PublicKey, KeyslotError> {
+        <RecoveryKem as hpke::Kem>::PublicKey::from_bytes(&self.0)
+            .map_err(|e| KeyslotError::Hpke(format!("public key: {e}")))
+    }
+}
+
+impl RecoveryPrivateKey {
+    pub fn from_bytes(bytes: Zeroizing<[u8; RECOVERY_KEY_LEN]>) -> Self {
+        Self(bytes)
+    }
+
+    fn hpke(&self) -> Result<<RecoveryKem as hpke::Kem>::PrivateKey, KeyslotError> {
+        <RecoveryKem as hpke::Kem>::PrivateKey::from_bytes(self.0.as_slice())
+            .map_err(|e| KeyslotError::Hpke(format!("private key: {e}")))
+    }
+
+    pub fn public(&self) -> Result<RecoveryPublicKey, KeyslotError> {
+        let pk = RecoveryKem::sk_to_pk(&self.hpke()?);
+        let mut out = [0u8; RECOVERY_KEY_LEN];
+        out.copy_from_slice(&pk.to_bytes());
+        Ok(RecoveryPublicKey(out))
+    }
+}
+
+/// A fresh X25519 recovery key pair from the OS random number generator.
+pub fn recovery_keygen() -> (RecoveryPublicKey, RecoveryPrivateKey) {
+    let (sk, pk) = RecoveryKem::gen_keypair();
+    let mut public = [0u8; RECOVERY_KEY_LEN];
+    public.copy_from_slice(&pk.to_bytes());
+    let mut private = Zeroizing::new([0u8; RECOVERY_KEY_LEN]);
+    let mut sk_bytes = sk.to_bytes();
+    private.copy_from_slice(&sk_bytes);
+    zeroize::Zeroize::zeroize(sk_bytes.as_mut_slice());
+    (RecoveryPublicKey(public), RecoveryPrivateKey(private))
+}
+
+/// What `recovery-keygen` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeygenReport {
+    pub public_key_file: PathBuf,
+    pub private_key_file: PathBuf,
+    /// SHA-256 of the public key: recovery slots for this key show it as their identity digest.
+    pub fingerprint: String,
+}
+
+fn key_file_error(path: &Path, reason: impl fmt::Display) -> KeyslotError {
+    KeyslotError::RecoveryKeyFile {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+fn write_new_file(path: &Path, mode: u32, contents: &[u8]) -> Result<(), KeyslotError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| key_file_error(path, e))?;
+    // The umask may have narrowed the mode; set it exactly.
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .and_then(|()| file.write_all(contents))
+        .and_then(|()| file.sync_all())
+        .map_err(|e| key_file_error(path, e))
+}
+
+/// Generates a recovery key pair and writes it: the private key to `private_path` (mode 0600, created
+/// new, never overwritten), the public key to `public_path` (0644). The private key is never printed.
+pub fn write_recovery_keys(
+    private_path: &Path,
+    public_path: &Path,
+) -> Result<KeygenReport, KeyslotError> {
+    if private_path == public_path {
+        return Err(key_file_error(
+            private_path,
+            "the private and public key files must differ",
+        ));
+    }
+    let (public, private) = recovery_keygen();
+    let private_text = Zeroizing::new(format!(
+        "{PRIVATE_KEY_TAG} {}\n",
+        hex::encode(private.0.as_slice())
+    ));
+    write_new_file(private_path, 0o600, private_text.as_bytes())?;
+    let public_text = format!("{PUBLIC_KEY_TAG} {}\n", hex::encode(public.0));
+    if let Err(e) = write_new_file(public_path, 0o644, public_text.as_bytes()) {
+        // Do not leave a private key whose public half was never written.
+        let _ = fs::remove_file(private_path);
+        return Err(e);
+    }
+    Ok(KeygenReport {
+        public_key_file: public_path.to_path_buf(),
+        private_key_file: private_path.to_path_buf(),
+        fingerprint: hex::encode(public.fingerprint()),
+    })
+}
+
+fn parse_key_line(path: &Path, text: &str, tag: &str) -> Result<Zeroizing<[u8; 32]>, KeyslotError> {
+    let hex_part = text
+        .trim_end_matches('\n')
+        .strip_prefix(tag)
+        .and_then(|rest| rest.strip_prefix(' '))
+        .ok_or_else(|| key_file_error(path, format!("not a \"{tag}\" key file")))?;
+    let mut out = Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(hex_part, out.as_mut_slice())
+        .map_err(|_| key_file_error(path, "the key is not 64 hex digits"))?;
+    Ok(out)
+}
+
+pub fn read_public_key(path: &Path) -> Result<RecoveryPublicKey, KeyslotError> {
+    let text = fs::read_to_string(path).map_err(|e| key_file_error(path, e))?;
+    Ok(RecoveryPublicKey(*parse_key_line(
+        path,
+        &text,
+        PUBLIC_KEY_TAG,
+    )?))
+}
+
+/// Reads a private key file; refuses one that group or others can read.
+pub fn read_private_key(path: &Path) -> Result<RecoveryPrivateKey, KeyslotError> {
+    let meta = fs::metadata(path).map_err(|e| key_file_error(path, e))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(key_file_error(
+            path,
+            format!(
+                "mode {:o} lets others read the private key; chmod 600 it",
+                meta.permissions().mode() & 0o777
+            ),
+        ));
+    }
+    let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| key_file_error(path, e))?);
+    Ok(RecoveryPrivateKey(parse_key_line(
+        path,
+        &text,
+        PRIVATE_KEY_TAG,
+    )?))
+}
+
+fn recovery_info(header: &Header) -> Vec<u8> {
+    let mut info = RECOVERY_INFO_LABEL.to_vec();
+    info.extend_from_slice(&header.uuid);
+    info
+}
+
+/// The key check value: `HKDF-SHA256(ikm = volume key, info = "sealcsi/v1/key-check" || UUID)`. It
+/// commits to the volume key without revealing anything about it; `recover` compares it.
+pub fn key_check(header: &Header, key: &VolumeKey) -> [u8; 32] {
+    let hk = Hkdf::<Sha256>::new(None, key.expose());
+    let mut info = KEY_CHECK_LABEL.to_vec();
+    info.extend_from_slice(&header.uuid);
+    let mut out = [0u8; 32];
+    hk.expand(&info, &mut out)
+        .expect("32 bytes is a valid HKDF output length");
+    out
+}
+
+fn seal_recovery_slot(
+    header: &Header,
+    key: &VolumeKey,
+    recipient: &RecoveryPublicKey,
+) -> Result<Keyslot, KeyslotError> {
+    let (enc, mut ctx) = hpke::setup_sender::<RecoveryAead, RecoveryKdf, RecoveryKem>(
+        &OpModeS::Base,
+        &recipient.hpke()?,
+        &recovery_info(header),
+    )
+    .map_err(|e| KeyslotError::Hpke(format!("encapsulation: {e}")))?;
+    let mut slot = Keyslot {
+        kind: SlotKind::Recovery,
+        created: now_unix(),
+        identity_digest: recipient.fingerprint(),
+        salt: [0; SALT_LEN],
+        nonce: [0; NONCE_LEN],
+        binding: enc.to_bytes().to_vec(),
+        wrapped: vec![0; key.len() + WRAP_TAG_LEN],
+    };
+    slot.wrapped = ctx
+        .seal(key.expose(), &header.keyslot_aad(&slot))
+        .map_err(|e| KeyslotError::Hpke(format!("seal: {e}")))?;
+    Ok(slot)
+}
+
+fn open_recovery_slot(
+    header: &Header,
+    slot: &Keyslot,
+    private: &RecoveryPrivateKey,
+) -> Result<VolumeKey, KeyslotError> {
+    let enc = <RecoveryKem as hpke::Kem>::EncappedKey::from_bytes(&slot.binding)
+        .map_err(|e| KeyslotError::Hpke(format!("encapsulated key: {e}")))?;
+    let mut ctx = hpke::setup_receiver::<RecoveryAead, RecoveryKdf, RecoveryKem>(
+        &OpModeR::Base,
+        &private.hpke()?,
+        &enc,
+        &recovery_info(header),
+    )
+    .map_err(|e| KeyslotError::Hpke(format!("decapsulation: {e}")))?;
+    let key = Zeroizing::new(
+        ctx.open(&slot.wrapped, &header.keyslot_aad(slot))
+            .map_err(|e| KeyslotError::Hpke(format!("open: {e}")))?,
+    );
+    if key.len() != header.profile.key_len() {
+        return Err(KeyslotError::Hpke(
+            "the recovered key has the wrong length".into(),
+        ));
+    }
+    Ok(VolumeKey::from_bytes(key))
+}
+
+/// What `add-recovery` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoveryReport {
+    pub slot: usize,
+    /// False when an escrow slot for this key existed (it is rewritten in place, since its content
+    /// cannot be checked without the private key).
+    pub created: bool,
+    pub volume_uuid: String,
+    /// SHA-256 of the recovery public key.
+    pub fingerprint: String,
+    /// Commitment to the volume key: keep it with the private key; `recover --key-check` needs it.
+    pub key_check: String,
+}
+
+/// Adds (or rewrites) the escrow slot for `recipient`: the volume key, HPKE-sealed to the operator's
+/// X25519 key. This node must unseal the volume first.
+pub fn add_recovery(
+    volumes: &Volumes,
+    device: &Path,
+    recipient: &RecoveryPublicKey,
+) -> Result<RecoveryReport, KeyslotError> {
+    let _lock = lock_device(device)?;
+    let active = read_header(device)?;
+    let (_, key) = volumes.unseal(&active.header)?;
+    let fingerprint = recipient.fingerprint();
+    let existing = active
+        .header
+        .active_slots()
+        .find(|(_, s)| s.kind == SlotKind::Recovery && s.identity_digest == fingerprint)
+        .map(|(i, _)| i);
+    let index = match existing {
+        Some(index) => index,
+        None => active
+            .header
+            .keyslots
+            .iter()
+            .position(Option::is_none)
+            .ok_or(KeyslotError::Full)?,
+    };
+    let mut new = active.header.clone();
+    new.keyslots[index] = Some(seal_recovery_slot(&active.header, &key, recipient)?);
+    // A rewritten escrow slot replaces the old one in both copies.
+    if existing.is_some() {
+        commit_everywhere(device, &active, new)?;
+    } else {
+        commit(device, &active, new)?;
+    }
+    Ok(RecoveryReport {
+        slot: index,
+        created: existing.is_none(),
+        volume_uuid: active.header.uuid_string(),
+        fingerprint: hex::encode(fingerprint),
+        key_check: hex::encode(key_check(&active.header, &key)),
+    })
+}
+
+/// What `recover` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoverReport {
+    /// The escrow slot that was opened.
+    pub recovery_slot: usize,
+    /// This node's slot (added, or already there).
+    pub slot: usize,
+    pub created: bool,
+    /// Whether the recovered key was checked against the operator's key check value.
+    pub key_checked: bool,
+    pub key_check: String,
+}
+
+/// Opens the escrow slot with the operator's private key and adds a slot for this node (`node`, default
+/// binding). Idempotent. With `expected_key_check` (printed by `add-recovery`), a recovery slot forged
+/// by someone who knows only the public key is refused; without it, the caller accepts that risk.
+pub fn recover(
+    node: &dyn SealingSource,
+    device: &Path,
+    private: &RecoveryPrivateKey,
+    expected_key_check: Option<&[u8; 32]>,
+) -> Result<RecoverReport, KeyslotError> {
+    let _lock = lock_device(device)?;
+    let active = read_header(device)?;
+    let header = &active.header;
+    let fingerprint = private.public()?.fingerprint();
+    let candidates: Vec<usize> = header
+        .active_slots()
+        .filter(|(_, s)| s.kind == SlotKind::Recovery && s.identity_digest == fingerprint)
+        .map(|(i, _)| i)
+        .collect();
+    if candidates.is_empty() {
+        return Err(KeyslotError::NoRecoverySlot {
+            fingerprint: hex::encode(fingerprint),
+        });
+    }
+    let opened = candidates.iter().find_map(|&i| {
+        let slot = header.keyslots[i].as_ref().expect("active slot");
+        open_recovery_slot(header, slot, private)
+            .ok()
+            .map(|key| (i, key))
+    });
+    let (recovery_slot, key) =
+        opened.ok_or_else(|| KeyslotError::RecoveryAuthentication(candidates.clone()))?;
+    let check = key_check(header, &key);
+    if let Some(expected) = expected_key_check
+        && *expected != check
+    {
+        return Err(KeyslotError::KeyMismatch {
+            what: "the key check value recorded when the escrow was made",
+        });
+    }
+    let binding = node.default_binding();
+    let secret = node.secret(&binding)?;
+    let (slot, new) = ensure_sealed_slot(header, &key, node.kind(), binding, &secret)?;
+    let created = new.is_some();
+    if let Some(new) = new {
+        commit(device, &active, new)?;
+    }
+    Ok(RecoverReport {
+        recovery_slot,
+        slot,
+        created,
+        key_checked: expected_key_check.is_some(),
+        key_check: hex::encode(check),
+    })
+}
+
+/// Parses a key check value (64 hex digits).
+pub fn parse_key_check(text: &str) -> Result<[u8; 32], KeyslotError> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut out).map_err(|_| KeyslotError::InvalidTarget {
+        text: text.to_owned(),
+        reason: "a key check value is 64 hex digits".into(),
+    })?;
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crypto-erase
+// ---------------------------------------------------------------------------------------------
+
+/// What `erase` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct EraseReport {
+    pub device: PathBuf,
+    /// Keyslots that held a wrapped key in the winning copy.
+    pub slots_destroyed: usize,
+    /// True when neither copy could be decoded and both were zeroed whole.
+    pub zeroed_damaged_header: bool,
+}
+
+/// Crypto-erase: writes headers without keyslots over BOTH copies (each write flushed), so no copy holds
+/// a wrapped volume key and the data can never be decrypted again. Needs no key. If neither copy
+/// decodes but the sealcsi magic is there, both copies are zeroed whole. A device without a sealcsi
+/// header is refused.
+///
+/// A host that copied the header earlier can put it back: erase protects against everyone who did not.
+pub fn erase(device: &Path) -> Result<EraseReport, KeyslotError> {
+    let _lock = lock_device(device)?;
+    let region = devio::read_at(device, 0, 2 * HEADER_SIZE).map_err(io_error(format!(
+        "reading the header of {}",
+        device.display()
+    )))?;
+    let report = match header::select(&region) {
+        Ok(active) => {
+            let slots_destroyed = active.header.active_slots().count();
+            let mut new = active.header.clone();
+            new.keyslots = Default::default();
+            commit_everywhere(device, &active, new)?;
+            EraseReport {
+                device: device.to_path_buf(),
+                slots_destroyed,
+                zeroed_damaged_header: false,
+            }
+        }
+        Err(e) if header::has_magic(&region) => {
+            tracing::warn!(error = %e, "no header copy decodes; zeroing both copies");
+            let zeros = devio::AlignedBuf::zeroed(2 * HEADER_SIZE);
+            devio::write_at(device, COPY_OFFSETS[0], &zeros)
+                .map_err(io_error("zeroing the header copies"))?;
+            EraseReport {
+                device: device.to_path_buf(),
+                slots_destroyed: 0,
+                zeroed_damaged_header: true,
+            }
+        }
+        Err(source) => {
+            return Err(VolumeError::Header {
+                device: device.display().to_string(),
+                source,
+            }
+            .into());
+        }
+    };
+    verify_erased(device)?;
+    Ok(report)
+}
+
+/// Reads both copies back: each must be a valid header without keyslots, or all zero.
+fn verify_erased(device: &Path) -> Result<(), KeyslotError> {
+    let region = devio::read_at(device, 0, 2 * HEADER_SIZE)
+        .map_err(io_error(format!("reading back {}", device.display())))?;
+    for copy in region.chunks(HEADER_SIZE) {
+        let clean = match Header::decode(copy) {
+            Ok(h) => h.active_slots().next().is_none(),
+            Err(HeaderError::NotSealcsi) => copy.iter().all(|&b| b == 0),
+            Err(_) => false,
+        };
+        if !clean {
+            return Err(KeyslotError::Io {
+                context: format!("verifying the erase of {}", device.display()),
+                source: std::io::Error::other("a header copy still holds keyslots"),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dm::MemoryDm;
+    use crate::header::{FsKind, Journal, Profile};
+    use crate::sealing::snp::{FakeSnpDevice, SnpPolicy, SnpSource};
+
+    const SECTOR: usize = 512;
+
+    /// A header-only "device" (a plain file on the repository's disk filesystem, for O_DIRECT), a
+    /// simulated-TEE state dir, and the volume key, formatted as identity "A".
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        dev: PathBuf,
+        state: PathBuf,
+        key: VolumeKey,
+        dm: MemoryDm,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+            let dev = dir.path().join("dev");
+            let state = dir.path().join("state");
+            fs::write(&dev, vec![0u8; 4 * HEADER_SIZE]).unwrap();
+            let profile = Profile::AeadHmacSha256 {
+                journal: Journal::Journal,
+            };
+            let mut header = Header::new([0x42; 16], profile, FsKind::Ext4, 1_700_000_000);
+            let key = VolumeKey::generate(profile.key_len()).unwrap();
+            let dm = MemoryDm::default();
+            let a = SimSource::open(&state, "A").unwrap();
+            header.keyslots[0] = Some(Volumes::new(&dm, &a).seal_keyslot(&header, &key).unwrap());
+            for offset in COPY_OFFSETS {
+                devio::write_at(&dev, offset, &header.encode()).unwrap();
+            }
+            Fixture {
+                _dir: dir,
+                dev,
+                state,
+                key,
+                dm,
+            }
+        }
+
+        fn sim(&self, identity: &str) -> SimSource {
+            SimSource::open(&self.state, identity).unwrap()
+        }
+
+        fn volumes<'a>(&'a self, source: &'a dyn SealingSource) -> Volumes<'a> {
+            Volumes::new(&self.dm, source)
+        }
+
+        fn header(&self) -> Header {
+            read_header(&self.dev).unwrap().header
+        }
+
+        fn region(&self) -> Vec<u8> {
+            devio::read_at(&self.dev, 0, 2 * HEADER_SIZE)
+                .unwrap()
+                .to_vec()
+        }
+
+        fn write_region(&self, region: &[u8]) {
+            devio::write_at(&self.dev, 0, region).unwrap();
+        }
+
+        /// Replaces the winning header as a hostile host would (valid checksum, no keys).
+        fn host_writes(&self, header: &Header) {
+            let mut h = header.clone();
+            h.seqno += 1;
+            for offset in COPY_OFFSETS {
+                devio::write_at(&self.dev, offset, &h.encode()).unwrap();
+            }
+        }
+
+        /// The key `source` unseals from the current header, if any.
+        fn unseal_as(&self, source: &dyn SealingSource) -> Result<(usize, VolumeKey), VolumeError> {
+            self.volumes(source).unseal(&self.header())
+        }
+
+        #[track_caller]
+        fn assert_opens(&self, source: &dyn SealingSource) -> usize {
+            let (slot, key) = self.unseal_as(source).unwrap();
+            assert_eq!(key.expose(), self.key.expose());
+            slot
+        }
+    }
+
+    fn slot_set(header: &Header) -> Vec<(usize, Keyslot)> {
+        header.active_slots().map(|(i, s)| (i, s.clone())).collect()
+    }
+
+    #[test]
+    fn add_slot_seals_the_same_key_for_another_identity_idempotently() {
+        let fx = Fixture::new();
+        let (a, b) = (fx.sim("A"), fx.sim("B"));
+        assert!(matches!(
+            fx.unseal_as(&b),
+            Err(VolumeError::WrongIdentity { .. })
+        ));
+        let seqno = fx.header().seqno;
+        let added = add_slot(&fx.volumes(&a), &fx.dev, &b, None).unwrap();
+        assert_eq!(
+            added,
+            SlotChange {
+                slot: 1,
+                changed: true
+            }
+        );
+        assert_eq!(fx.assert_opens(&b), 1);
+        assert_eq!(fx.assert_opens(&a), 0);
+        assert_eq!(fx.header().seqno, seqno + 1, "one header write");
+        // Again, from either node: the existing slot, no write.
+        for node in [&a, &b] {
+            let again = add_slot(&fx.volumes(node), &fx.dev, &b, None).unwrap();
+            assert_eq!(
+                again,
+                SlotChange {
+                    slot: 1,
+                    changed: false
+                }
+            );
+        }
+        assert_eq!(fx.header().seqno, seqno + 1);
+        // A node that cannot unseal cannot add anything.
+        let c = fx.sim("C");
+        let err = add_slot(&fx.volumes(&c), &fx.dev, &c, None).unwrap_err();
+        assert_eq!(err.class(), ErrorClass::WrongIdentity, "{err}");
+        assert_eq!(fx.header().seqno, seqno + 1);
+    }
+
+    #[test]
+    fn add_slot_refuses_a_full_header_but_stays_idempotent() {
+        let fx = Fixture::new();
+        let a = fx.sim("A");
+        for i in 1..KEYSLOTS {
+            let t = fx.sim(&format!("n{i}"));
+            assert_eq!(
+                add_slot(&fx.volumes(&a), &fx.dev, &t, None).unwrap().slot,
+                i
+            );
+        }
+        let extra = fx.sim("extra");
+        let err = add_slot(&fx.volumes(&a), &fx.dev, &extra, None).unwrap_err();
+        assert!(matches!(err, KeyslotError::Full), "{err}");
+        assert_eq!(err.class(), ErrorClass::Refused);
+        let n3 = fx.sim("n3");
+        assert_eq!(
+            add_slot(&fx.volumes(&a), &fx.dev, &n3, None).unwrap(),
+            SlotChange {
+                slot: 3,
+                changed: false
+            }
+        );
+        assert!(matches!(
+            add_slot(&fx.volumes(&a), &fx.dev, &a, Some(&[0u8; 200])).unwrap_err(),
+            KeyslotError::InvalidTarget { .. } | KeyslotError::Seal(_)
+        ));
+    }
+
+    #[test]
+    fn remove_slot_refusals_and_force() {
+        let fx = Fixture::new();
+        let (a, b) = (fx.sim("A"), fx.sim("B"));
+        let err = remove_slot(&fx.volumes(&a), &fx.dev, 3, false).unwrap_err();
+        assert!(matches!(err, KeyslotError::NoSuchSlot(3)), "{err}");
+        assert!(matches!(
+            remove_slot(&fx.volumes(&a), &fx.dev, 8, true).unwrap_err(),
+            KeyslotError::NoSuchSlot(8)
+        ));
+        // The volume's only slot.
+        let err = remove_slot(&fx.volumes(&a), &fx.dev, 0, false).unwrap_err();
+        assert!(
+            matches!(err, KeyslotError::LastSlot { index: 0, .. }),
+            "{err}"
+        );
+        assert_eq!(err.class(), ErrorClass::Refused);
+        add_slot(&fx.volumes(&a), &fx.dev, &b, None).unwrap();
+        // A's last slot, while B still has one: A would lock itself out.
+        let err = remove_slot(&fx.volumes(&a), &fx.dev, 0, false).unwrap_err();
+        assert!(
+            matches!(err, KeyslotError::LastSlot { index: 0, .. }),
+            "{err}"
+        );
+        // B removes A's slot: fine, B keeps its own.
+        assert_eq!(
+            remove_slot(&fx.volumes(&b), &fx.dev, 0, false).unwrap(),
+            SlotChange {
+                slot: 0,
+                changed: true
+            }
+        );
+        assert!(matches!(
+            fx.unseal_as(&a),
+            Err(VolumeError::WrongIdentity { .. })
+        ));
+        fx.assert_opens(&b);
+        // Removed means gone: a second remove is refused, and A cannot remove anything any more.
+        assert!(matches!(
+            remove_slot(&fx.volumes(&b), &fx.dev, 0, false).unwrap_err(),
+            KeyslotError::NoSuchSlot(0)
+        ));
+        assert_eq!(
+            remove_slot(&fx.volumes(&a), &fx.dev, 1, true)
+                .unwrap_err()
+                .class(),
+            ErrorClass::WrongIdentity
+        );
+        // With force, B may remove the last slot of all.
+        remove_slot(&fx.volumes(&b), &fx.dev, 1, true).unwrap();
+        assert!(matches!(fx.unseal_as(&b), Err(VolumeError::NoKeyslots)));
+    }
+
+    #[test]
+    fn removed_slots_are_gone_from_both_copies() {
+        let fx = Fixture::new();
+        let (a, b) = (fx.sim("A"), fx.sim("B"));
+        add_slot(&fx.volumes(&a), &fx.dev, &b, None).unwrap();
+        let wrapped = fx.header().keyslots[0].clone().unwrap().wrapped;
+        remove_slot(&fx.volumes(&b), &fx.dev, 0, false).unwrap();
+        let region = fx.region();
+        assert!(
+            !region
+                .windows(wrapped.len())
+                .any(|w| w == wrapped.as_slice()),
+            "a header copy still holds the removed slot's wrapped key"
+        );
+        for copy in region.chunks(HEADER_SIZE) {
+            let h = Header::decode(copy).unwrap();
+            assert!(h.keyslots[0].is_none() && h.keyslots[1].is_some());
+        }
+    }
+
+    #[test]
+    fn list_decodes_bindings() {
+        let fx = Fixture::new();
+        let a = fx.sim("A");
+        let snp = SnpSource::with_device(
+            SnpPolicy::Upgradable { min_guest_svn: 4 },
+            Box::new(FakeSnpDevice {
+                launch: b"family-1".to_vec(),
+                ..Default::default()
+            }),
+        );
+        add_slot(&fx.volumes(&a), &fx.dev, &snp, None).unwrap();
+        let (public, _) = recovery_keygen();
+        add_recovery(&fx.volumes(&a), &fx.dev, &public).unwrap();
+        let slots = list(&fx.dev).unwrap();
+        let json = serde_json::to_value(&slots).unwrap();
+        assert_eq!(json[0]["kind"], "sealed");
+        assert_eq!(json[0]["source"], "sim");
+        assert_eq!(json[0]["decoded"]["type"], "sim");
+        assert_eq!(
+            json[0]["identity_digest"],
+            hex::encode(a.secret(&[]).unwrap().digest())
+        );
+        assert_eq!(json[1]["source"], "snp");
+        assert_eq!(json[1]["decoded"]["type"], "snp");
+        assert_eq!(json[1]["decoded"]["policy"], "upgradable:svn=4");
+        assert_eq!(json[1]["decoded"]["guest_field_select"], "0x17");
+        assert_eq!(json[1]["decoded"]["guest_svn"], 4);
+        assert_eq!(json[2]["kind"], "recovery");
+        assert_eq!(json[2]["source"], serde_json::Value::Null);
+        assert_eq!(
+            json[2]["identity_digest"],
+            hex::encode(public.fingerprint())
+        );
+        assert_eq!(
+            json[2]["decoded"]["encapsulated_key"]
+                .as_str()
+                .unwrap()
+                .len(),
+            64
+        );
+        assert_eq!(this_node_slot(&fx.volumes(&a), &fx.dev).unwrap(), Some(0));
+        assert_eq!(this_node_slot(&fx.volumes(&snp), &fx.dev).unwrap(), Some(1));
+        assert_eq!(
+            this_node_slot(&fx.volumes(&fx.sim("Z")), &fx.dev).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn snp_slots_open_on_the_same_launch_only() {
+        let fx = Fixture::new();
+        let a = fx.sim("A");
+        let snp = |launch: &[u8], policy| {
+            SnpSource::with_device(
+                policy,
+                Box::new(FakeSnpDevice {
+                    launch: launch.to_vec(),
+                    ..Default::default()
+                }),
+            )
+        };
+        let strict = snp(b"image-1", SnpPolicy::Strict);
+        add_slot(&fx.volumes(&a), &fx.dev, &strict, None).unwrap();
+        fx.assert_opens(&strict);
+        // The same node with the other default policy still opens the strict slot.
+        fx.assert_opens(&snp(b"image-1", SnpPolicy::Upgradable { min_guest_svn: 0 }));
+        assert!(fx.unseal_as(&snp(b"image-2", SnpPolicy::Strict)).is_err());
+    }
+
+    #[test]
+    fn recovery_escrow_round_trip() {
+        let fx = Fixture::new();
+        let (a, c) = (fx.sim("A"), fx.sim("C"));
+        let (public, private) = recovery_keygen();
+        let report = add_recovery(&fx.volumes(&a), &fx.dev, &public).unwrap();
+        assert_eq!((report.slot, report.created), (1, true));
+        assert_eq!(report.volume_uuid, fx.header().uuid_string());
+        // Again: same slot, rewritten (its content cannot be checked without the private key).
+        let again = add_recovery(&fx.volumes(&a), &fx.dev, &public).unwrap();
+        assert_eq!((again.slot, again.created), (1, false));
+        assert_eq!(again.key_check, report.key_check);
+        // Nodes never unseal an escrow slot.
+        remove_slot(&fx.volumes(&a), &fx.dev, 0, true).unwrap();
+        assert!(matches!(
+            fx.unseal_as(&a),
+            Err(VolumeError::WrongIdentity { slots: 1, .. })
+        ));
+        let check = parse_key_check(&report.key_check).unwrap();
+        let recovered = recover(&c, &fx.dev, &private, Some(&check)).unwrap();
+        assert_eq!(
+            (recovered.recovery_slot, recovered.slot, recovered.created),
+            (1, 0, true)
+        );
+        assert!(recovered.key_checked);
+        fx.assert_opens(&c);
+        // Idempotent.
+        let seqno = fx.header().seqno;
+        let again = recover(&c, &fx.dev, &private, Some(&check)).unwrap();
+        assert_eq!((again.slot, again.created), (0, false));
+        assert_eq!(fx.header().seqno, seqno);
+        // Another recovery key finds no slot; a wrong key check is refused before anything is written.
+        let (_, other) = recovery_keygen();
+        let err = recover(&c, &fx.dev, &other, None).unwrap_err();
+        assert!(matches!(err, KeyslotError::NoRecoverySlot { .. }), "{err}");
+        assert_eq!(err.class(), ErrorClass::WrongIdentity);
+        let d = fx.sim("D");
+        let err = recover(&d, &fx.dev, &private, Some(&[0; 32])).unwrap_err();
+        assert!(matches!(err, KeyslotError::KeyMismatch { .. }), "{err}");
+        assert_eq!(fx.header().seqno, seqno);
+    }
+
+    #[test]
+    fn a_forged_or_altered_escrow_slot_is_refused() {
+        let fx = Fixture::new();
+        let a = fx.sim("A");
+        let (public, private) = recovery_keygen();
+        let report = add_recovery(&fx.volumes(&a), &fx.dev, &public).unwrap();
+        let check = parse_key_check(&report.key_check).unwrap();
+        let c = fx.sim("C");
+
+        // Altered metadata (authenticated as HPKE aad): refused as tampering.
+        let mut h = fx.header();
+        h.keyslots[1].as_mut().unwrap().created += 1;
+        fx.host_writes(&h);
+        let err = recover(&c, &fx.dev, &private, Some(&check)).unwrap_err();
+        assert!(
+            matches!(err, KeyslotError::RecoveryAuthentication(ref s) if s == &[1]),
+            "{err}"
+        );
+        assert_eq!(err.class(), ErrorClass::InvalidHeader);
+
+        // Replaced by the host: the public key is public, so anyone can seal a key of their choosing to
+        // it. The key check catches it; nothing is written.
+        let mut h = fx.header();
+        let host_key = VolumeKey::generate(96).unwrap();
+        h.keyslots[1] = Some(seal_recovery_slot(&h, &host_key, &public).unwrap());
+        fx.host_writes(&h);
+        let seqno = fx.header().seqno;
+        let err = recover(&c, &fx.dev, &private, Some(&check)).unwrap_err();
+        assert!(matches!(err, KeyslotError::KeyMismatch { .. }), "{err}");
+        assert_eq!(fx.header().seqno, seqno);
+        assert!(fx.unseal_as(&c).is_err());
+
+        // A recovery slot moved to another volume (other UUID) does not open: info and aad bind it.
+        let fx2 = Fixture::new();
+        let mut other = fx2.header();
+        other.uuid = [0x43; 16];
+        let mut moved = fx.header().keyslots[1].clone().unwrap();
+        moved.created = 0;
+        other.keyslots[1] = Some(moved);
+        assert!(open_recovery_slot(&other, other.keyslots[1].as_ref().unwrap(), &private).is_err());
+    }
+
+    #[test]
+    fn recover_refuses_when_this_nodes_slot_holds_another_key() {
+        let fx = Fixture::new();
+        let a = fx.sim("A");
+        let (public, private) = recovery_keygen();
+        let mut h = fx.header();
+        let host_key = VolumeKey::generate(96).unwrap();
+        h.keyslots[1] = Some(seal_recovery_slot(&h, &host_key, &public).unwrap());
+        fx.host_writes(&h);
+        // Unverified recover as A: the escrow key differs from the key in A's own slot.
+        let err = recover(&a, &fx.dev, &private, None).unwrap_err();
+        assert!(matches!(err, KeyslotError::KeyMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn erase_leaves_no_wrapped_key_in_either_copy() {
+        let fx = Fixture::new();
+        let (a, b) = (fx.sim("A"), fx.sim("B"));
+        add_slot(&fx.volumes(&a), &fx.dev, &b, None).unwrap();
+        let (public, _) = recovery_keygen();
+        add_recovery(&fx.volumes(&a), &fx.dev, &public).unwrap();
+        let wrapped: Vec<Vec<u8>> = fx
+            .header()
+            .active_slots()
+            .map(|(_, s)| s.wrapped.clone())
+            .collect();
+        let report = erase(&fx.dev).unwrap();
+        assert_eq!(report.slots_destroyed, 3);
+        let region = fx.region();
+        for w in &wrapped {
+            assert!(!region.windows(w.len()).any(|x| x == w.as_slice()));
+        }
+        for copy in region.chunks(HEADER_SIZE) {
+            assert!(copy[128..128 + 8 * 384].iter().all(|&b| b == 0));
+            assert!(
+                Header::decode(copy)
+                    .unwrap()
+                    .active_slots()
+                    .next()
+                    .is_none()
+            );
+        }
+        for node in [&a, &b] {
+            assert!(matches!(fx.unseal_as(node), Err(VolumeError::NoKeyslots)));
+        }
+        // Erase again is harmless.
+        assert_eq!(erase(&fx.dev).unwrap().slots_destroyed, 0);
+    }
+
+    #[test]
+    fn erase_zeroes_a_damaged_header_and_refuses_foreign_devices() {
+        let fx = Fixture::new();
+        let mut region = fx.region();
+        region[100] ^= 1;
+        region[HEADER_SIZE + 100] ^= 1;
+        fx.write_region(&region);
+        let report = erase(&fx.dev).unwrap();
+        assert!(report.zeroed_damaged_header);
+        assert!(fx.region().iter().all(|&b| b == 0));
+        let err = erase(&fx.dev).unwrap_err();
+        assert_eq!(err.class(), ErrorClass::InvalidHeader, "{err}");
+    }
+
+    /// Every mix of old and new 512-byte sectors of `copy` (the one being written), the rest as `base`.
+    fn torn_variants(base: &[u8], new: &[u8], copy: usize) -> Vec<(u32, Vec<u8>)> {
+        let sectors = HEADER_SIZE / SECTOR;
+        (0..1u32 << sectors)
+            .map(|mask| {
+                let mut region = base.to_vec();
+                for s in 0..sectors {
+                    if mask & (1 << s) != 0 {
+                        let at = copy * HEADER_SIZE + s * SECTOR;
+                        region[at..at + SECTOR].copy_from_slice(&new[at..at + SECTOR]);
+                    }
+                }
+                (mask, region)
+            })
+            .collect()
+    }
+
+    fn changed_copy(before: &[u8], after: &[u8]) -> Vec<usize> {
+        (0..2)
+            .filter(|c| {
+                before[c * HEADER_SIZE..(c + 1) * HEADER_SIZE]
+                    != after[c * HEADER_SIZE..(c + 1) * HEADER_SIZE]
+            })
+            .collect()
+    }
+
+    /// Checks every torn state between `before` and `after` (one copy rewritten): the winner holds the
+    /// old or the new slot set, never anything else, and the full write gives the new set.
+    fn check_torn(fx: &Fixture, before: &[u8], after: &[u8], nodes: &[(&str, bool, bool)]) {
+        let copies = changed_copy(before, after);
+        assert_eq!(copies.len(), 1, "one copy per write");
+        let old = header::select(before).unwrap().header;
+        let new = header::select(after).unwrap().header;
+        for (mask, region) in torn_variants(before, after, copies[0]) {
+            let got = header::select(&region).unwrap().header;
+            let is_new = slot_set(&got) == slot_set(&new);
+            assert!(
+                is_new || slot_set(&got) == slot_set(&old),
+                "torn write {mask:#010b}: a slot set that is neither old nor new"
+            );
+            if mask == 0xff {
+                assert!(is_new, "the full write gives the new slot set");
+            }
+            for &(identity, in_old, in_new) in nodes {
+                let source = fx.sim(identity);
+                let opens = fx.volumes(&source).unseal(&got).is_ok();
+                assert_eq!(
+                    opens,
+                    if is_new { in_new } else { in_old },
+                    "torn write {mask:#010b}: {identity}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_torn_header_write_leaves_the_old_or_the_new_slot_set() {
+        let fx = Fixture::new();
+        let (a, b) = (fx.sim("A"), fx.sim("B"));
+        // add-slot: one write.
+        let before = fx.region();
+        add_slot(&fx.volumes(&a), &fx.dev, &b, None).unwrap();
+        let after = fx.region();
+        check_torn(
+            &fx,
+            &before,
+            &after,
+            &[("A", true, true), ("B", false, true)],
+        );
+
+        // remove-slot: two writes (the new set, then the same set over the other copy).
+        let before = fx.region();
+        let (old_header, old_copy) = {
+            let active = header::select(&before).unwrap();
+            (active.header, active.copy)
+        };
+        remove_slot(&fx.volumes(&b), &fx.dev, 0, false).unwrap();
+        let after = fx.region();
+        // Reconstruct the state after the first write: the new set in the copy that did not win.
+        let mut first = before.clone();
+        let inactive = 1 - old_copy;
+        let mut new = old_header.clone();
+        new.keyslots[0] = None;
+        new.seqno = old_header.seqno + 1;
+        first[inactive * HEADER_SIZE..(inactive + 1) * HEADER_SIZE].copy_from_slice(&new.encode());
+        assert_eq!(
+            first[inactive * HEADER_SIZE..(inactive + 1) * HEADER_SIZE],
+            after[inactive * HEADER_SIZE..(inactive + 1) * HEADER_SIZE],
+            "the first write is the new set over the inactive copy"
+        );
+        check_torn(
+            &fx,
+            &before,
+            &first,
+            &[("A", true, false), ("B", true, true)],
+        );
+        check_torn(
+            &fx,
+            &first,
+            &after,
+            &[("A", false, false), ("B", true, true)],
+        );
+    }
+
+    #[test]
+    fn host_crafted_slots_never_give_a_weaker_mapping() {
+        let fx = Fixture::new();
+        let (a, b) = (fx.sim("A"), fx.sim("B"));
+        let original = fx.header();
+
+        // A slot added by the host, claiming B's (public) digest, with a key of its own: B refuses it as
+        // tampering, A ignores it, add-slot for B refuses to treat it as B's slot.
+        let mut h = original.clone();
+        let mut forged = h.keyslots[0].clone().unwrap();
+        forged.identity_digest = b.secret(&[]).unwrap().digest();
+        forged.wrapped[0] ^= 1;
+        h.keyslots[4] = Some(forged);
+        fx.host_writes(&h);
+        assert!(matches!(
+            fx.unseal_as(&b),
+            Err(VolumeError::HeaderAuthentication { ref slots }) if slots == &[4]
+        ));
+        assert_eq!(fx.assert_opens(&a), 0);
+        let err = add_slot(&fx.volumes(&a), &fx.dev, &b, None).unwrap_err();
+        assert!(matches!(err, KeyslotError::AlteredSlot(4)), "{err}");
+
+        // A slot with an unknown digest: ignored.
+        let mut h = original.clone();
+        let mut stranger = h.keyslots[0].clone().unwrap();
+        stranger.identity_digest = [0x77; 32];
+        h.keyslots[6] = Some(stranger);
+        fx.host_writes(&h);
+        assert_eq!(fx.assert_opens(&a), 0);
+        assert!(matches!(
+            fx.unseal_as(&b),
+            Err(VolumeError::WrongIdentity { slots: 2, .. })
+        ));
+
+        // A's slot altered (binding, kind, the profile it covers): A refuses, and so does every
+        // keyslot operation (they unseal first), so nothing is written.
+        let mut alterations = Vec::new();
+        let mut h = original.clone();
+        h.keyslots[0].as_mut().unwrap().created ^= 1;
+        alterations.push(h);
+        let mut h = original.clone();
+        h.profile = Profile::AeadHmacSha256 {
+            journal: Journal::Direct,
+        };
+        alterations.push(h);
+        let mut h = original.clone();
+        h.profile = Profile::XtsOnly;
+        h.keyslots[0]
+            .as_mut()
+            .unwrap()
+            .wrapped
+            .truncate(64 + WRAP_TAG_LEN);
+        alterations.push(h);
+        for altered in alterations {
+            fx.host_writes(&altered);
+            let seqno = fx.header().seqno;
+            assert!(matches!(
+                fx.unseal_as(&a),
+                Err(VolumeError::HeaderAuthentication { .. })
+            ));
+            let (public, _) = recovery_keygen();
+            for err in [
+                add_slot(&fx.volumes(&a), &fx.dev, &b, None).unwrap_err(),
+                remove_slot(&fx.volumes(&a), &fx.dev, 0, true).unwrap_err(),
+                add_recovery(&fx.volumes(&a), &fx.dev, &public).unwrap_err(),
+            ] {
+                assert_eq!(err.class(), ErrorClass::InvalidHeader, "{err}");
+            }
+            assert_eq!(fx.header().seqno, seqno, "nothing written");
+        }
+
+        // A's slot removed by the host: A cannot open (a wrong identity, not a weaker volume).
+        let mut h = original.clone();
+        h.keyslots[0] = None;
+        fx.host_writes(&h);
+        assert!(matches!(fx.unseal_as(&a), Err(VolumeError::NoKeyslots)));
+    }
+
+    #[test]
+    fn targets_parse_and_print() {
+        let sha256 = "ab".repeat(32);
+        for (text, expected) in [
+            ("current", Target::Current),
+            ("sim:img-2", Target::Sim("img-2".into())),
+            ("sim:a:b", Target::Sim("a:b".into())),
+            ("snp:strict", Target::Snp(SnpPolicy::Strict)),
+            (
+                "snp:upgradable",
+                Target::Snp(SnpPolicy::Upgradable { min_guest_svn: 0 }),
+            ),
+            (
+                "snp:upgradable:svn=3",
+                Target::Snp(SnpPolicy::Upgradable { min_guest_svn: 3 }),
+            ),
+        ] {
+            let parsed = Target::parse(text).unwrap();
+            assert_eq!(parsed, expected, "{text}");
+            assert_eq!(parsed.to_string(), text);
+        }
+        let text = format!("tpm-pcrs:sha256:7={sha256},0={sha256}");
+        let parsed = Target::parse(&text).unwrap();
+        assert_eq!(
+            parsed,
+            Target::TpmPcrs(format!("sha256:7={sha256},0={sha256}"))
+        );
+        assert_eq!(parsed.to_string(), text);
+        // PCR targets parse but need the TPM source.
+        let fx = Fixture::new();
+        let a = fx.sim("A");
+        let err = open_target(&Target::parse(&text).unwrap(), &a, &fx.state)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, KeyslotError::TargetUnavailable { .. }),
+            "{err}"
+        );
+        assert!(matches!(
+            open_target(&Target::Current, &a, &fx.state).unwrap(),
+            TargetSource::Node(_)
+        ));
+        let b = open_target(&Target::Sim("B".into()), &a, &fx.state).unwrap();
+        assert_eq!(
+            b.source().secret(&[]).unwrap().digest(),
+            fx.sim("B").secret(&[]).unwrap().digest()
+        );
+    }
+
+    #[test]
+    fn recovery_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("recovery.key");
+        let public = dir.path().join("recovery.pub");
+        let report = write_recovery_keys(&private, &public).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&private), 0o600);
+        assert_eq!(mode(&public), 0o644);
+        let pk = read_public_key(&public).unwrap();
+        let sk = read_private_key(&private).unwrap();
+        assert_eq!(sk.public().unwrap(), pk);
+        assert_eq!(report.fingerprint, hex::encode(pk.fingerprint()));
+        let shown = serde_json::to_string(&report).unwrap() + &format!("{sk:?}");
+        let secret_hex = fs::read_to_string(&private).unwrap();
+        let secret_hex = secret_hex.split_whitespace().last().unwrap();
+        assert!(
+            !shown.contains(secret_hex),
+            "the private key is never shown"
+        );
+        // Never overwritten.
+        assert!(write_recovery_keys(&private, &dir.path().join("other.pub")).is_err());
+        assert!(write_recovery_keys(&dir.path().join("k2"), &public).is_err());
+        assert!(!dir.path().join("k2").exists(), "no orphaned private key");
+        // A private key others can read is refused; files of the wrong kind are refused.
+        fs::set_permissions(&private, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(read_private_key(&private).is_err());
+        assert!(read_public_key(&private).is_err());
+        let junk = dir.path().join("junk");
+        fs::write(&junk, "sealcsi-recovery-public-key-v1 x25519 abcd\n").unwrap();
+        assert!(read_public_key(&junk).is_err());
+        assert!(parse_key_check("00").is_err());
+        assert_eq!(parse_key_check(&"01".repeat(32)).unwrap(), [1; 32]);
+    }
+
+    #[test]
+    fn operations_serialise_on_the_device_lock() {
+        let fx = Fixture::new();
+        let a = fx.sim("A");
+        let names: Vec<String> = (1..KEYSLOTS).map(|i| format!("t{i}")).collect();
+        std::thread::scope(|scope| {
+            for name in &names {
+                let fx = &fx;
+                let a = &a;
+                scope.spawn(move || {
+                    let t = fx.sim(name);
+                    add_slot(&fx.volumes(a), &fx.dev, &t, None).unwrap();
+                });
+            }
+        });
+        // No update was lost: every identity opens.
+        for name in &names {
+            fx.assert_opens(&fx.sim(name));
+        }
+        assert_eq!(fx.header().active_slots().count(), KEYSLOTS);
+    }
+}

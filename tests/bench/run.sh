@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The benchmark set of issue 6, in one command (host):
+#   bash tests/bench/run.sh          # the full set: ~25 min on a 2-core host
+#   bash tests/bench/run.sh --tiny   # CI: smallest sizes, 1 run, no levers; keeps the set from rotting
+# 1. builds target/release/sealcsi;
+# 2. runs the criterion benches on the host (benches/unseal.rs, benches/control_path.rs);
+# 3. boots the user-mode Linux guest for tests/bench/guest-bench.sh (provisioning, data path with fio,
+#    levers, scale), all configurations in ONE guest run so their ratios are comparable;
+# 4. prints the combined table (tests/bench/report.py) and writes target/bench/results.json.
+# Benchmarks are not tests: no number fails this script; only a broken benchmark does.
+# Needs fio on the host (the guest runs the host's binaries): apt-get install fio.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+TINY=0
+for arg in "$@"; do
+    case $arg in
+        --tiny) TINY=1 ;;
+        *) echo "usage: $0 [--tiny]" >&2; exit 2 ;;
+    esac
+done
+command -v fio >/dev/null || { echo "run.sh: fio is not installed (apt-get install fio)" >&2; exit 2; }
+
+OUT=target/bench
+mkdir -p "$OUT"
+rm -f "$OUT/host.json" "$OUT/results.json"
+rm -rf target/criterion/header_select target/criterion/unseal_only target/criterion/decode_select_unseal \
+    target/criterion/control_path
+
+echo "== building target/release/sealcsi" >&2
+cargo build --release --bin sealcsi
+
+echo "== host: criterion benches" >&2
+if [ "$TINY" = 1 ]; then
+    SEALCSI_BENCH_TINY=1 cargo bench --bench unseal --bench control_path -- \
+        --warm-up-time 0.2 --measurement-time 0.5 --sample-size 10
+else
+    cargo bench --bench unseal --bench control_path
+fi
+
+echo "== guest: provisioning, data path, levers, scale (user-mode Linux)" >&2
+guest_args=()
+timeout=5400
+if [ "$TINY" = 1 ]; then
+    guest_args=(--tiny)
+    timeout=900
+fi
+bash tests/vm/run-in-guest.sh --timeout "$timeout" -- bash tests/bench/guest-bench.sh "${guest_args[@]}" >"$OUT/guest-table.txt"
+
+echo "== results" >&2
+python3 tests/bench/report.py --out "$OUT"
