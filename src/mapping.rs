@@ -176,9 +176,10 @@ pub fn crypt_line(
     })
 }
 
-/// Whether the kernel keyring can carry keys into dm-crypt on this node (else keys go in the table, which
-/// is loaded with DM_SECURE_DATA either way).
-fn key_for_table(
+/// The crypt key for a table load: through the kernel keyring where this node has one (the table then
+/// holds no key), else hex (tables are loaded with DM_SECURE_DATA either way). The returned logon key
+/// must live until the table is loaded; dropping it afterwards invalidates it.
+pub fn table_key(
     volume_uuid: &str,
     key: &VolumeKey,
 ) -> Result<(CryptKey, Option<LogonKey>), MappingError> {
@@ -273,7 +274,7 @@ pub fn open_stack(
         }
         None => backing.to_path_buf(),
     };
-    let (table_key, logon) = key_for_table(&volume_uuid, key)?;
+    let (table_key, logon) = table_key(&volume_uuid, key)?;
     let crypt = crypt_line(&lower, header, data_sectors, table_key)?;
     let created = dm.create(&names.crypt, &crypt_uuid, std::slice::from_ref(&crypt));
     drop(logon); // the kernel copied the key at table load

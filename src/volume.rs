@@ -224,8 +224,8 @@ fn read_integrity_superblock(device: &Path) -> Result<Option<IntegritySuperblock
 }
 
 /// Usable data sectors behind the header region for a crypt-only volume (whole 4 KiB blocks).
-fn crypt_only_sectors(device_size: u64) -> u64 {
-    ((device_size - DATA_OFFSET) / devio::ALIGN as u64) * (devio::ALIGN as u64 / SECTOR)
+pub fn crypt_only_sectors(device_size: u64) -> u64 {
+    (device_size.saturating_sub(DATA_OFFSET) / devio::ALIGN as u64) * (devio::ALIGN as u64 / SECTOR)
 }
 
 impl<'a> Volumes<'a> {

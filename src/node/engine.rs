@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::{BackendError, LoopDevice};
-use crate::dm::{CryptKey, DeviceMapper, DmError, DmName, Target, integrity_status};
+use crate::dm::{DeviceMapper, DmError, DmName, Target, integrity_status};
 use crate::fs::FsError;
-use crate::header::{self, DATA_OFFSET, FsKind, HEADER_SIZE, Header, Profile};
+use crate::header::{self, FsKind, HEADER_SIZE, Header, Profile};
 use crate::mapping::{self, MappingError, SECTOR, StackNames};
 use crate::provision::{Condition, Meaning, Meaningful};
 use crate::sealing::SealingSource;
@@ -221,11 +221,6 @@ impl std::fmt::Debug for KernelEngine {
     }
 }
 
-/// Data sectors of a crypt-only volume on a device of `size` bytes (whole 4 KiB blocks after the header).
-fn crypt_only_sectors(size: u64) -> u64 {
-    size.saturating_sub(DATA_OFFSET) / 4096 * (4096 / SECTOR)
-}
-
 impl KernelEngine {
     pub fn new(dm: Arc<dyn DeviceMapper>, source: Arc<dyn SealingSource>) -> Self {
         Self { dm, source }
@@ -233,28 +228,6 @@ impl KernelEngine {
 
     fn volumes(&self) -> Volumes<'_> {
         Volumes::new(&*self.dm, &*self.source)
-    }
-
-    /// A crypt key for a table load: through the kernel keyring where there is one (no key in the
-    /// table), else hex (loaded with DM_SECURE_DATA either way). The logon key must live until the load.
-    fn table_key(
-        header: &Header,
-        key: &crate::keys::VolumeKey,
-    ) -> Result<(CryptKey, Option<crate::keyring::LogonKey>), EngineError> {
-        if crate::keyring::available() {
-            let mut nonce = [0u8; 8];
-            crate::keys::random_bytes(&mut nonce)
-                .map_err(|e| MappingError::Keyring(e.to_string()))?;
-            let description = format!("sealcsi:{}-{}", header.uuid_string(), hex::encode(nonce));
-            let logon = crate::keyring::LogonKey::add(&description, key.expose())
-                .map_err(|e| MappingError::Keyring(e.to_string()))?;
-            Ok((CryptKey::Keyring { description }, Some(logon)))
-        } else {
-            Ok((
-                CryptKey::Hex(zeroize::Zeroizing::new(key.expose().to_vec())),
-                None,
-            ))
-        }
     }
 }
 
@@ -372,13 +345,16 @@ impl VolumeEngine for KernelEngine {
                 }
                 (names.integrity.node(), provided)
             }
-            Profile::XtsOnly => (lo.path().to_path_buf(), crypt_only_sectors(device_bytes)),
+            Profile::XtsOnly => (
+                lo.path().to_path_buf(),
+                crate::volume::crypt_only_sectors(device_bytes),
+            ),
         };
         if data_sectors * SECTOR <= old_bytes {
             return Ok(old_bytes);
         }
         let (_, key) = self.volumes().unseal(&header)?;
-        let (table_key, logon) = Self::table_key(&header, &key)?;
+        let (table_key, logon) = crate::mapping::table_key(&header.uuid_string(), &key)?;
         let crypt = mapping::crypt_line(&lower, &header, data_sectors, table_key)?;
         debug_assert!(matches!(crypt.target, Target::Crypt(_)));
         let reloaded = self.dm.reload(&names.crypt, std::slice::from_ref(&crypt));
