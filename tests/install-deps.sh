@@ -5,8 +5,8 @@ set -euo pipefail
 packages=(
     # guest kernel and what runs inside it
     user-mode-linux busybox-static kmod cpio e2fsprogs xfsprogs dmsetup util-linux
-    # reference peer for the benchmarks and cross-checks
-    cryptsetup-bin
+    # reference peer and I/O driver for the benchmarks
+    cryptsetup-bin fio
     # building: the devicemapper crate's bindgen + pkg-config probe, and the UML FPU-state shim
     libdevmapper-dev libclang-dev pkg-config gcc libtss2-dev
     # the TPM source is tested against a software TPM

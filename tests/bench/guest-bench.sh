@@ -16,7 +16,8 @@
 # Environment (the guest passes only SEALCSI_* through): SEALCSI_BIN (default target/release/sealcsi), SEALCSI_BENCH_WIPE_MAX_MIB (largest size at which the
 # full-wipe stacks are really run; larger sizes are extrapolated from the two largest measured ones,
 # default 4096: a 64 GiB wipe writes 64 GiB to the host disk and takes ~15 min here), SEALCSI_BENCH_RUNS,
-# SEALCSI_BENCH_SEQ_MIB, SEALCSI_BENCH_RAND_MIB, SEALCSI_BENCH_SCALE_N, SEALCSI_BENCH_LEVERS (0/1).
+# SEALCSI_BENCH_SEQ_MIB, SEALCSI_BENCH_RAND_MIB, SEALCSI_BENCH_SCALE_N, SEALCSI_BENCH_LEVERS (0/1),
+# SEALCSI_BENCH_PARTS (default "prov data scale": which parts to run), SEALCSI_BENCH_OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
@@ -54,12 +55,13 @@ else
     WIPE_MAX_MIB=${SEALCSI_BENCH_WIPE_MAX_MIB:-4096}
     RUNS=${SEALCSI_BENCH_RUNS:-5}
     SEQ_MIB=${SEALCSI_BENCH_SEQ_MIB:-128}
-    RAND_MIB=${SEALCSI_BENCH_RAND_MIB:-16}
+    RAND_MIB=${SEALCSI_BENCH_RAND_MIB:-32}
     SCALE_N=${SEALCSI_BENCH_SCALE_N:-100}
     LEVERS=${SEALCSI_BENCH_LEVERS:-1}
     PBKDF=()
 fi
 
+PARTS=" ${SEALCSI_BENCH_PARTS:-prov data scale} "
 OUT=${SEALCSI_BENCH_OUT:-$REPO/target/bench}
 RAW=$OUT/guest.jsonl
 FIO_DIR=$OUT/fio
@@ -178,6 +180,7 @@ prov_peer_nowipe() {
     rm -f "$img"
 }
 
+if [[ $PARTS == *" prov "* ]]; then
 log "== provisioning: sizes ${PROV_SIZES_MIB[*]} MiB (full wipes up to $WIPE_MAX_MIB MiB)"
 prov_peer_nowipe "${PROV_SIZES_MIB[0]}"
 for size in "${PROV_SIZES_MIB[@]}"; do
@@ -187,6 +190,7 @@ for size in "${PROV_SIZES_MIB[@]}"; do
         prov_peer "$size"
     fi
 done
+fi
 
 # ---------------------------------------------------------------- 2. data path + 3. levers
 DEV_MIB=$((SEQ_MIB * 5 / 4 + 64))
@@ -254,6 +258,7 @@ setup_manual() { # stack-name journal(J|D) iv(random|plain64) tag block wq(yes|n
 }
 
 log "provisioning done at ${SECONDS}s"
+if [[ $PARTS == *" data "* ]]; then
 log "== data path: stacks of $DEV_MIB MiB, $SEQ_MIB MiB sequential / $RAND_MIB MiB random per case, $RUNS runs"
 setup_raw
 setup_sealcsi sealcsi-J
@@ -314,11 +319,13 @@ for run in $(seq 1 "$RUNS"); do
 done
 cleanup
 trap cleanup EXIT
+fi
 
 # ---------------------------------------------------------------- 4. scale
 # SCALE_N AEAD volumes (64 MiB, ext4, fast init) formatted first, then staged one after another the way
 # NodeStage does (unseal + open the stack + mount) and all left staged; memory is read before and after.
 log "data path done at ${SECONDS}s"
+if [[ $PARTS == *" scale "* ]]; then
 log "== scale: $SCALE_N volumes staged at once"
 mkdir -p "$W/scale"
 for i in $(seq 1 "$SCALE_N"); do
@@ -350,6 +357,7 @@ for i in $(seq 1 "$SCALE_N"); do
 done
 t1=$EPOCHREALTIME
 emit "{\"kind\":\"scale_teardown\",\"n\":$SCALE_N,\"t\":[$t0,$t1]}"
+fi
 cleanup
 trap - EXIT
 rm -rf "$W"
