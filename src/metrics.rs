@@ -304,29 +304,39 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        use tracing::Instrument;
         let method = method_label(request.uri().path()).to_string();
+        // Every call gets a span with a process-unique request id; the handlers' spans (with the volume
+        // id) nest inside it, so each log line of a call can be told apart from a concurrent retry's.
+        let request_id = NEXT_REQUEST_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let span = tracing::info_span!("rpc", request.id = request_id, rpc.method = %method);
         let timer = RpcTimer::start();
         let metrics = self.metrics.clone();
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await;
-            // A unary call that fails carries its status in the response headers ("trailers only");
-            // a successful one carries OK in the trailers, after the body.
-            let code = match &response {
-                Ok(r) => r
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map(tonic::Code::from_i32)
-                    .unwrap_or(tonic::Code::Ok),
-                Err(_) => tonic::Code::Unknown,
-            };
-            timer.finish(&metrics, &method, code);
-            response
-        })
+        let response = span.in_scope(|| self.inner.call(request));
+        Box::pin(
+            async move {
+                let response = response.await;
+                // A unary call that fails carries its status in the response headers ("trailers only");
+                // a successful one carries OK in the trailers, after the body.
+                let code = match &response {
+                    Ok(r) => r
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map(tonic::Code::from_i32)
+                        .unwrap_or(tonic::Code::Ok),
+                    Err(_) => tonic::Code::Unknown,
+                };
+                timer.finish(&metrics, &method, code);
+                response
+            }
+            .instrument(span),
+        )
     }
 }
+
+static NEXT_REQUEST_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Serves `GET /metrics` on `addr` until the task is dropped. A minimal HTTP/1.1 responder: Prometheus
 /// scrapes need nothing more, and it keeps a web framework out of a privileged storage daemon.
