@@ -551,3 +551,194 @@ fn guest_keyslots_crash_during_add_slot() {
     );
     fx.assert_data("A", &file, "survives");
 }
+
+/// SIGKILLs `args` (run as `identity`) after each of `rounds` delays spread over 0..1.5x `full` (its
+/// measured run time), and after every kill calls `check`, which says whether the old (false) or the
+/// new (true) slot set is on the disk, asserts that the identities of that set open the volume, and
+/// restores the old set. Returns (old, new) counts; both must be non-zero.
+fn kill_at_delays(
+    fx: &Fixture,
+    identity: &str,
+    args: &[&str],
+    full: Duration,
+    rounds: u32,
+    mut check: impl FnMut(u32) -> bool,
+) -> (u32, u32) {
+    let (mut old, mut new) = (0, 0);
+    for round in 0..rounds {
+        let delay =
+            full * 3 * round / (2 * rounds) + Duration::from_micros(u64::from(round) * 137 % 1000);
+        let (mut cmd, _) = fx.command(identity, args);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let _ = child.wait();
+        if check(round) {
+            new += 1;
+        } else {
+            old += 1;
+        }
+    }
+    (old, new)
+}
+
+/// Crash safety of `remove-slot` and `recover` with the real binary, as for add-slot above: SIGKILL at
+/// delays spread over the command's run time, then the volume must hold the old or the new slot set,
+/// and the identities of that set must open it (never neither).
+///
+/// - `remove-slot`: the new image B removes the old image A's slot (image-upgrade runbook step 6).
+///   Old set: A and B open. New set: B opens, A is refused. B opens in every case.
+/// - `recover`: a replacement node C recovers through the escrow slot while A still has its slot. Old
+///   set: A opens, C does not, the escrow slot is intact. New set: A and C open. A opens in every case.
+#[test]
+#[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
+fn guest_keyslots_crash_during_remove_slot_and_recover() {
+    let fx = Fixture::new("crash-rm-rec");
+    let file = fx.file("vol");
+    fx.format_with_data("A", &file, "survives");
+    fx.as_("A", &["volume", "add-slot", p(&file), "--for", "sim:B"])
+        .ok();
+    let rounds = 40u32;
+    let slot_count = |slots: &Value| -> usize { slots["slots"].as_array().map_or(0, Vec::len) };
+
+    // --- remove-slot: B removes A's slot 0. ---
+    let remove_a: &[&str] = &["volume", "remove-slot", p(&file), "--slot", "0"];
+    let restore_a = || {
+        let added = fx
+            .as_("B", &["volume", "add-slot", p(&file), "--for", "sim:A"])
+            .ok()
+            .json();
+        assert_eq!(added["slot"], Value::from(0), "{added}");
+    };
+    let started = Instant::now();
+    fx.as_("B", remove_a).ok();
+    let full = started.elapsed();
+    restore_a();
+    println!("one remove-slot takes {full:?}");
+    let (old, new) = kill_at_delays(&fx, "B", remove_a, full, rounds, |round| {
+        let b = fx.slots("B", &file);
+        assert_eq!(
+            b["this_node_slot"],
+            Value::from(1),
+            "round {round}: B lost its slot: {b}"
+        );
+        let a = fx.slots("A", &file)["this_node_slot"].clone();
+        match slot_count(&b) {
+            2 => {
+                assert_eq!(a, Value::from(0), "round {round}: A's slot does not open");
+                false
+            }
+            1 => {
+                assert_eq!(a, Value::Null, "round {round}: A still opens");
+                fx.assert_cannot_open("A", &file);
+                restore_a();
+                true
+            }
+            n => panic!("round {round}: {n} slots: {b}"),
+        }
+    });
+    println!("remove-slot, after {rounds} kills: {old} left the old slot set, {new} the new one");
+    assert!(
+        old > 0 && new > 0,
+        "the kills did not cover both outcomes ({old} old, {new} new): widen the delays"
+    );
+    fx.assert_data("A", &file, "survives");
+    fx.assert_data("B", &file, "survives");
+
+    // --- recover: C recovers through the escrow slot (index 2); A keeps slot 0, B's slot goes. ---
+    fx.as_("A", &["volume", "remove-slot", p(&file), "--slot", "1"])
+        .ok();
+    let private = fx.dir.join("r.key");
+    let public = fx.dir.join("r.pub");
+    fx.as_(
+        "A",
+        &[
+            "recovery-keygen",
+            "--private-key",
+            p(&private),
+            "--public-key",
+            p(&public),
+        ],
+    )
+    .ok();
+    let escrow = fx
+        .as_(
+            "A",
+            &[
+                "volume",
+                "add-recovery",
+                p(&file),
+                "--recovery-public-key",
+                p(&public),
+            ],
+        )
+        .ok()
+        .json();
+    let escrow_slot = escrow["slot"].as_u64().unwrap();
+    assert_eq!(escrow_slot, 1, "{escrow}");
+    let key_check = escrow["key_check"].as_str().unwrap().to_owned();
+    let recover: &[&str] = &[
+        "volume",
+        "recover",
+        p(&file),
+        "--recovery-private-key",
+        p(&private),
+        "--key-check",
+        &key_check,
+    ];
+    let remove_c = || {
+        fx.as_("A", &["volume", "remove-slot", p(&file), "--slot", "2"])
+            .ok();
+    };
+    let started = Instant::now();
+    let done = fx.as_("C", recover).ok().json();
+    let full = started.elapsed();
+    assert_eq!(
+        (done["slot"].as_u64(), done["created"].as_bool()),
+        (Some(2), Some(true)),
+        "{done}"
+    );
+    remove_c();
+    println!("one recover takes {full:?}");
+    let (old, new) = kill_at_delays(&fx, "C", recover, full, rounds, |round| {
+        let a = fx.slots("A", &file);
+        assert_eq!(
+            a["this_node_slot"],
+            Value::from(0),
+            "round {round}: A lost its slot: {a}"
+        );
+        let escrowed = &a["slots"][1];
+        assert_eq!(
+            (escrowed["index"].as_u64(), escrowed["kind"].as_str()),
+            (Some(escrow_slot), Some("recovery")),
+            "round {round}: the escrow slot is gone: {a}"
+        );
+        let c = fx.slots("C", &file)["this_node_slot"].clone();
+        match slot_count(&a) {
+            2 => {
+                assert_eq!(c, Value::Null, "round {round}: C opens without a slot");
+                false
+            }
+            3 => {
+                assert_eq!(c, Value::from(2), "round {round}: C's slot does not open");
+                remove_c();
+                true
+            }
+            n => panic!("round {round}: {n} slots: {a}"),
+        }
+    });
+    println!("recover, after {rounds} kills: {old} left the old slot set, {new} the new one");
+    assert!(
+        old > 0 && new > 0,
+        "the kills did not cover both outcomes ({old} old, {new} new): widen the delays"
+    );
+    // The escrow still works after all that, and everyone in the final set reads the data.
+    fx.as_("C", recover).ok();
+    fx.assert_data("C", &file, "survives");
+    fx.assert_data("A", &file, "survives");
+}
