@@ -422,13 +422,13 @@ enum KeyslotCommand {
     /// volume. Prints the key check value to keep with the private key.
     AddRecovery {
         device: PathBuf,
-        #[arg(long)]
+        #[arg(long, visible_alias = "recovery-pubkey")]
         recovery_public_key: PathBuf,
     },
     /// Open the escrow slot with the recovery private key and add a keyslot for this node.
     Recover {
         device: PathBuf,
-        #[arg(long)]
+        #[arg(long, visible_alias = "recovery-key")]
         recovery_private_key: PathBuf,
         /// The key check value `add-recovery` printed: refuses an escrow slot forged with the public key.
         #[arg(long, required_unless_present = "unverified")]
