@@ -294,6 +294,11 @@ pub enum BindingInfo {
         hpke_suite: &'static str,
         encapsulated_key: String,
     },
+    /// Sealed to a TPM PCR policy: `pcrs` as `bank:i,j,...`, the policy digest the sealed object requires.
+    Tpm {
+        pcrs: String,
+        policy_digest: String,
+    },
     /// The binding does not decode (a slot this build's source would not use).
     Invalid {
         reason: String,
@@ -325,8 +330,17 @@ fn decode_binding(slot: &Keyslot) -> Option<BindingInfo> {
         SlotKind::Sealed(SourceKind::Sim) => Some(BindingInfo::Invalid {
             reason: "a sim slot has no binding".into(),
         }),
-        // The TPM binding format belongs to the TPM source.
-        SlotKind::Sealed(SourceKind::Tpm) => None,
+        SlotKind::Sealed(SourceKind::Tpm) => Some(
+            match crate::sealing::tpm::TpmBinding::decode(&slot.binding) {
+                Ok(b) => BindingInfo::Tpm {
+                    pcrs: b.selection.to_string(),
+                    policy_digest: hex::encode(b.policy_digest),
+                },
+                Err(e) => BindingInfo::Invalid {
+                    reason: e.to_string(),
+                },
+            },
+        ),
     }
 }
 
@@ -1256,6 +1270,35 @@ mod tests {
             let h = Header::decode(copy).unwrap();
             assert!(h.keyslots[0].is_none() && h.keyslots[1].is_some());
         }
+    }
+
+    #[test]
+    fn tpm_bindings_are_decoded_for_operators() {
+        use crate::sealing::tpm::{PcrBank, PcrSelection, TpmBinding};
+        let binding = TpmBinding {
+            selection: PcrSelection::new(PcrBank::Sha256, &[0, 7]).unwrap(),
+            policy_digest: [0xAB; 32],
+            blob_id: [1; 8],
+        };
+        let slot = Keyslot {
+            kind: SlotKind::Sealed(SourceKind::Tpm),
+            created: 0,
+            identity_digest: [0; 32],
+            salt: [0; 32],
+            nonce: [0; 12],
+            binding: binding.encode(),
+            wrapped: vec![0; 112],
+        };
+        let json = serde_json::to_value(decode_binding(&slot)).unwrap();
+        assert_eq!(json["type"], "tpm");
+        assert_eq!(json["pcrs"], binding.selection.to_string());
+        assert_eq!(json["policy_digest"], "ab".repeat(32));
+        let mut broken = slot.clone();
+        broken.binding.truncate(5);
+        assert_eq!(
+            serde_json::to_value(decode_binding(&broken)).unwrap()["type"],
+            "invalid"
+        );
     }
 
     #[test]
