@@ -20,73 +20,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sealcsi");
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{BIN, MIB, Out, p, run, sh};
+
 const HEADER: usize = 4096;
 const EXIT_USAGE: i32 = 2;
 const EXIT_WRONG_IDENTITY: i32 = 3;
 const EXIT_INVALID_HEADER: i32 = 4;
 const EXIT_REFUSED: i32 = 6;
-
-struct Out {
-    what: String,
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "`{}` exited {}\n--- stdout:\n{}\n--- stderr:\n{}",
-            self.what, self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-impl Out {
-    #[track_caller]
-    fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "command failed: {self}");
-        self
-    }
-
-    #[track_caller]
-    fn exit(self, code: i32) -> Self {
-        assert_eq!(self.code, code, "expected exit code {code}: {self}");
-        self
-    }
-
-    #[track_caller]
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self}"))
-    }
-}
-
-fn run(mut cmd: Command, what: String) -> Out {
-    let output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {what}: {e}"));
-    Out {
-        what,
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn sh(prog: &str, args: &[&str]) -> Out {
-    let mut cmd = Command::new(prog);
-    cmd.args(args);
-    run(cmd, format!("{prog} {}", args.join(" ")))
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("scratch paths are UTF-8")
-}
 
 /// One test's scratch directory, the shared simulator state, and what it opened and mounted.
 struct Fixture {

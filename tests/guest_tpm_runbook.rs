@@ -28,8 +28,9 @@ use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{Digest, DigestValues, PcrSelectionListBuilder, PcrSlot};
 use tss_esapi::{Context, TctiNameConf};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sealcsi");
-const MIB: u64 = 1 << 20;
+mod common;
+use common::{BIN, MIB, Out, p, run, sh};
+
 const EXIT_WRONG_IDENTITY: i32 = 3;
 const EXIT_REFUSED: i32 = 6;
 
@@ -42,66 +43,6 @@ const OLD_IMAGE: &[(u8, [u8; 32])] = &[(4, [0x44; 32]), (7, [0x70; 32])];
 const NEW_EVENT: (u8, [u8; 32]) = (7, [0x71; 32]);
 /// An image nobody predicted: another PCR 7 event.
 const WRONG_EVENT: (u8, [u8; 32]) = (7, [0x99; 32]);
-
-struct Out {
-    what: String,
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "`{}` exited {}\n--- stdout:\n{}\n--- stderr:\n{}",
-            self.what, self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-impl Out {
-    #[track_caller]
-    fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "command failed: {self}");
-        self
-    }
-
-    #[track_caller]
-    fn exit(self, code: i32) -> Self {
-        assert_eq!(self.code, code, "expected exit code {code}: {self}");
-        self
-    }
-
-    #[track_caller]
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self}"))
-    }
-}
-
-fn run(mut cmd: Command, what: String) -> Out {
-    let output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {what}: {e}"));
-    Out {
-        what,
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn sh(prog: &str, args: &[&str]) -> Out {
-    let mut cmd = Command::new(prog);
-    cmd.args(args);
-    run(cmd, format!("{prog} {}", args.join(" ")))
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("scratch paths are UTF-8")
-}
 
 /// Brings the guest's loopback interface up if it is down (swtpm listens on 127.0.0.1).
 fn ensure_loopback() {

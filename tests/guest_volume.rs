@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sealcsi");
+mod common;
+use common::{BIN, MIB, Out, p, run, sh};
+
 const KIB4: usize = 4096;
-const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const AEAD_ERROR: &str = "INTEGRITY AEAD ERROR";
 /// Exit codes of the CLI.
@@ -38,82 +39,6 @@ const EXIT_REFUSED: i32 = 6;
 // ---------------------------------------------------------------------------------------------
 // Running commands
 // ---------------------------------------------------------------------------------------------
-
-/// The result of one command.
-struct Out {
-    what: String,
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Display for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "`{}` exited {}\n--- stdout:\n{}\n--- stderr:\n{}",
-            self.what, self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-impl Out {
-    #[track_caller]
-    fn ok(self) -> Self {
-        assert_eq!(self.code, 0, "command failed: {self}");
-        self
-    }
-
-    #[track_caller]
-    fn exit(self, code: i32) -> Self {
-        assert_eq!(self.code, code, "expected exit code {code}: {self}");
-        self
-    }
-
-    #[track_caller]
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self}"))
-    }
-
-    /// stderr without the simulated-TEE warning, lower-cased.
-    fn error_text(&self) -> String {
-        self.stderr
-            .lines()
-            .filter(|l| !l.contains("WARNING"))
-            .collect::<Vec<_>>()
-            .join("\n")
-            .to_lowercase()
-    }
-
-    #[track_caller]
-    fn error_mentions(&self, needle: &str) {
-        assert!(
-            self.error_text().contains(&needle.to_lowercase()),
-            "the error message does not mention {needle:?}: {self}"
-        );
-    }
-}
-
-fn run_command(mut cmd: Command, what: String) -> Out {
-    let output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {what}: {e}"));
-    Out {
-        what,
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-/// Runs a system tool.
-fn sh(prog: &str, args: &[&str]) -> Out {
-    let mut cmd = Command::new(prog);
-    cmd.args(args);
-    run_command(cmd, format!("{prog} {}", args.join(" ")))
-}
 
 /// The sealcsi binary with an explicit simulated node (state dir + identity); the environment
 /// fallbacks are removed so the host's settings cannot leak in.
@@ -137,11 +62,7 @@ fn sealcsi_cmd(state: &Path, identity: &str, args: &[&str]) -> (Command, String)
 
 fn sealcsi_as(state: &Path, identity: &str, args: &[&str]) -> Out {
     let (cmd, what) = sealcsi_cmd(state, identity, args);
-    run_command(cmd, what)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("scratch paths are UTF-8")
+    run(cmd, what)
 }
 
 // ---------------------------------------------------------------------------------------------
