@@ -5,7 +5,7 @@
 //! Integrity against accident (a torn write) comes from a SHA-256 checksum per copy; integrity against the
 //! host comes from the keyslots: every field the mapping depends on is AAD of each keyslot's AES-GCM-SIV wrap.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::keys::{DIGEST_LEN, NONCE_LEN, SALT_LEN, WRAP_TAG_LEN};
@@ -61,8 +61,18 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> HeaderError {
     }
 }
 
+/// Whether every block is authenticated (the `integrity` option of the CLI and the StorageClass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Integrity {
+    /// dm-integrity AEAD: every 4 KiB block authenticated (HMAC-SHA256).
+    HmacSha256,
+    /// dm-crypt only: confidentiality, no tamper detection.
+    None,
+}
+
 /// How journal writes reach dm-integrity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Journal {
     /// Data and tags go through the journal: crash-safe.
@@ -92,6 +102,14 @@ const JOURNAL_D: u8 = 2;
 
 impl Profile {
     pub const SECTOR_SIZE: u32 = 4096;
+
+    /// The profile for an integrity choice and a journal mode (the journal applies to AEAD only).
+    pub fn new(integrity: Integrity, journal: Journal) -> Self {
+        match integrity {
+            Integrity::HmacSha256 => Profile::AeadHmacSha256 { journal },
+            Integrity::None => Profile::XtsOnly,
+        }
+    }
 
     pub fn key_len(self) -> usize {
         match self {
@@ -167,15 +185,34 @@ impl Profile {
 }
 
 /// The filesystem made at format time (a hint for staging; the filesystem itself is the truth).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum FsKind {
+    /// No filesystem: a raw block volume.
     None,
     Ext4,
     Xfs,
 }
 
 impl FsKind {
+    /// The name mount(2), the tools and CSI know the filesystem by.
+    pub fn name(self) -> &'static str {
+        match self {
+            FsKind::Ext4 => "ext4",
+            FsKind::Xfs => "xfs",
+            FsKind::None => "none",
+        }
+    }
+
+    /// A filesystem sealcsi makes, by its name (`none` is not a filesystem name).
+    pub fn from_fs_name(name: &str) -> Option<Self> {
+        match name {
+            "ext4" => Some(FsKind::Ext4),
+            "xfs" => Some(FsKind::Xfs),
+            _ => None,
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             FsKind::None => 0,

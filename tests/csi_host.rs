@@ -22,8 +22,8 @@ use sealcsi::csi::{
 };
 use sealcsi::dm::{DeviceMapper, MemoryDm, memory::MemoryOp};
 use sealcsi::header::FsKind;
-use sealcsi::init::InitMode;
 use sealcsi::node::{MemoryEngine, MemoryMounter, Mounter, VolumeEngine};
+use sealcsi::volume::init::InitMode;
 use tokio::sync::oneshot;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -1741,7 +1741,7 @@ async fn xfs_volumes_are_at_least_what_mkfs_xfs_accepts() {
         err.message()
     );
     assert!(
-        !p.backing(&sealcsi::provision::volume_id_for("x-small"))
+        !p.backing(sealcsi::store::VolumeId::for_name("x-small").as_str())
             .exists()
     );
     // GetCapacity tells the minimum for what is asked.

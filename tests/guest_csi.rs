@@ -511,13 +511,14 @@ async fn guest_csi_expansion_retried_after_a_crash_initializes_the_new_space() {
     // What NodeExpandVolume did up to the crash: file grown, progress recorded, mapping grown.
     let dm_name = format!("sealcsi-{id}");
     let node = PathBuf::from(format!("/dev/mapper/{dm_name}"));
-    let store = sealcsi::provision::Store::open(&state).unwrap();
+    let store = sealcsi::store::Store::open(&state).unwrap();
+    let vid = sealcsi::store::VolumeId::parse(&id).unwrap();
     let kdm: std::sync::Arc<dyn DeviceMapper> = std::sync::Arc::new(KernelDm::new().unwrap());
     let source = SimSource::open(&dir.join("sim-node-a"), "node-a").unwrap();
     let engine = sealcsi::node::KernelEngine::new(kdm, std::sync::Arc::new(source));
     let old_top = engine.size_bytes(&dm_name).unwrap();
-    store.grow_backing(&id, 256 << 20, 0).unwrap();
-    store.set_pending_init(&id, old_top).unwrap();
+    store.grow_backing(&vid, 256 << 20, 0).unwrap();
+    store.set_pending_init(&vid, old_top).unwrap();
     let new_top = engine.expand(&dm_name, &p.backing(&id)).unwrap();
     assert!(new_top > old_top + (100 << 20), "{old_top} -> {new_top}");
     let err = read_direct(&node, old_top).expect_err("never-written AEAD blocks do not read");
@@ -533,7 +534,7 @@ async fn guest_csi_expansion_retried_after_a_crash_initializes_the_new_space() {
     assert_eq!(r.capacity_bytes, new_top as i64);
     assert_eq!(read_direct(&node, old_top).unwrap(), vec![0u8; 4096]);
     assert_eq!(read_direct(&node, new_top - 4096).unwrap(), vec![0u8; 4096]);
-    assert_eq!(store.pending_init(&id).unwrap(), None);
+    assert_eq!(store.pending_init(&vid).unwrap(), None);
     let after = p.stats(&id, &target).await.usage[0].total;
     assert!(
         after > before + 100 * MIB,

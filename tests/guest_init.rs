@@ -1,4 +1,4 @@
-//! Real-kernel tests of volume initialization (`sealcsi::init`) on an AEAD integrity stack.
+//! Real-kernel tests of volume initialization (`sealcsi::volume::init`) on an AEAD integrity stack.
 //!
 //! Each test builds dm-integrity (AEAD, tag 48, journal, 4 KiB) under dm-crypt
 //! `capi:authenc(hmac(sha256),xts(aes))-random` with `dmsetup` and a random key, on a sparse
@@ -22,7 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use sealcsi::header::FsKind;
-use sealcsi::init::{InitMode, initialize};
+use sealcsi::volume::init::{InitMode, initialize};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -319,12 +319,12 @@ fn exercise(test: &str, fs_kind: FsKind, loop_size: u64, mode: InitMode) {
     let groups = inode_groups(fs_kind, &stack.dev, &inos);
     stack.umount();
     let t = Instant::now();
-    sealcsi::fs::fsck_check(fs_kind, &stack.dev).unwrap();
+    sealcsi::volume::mkfs::fsck_check(fs_kind, &stack.dev).unwrap();
     let fsck_time = t.elapsed();
     stack.mount(fs_kind);
     check_tree(&stack.mnt);
     stack.umount();
-    sealcsi::fs::fsck_check(fs_kind, &stack.dev).unwrap();
+    sealcsi::volume::mkfs::fsck_check(fs_kind, &stack.dev).unwrap();
 
     let log = kmsg_since(&marker);
     let bad = bad_lines(&log);

@@ -18,11 +18,12 @@ use tss_esapi::structures::{Digest, DigestValues};
 use tss_esapi::{Context, TctiNameConf};
 
 use sealcsi::dm::MemoryDm;
+use sealcsi::error::{Classify, Kind};
 use sealcsi::header::{FsKind, Header, Journal, Profile, SourceKind};
 use sealcsi::keys::{SealingSecret, VolumeKey};
 use sealcsi::sealing::tpm::{self, PcrBank, PcrSelection, TpmBinding, TpmSource};
 use sealcsi::sealing::{SealError, SealingSource, SourceOptions, TeeChoice};
-use sealcsi::volume::{ErrorClass, VolumeError, Volumes};
+use sealcsi::volume::{VolumeError, Volumes};
 
 /// A running swtpm; killed and reaped on drop.
 struct Swtpm {
@@ -300,7 +301,7 @@ fn tpm_changed_pcr_refuses_the_volume_and_a_reboot_restores_it() {
         matches!(err, VolumeError::WrongIdentity { slots: 1, .. }),
         "{err:?}"
     );
-    assert_eq!(err.class(), ErrorClass::WrongIdentity);
+    assert_eq!(err.kind(), Kind::WrongIdentity);
     assert_ne!(changed.default_binding(), source.default_binding());
 
     // Power cycle: PCRs back to their boot values; the owner seed survived in swtpm's state.

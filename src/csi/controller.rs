@@ -10,11 +10,11 @@ use super::convert::{self, CapabilityError, bytes, required};
 use super::proto::controller_service_capability::{Rpc, Type as CapType, rpc::Type as RpcType};
 use super::proto::{self, controller_server::Controller};
 use super::{Shared, blocking, status};
+use crate::controller::{Created, Provisioner};
 use crate::header::FsKind;
-use crate::provision::{
-    AccessType, Capability, Created, ProvisionError, Provisioner, VolumeInfo, VolumeParams,
-    min_volume_bytes, volume_id_for,
-};
+use crate::node::capability::{AccessType, Capability};
+use crate::store::sizing::min_volume_bytes;
+use crate::store::{StoreError, VolumeId, VolumeInfo, VolumeParams};
 
 pub struct ControllerService {
     shared: Arc<Shared>,
@@ -94,19 +94,17 @@ impl ControllerService {
             && !reqs.requisite.is_empty()
             && !reqs.requisite.iter().any(|t| self.is_this_node(t))
         {
-            return Err(status::from_error(&ProvisionError::ResourceExhausted(
-                format!(
-                    "volumes of this plugin live on node {}, which is not in the requisite topology",
-                    self.shared.config.node_id
-                ),
-            )));
+            return Err(status::from_error(&StoreError::ResourceExhausted(format!(
+                "volumes of this plugin live on node {}, which is not in the requisite topology",
+                self.shared.config.node_id
+            ))));
         }
         let (required_bytes, limit_bytes) = convert::range(req.capacity_range.as_ref())?;
-        let id = volume_id_for(&req.name);
+        let id = VolumeId::for_name(&req.name);
         let guard = self
             .shared
             .guards
-            .try_acquire(&id)
+            .try_acquire(id.as_str())
             .map_err(|e| status::from_error(&e))?;
         let provisioner = self.provisioner();
         let name = req.name.clone();
@@ -129,10 +127,14 @@ impl ControllerService {
         &self,
         volume_id: String,
     ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
+        // An id of a shape this plugin never makes names no volume here: deleting it is done.
+        let Some(volume_id) = VolumeId::parse(&volume_id) else {
+            return Ok(Response::new(proto::DeleteVolumeResponse {}));
+        };
         let guard = self
             .shared
             .guards
-            .try_acquire(&volume_id)
+            .try_acquire(volume_id.as_str())
             .map_err(|e| status::from_error(&e))?;
         let provisioner = self.provisioner();
         blocking(move || {
@@ -153,7 +155,7 @@ impl ControllerService {
             return Err(status::invalid_argument("volume_capabilities is required"));
         }
         let provisioner = self.provisioner();
-        let id = req.volume_id.clone();
+        let id = convert::volume_id(&req.volume_id)?;
         let vol = blocking(move || {
             provisioner
                 .store()
@@ -282,13 +284,13 @@ impl ControllerService {
         if let Some(cap) = &req.volume_capability {
             convert::capability(cap).map_err(|e| status::invalid_argument(e.message()))?;
         }
+        let id = convert::volume_id(&req.volume_id)?;
         let guard = self
             .shared
             .guards
-            .try_acquire(&req.volume_id)
+            .try_acquire(id.as_str())
             .map_err(|e| status::from_error(&e))?;
         let provisioner = self.provisioner();
-        let id = req.volume_id;
         let size = blocking(move || {
             let _guard = guard;
             provisioner
@@ -307,6 +309,7 @@ impl ControllerService {
         &self,
         volume_id: String,
     ) -> Result<Response<proto::ControllerGetVolumeResponse>, Status> {
+        let volume_id = convert::volume_id(&volume_id)?;
         let provisioner = self.provisioner();
         let (vol, condition) = blocking(move || {
             let vol = provisioner
@@ -355,7 +358,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<proto::CreateVolumeResponse>, Status> {
         let req = request.into_inner();
         required(&req.name, "name")?;
-        let span = tracing::info_span!("csi", rpc = "CreateVolume", volume.id = %volume_id_for(&req.name), volume.name = %req.name);
+        let span = tracing::info_span!("csi", rpc = "CreateVolume", volume.id = %VolumeId::for_name(&req.name), volume.name = %req.name);
         self.create(req).instrument(span).await
     }
 

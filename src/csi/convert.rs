@@ -7,7 +7,10 @@ use tonic::Status;
 use super::proto::volume_capability::{AccessType as ProtoAccess, access_mode::Mode};
 use super::proto::{self, VolumeCapability};
 use super::status;
-use crate::provision::{AccessMode, AccessType, Capability, Condition, parse_fs_type};
+use crate::header::FsKind;
+use crate::node::capability::{AccessMode, AccessType, Capability};
+use crate::store::{StoreError, VolumeId};
+use crate::volume::Condition;
 
 /// Why a capability cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +27,24 @@ impl CapabilityError {
             CapabilityError::Invalid(m) | CapabilityError::Unsupported(m) => m,
         }
     }
+}
+
+/// The volume id of a request, checked once here: an id of a shape this plugin never makes names no
+/// volume (NOT_FOUND, as the core would answer for an unknown id).
+pub fn volume_id(id: &str) -> Result<VolumeId, Status> {
+    VolumeId::parse(id).ok_or_else(|| status::from_error(&StoreError::NotFound(id.to_string())))
+}
+
+/// The filesystem named by a CSI `fs_type` (`""` = the plugin's choice).
+fn fs_type(fs_type: &str) -> Result<Option<FsKind>, CapabilityError> {
+    if fs_type.is_empty() {
+        return Ok(None);
+    }
+    FsKind::from_fs_name(fs_type).map(Some).ok_or_else(|| {
+        CapabilityError::Unsupported(format!(
+            "fs_type {fs_type:?} is not supported (ext4 or xfs)"
+        ))
+    })
 }
 
 /// A proto capability in core terms.
@@ -66,8 +87,7 @@ pub fn capability(cap: &VolumeCapability) -> Result<Capability, CapabilityError>
         }
         Some(ProtoAccess::Block(_)) => AccessType::Block,
         Some(ProtoAccess::Mount(m)) => {
-            let fs = parse_fs_type(&m.fs_type)
-                .map_err(|e| CapabilityError::Unsupported(e.to_string()))?;
+            let fs = fs_type(&m.fs_type)?;
             if !m.volume_mount_group.is_empty() {
                 return Err(CapabilityError::Unsupported(
                     "volume_mount_group is not supported".into(),

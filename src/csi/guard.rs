@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use crate::provision::{Meaning, Meaningful};
+use crate::error::{Classify, Kind};
 
 /// The volumes with an operation in progress.
 #[derive(Debug, Clone, Default)]
@@ -19,9 +19,9 @@ pub struct OpGuards {
 #[error("an operation on volume {0} is already in progress; retry later")]
 pub struct InProgress(pub String);
 
-impl Meaningful for InProgress {
-    fn meaning(&self) -> Meaning {
-        Meaning::Aborted
+impl Classify for InProgress {
+    fn kind(&self) -> Kind {
+        Kind::Aborted
     }
 }
 
@@ -75,7 +75,7 @@ mod tests {
     fn one_operation_per_volume() {
         let g = OpGuards::new();
         let a = g.try_acquire("v1").unwrap();
-        assert_eq!(g.try_acquire("v1").unwrap_err().meaning(), Meaning::Aborted);
+        assert_eq!(g.try_acquire("v1").unwrap_err().kind(), Kind::Aborted);
         let _b = g.try_acquire("v2").unwrap();
         assert!(g.is_held("v1"));
         drop(a);

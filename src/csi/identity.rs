@@ -90,8 +90,8 @@ impl Identity for IdentityService {
 #[error("plugin not ready: {0}")]
 pub struct NotReady(pub String);
 
-impl crate::provision::Meaningful for NotReady {
-    fn meaning(&self) -> crate::provision::Meaning {
-        crate::provision::Meaning::FailedPrecondition
+impl crate::error::Classify for NotReady {
+    fn kind(&self) -> crate::error::Kind {
+        crate::error::Kind::FailedPrecondition
     }
 }

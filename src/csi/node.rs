@@ -74,7 +74,7 @@ impl Node for NodeService {
         async {
             let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
             let cap = required_capability(req.volume_capability.as_ref())?;
-            let vid = id.clone();
+            let vid = convert::volume_id(&id)?;
             self.guarded(&id, move |core| core.stage(&vid, &staging, &cap))
                 .await?;
             Ok(Response::new(proto::NodeStageVolumeResponse {}))
@@ -92,7 +92,7 @@ impl Node for NodeService {
         let span = span("NodeUnstageVolume", &id);
         async {
             let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
-            let vid = id.clone();
+            let vid = convert::volume_id(&id)?;
             self.guarded(&id, move |core| core.unstage(&vid, &staging))
                 .await?;
             Ok(Response::new(proto::NodeUnstageVolumeResponse {}))
@@ -114,7 +114,7 @@ impl Node for NodeService {
             let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
             let cap = required_capability(req.volume_capability.as_ref())?;
             let readonly = req.readonly;
-            let vid = id.clone();
+            let vid = convert::volume_id(&id)?;
             self.guarded(&id, move |core| {
                 core.publish(&vid, &staging, &target, &cap, readonly)
             })
@@ -134,7 +134,7 @@ impl Node for NodeService {
         let span = span("NodeUnpublishVolume", &id);
         async {
             let target = PathBuf::from(required(&req.target_path, "target_path")?);
-            let vid = id.clone();
+            let vid = convert::volume_id(&id)?;
             self.guarded(&id, move |core| core.unpublish(&vid, &target))
                 .await?;
             Ok(Response::new(proto::NodeUnpublishVolumeResponse {}))
@@ -153,9 +153,10 @@ impl Node for NodeService {
         async {
             let path = PathBuf::from(required(&req.volume_path, "volume_path")?);
             // Read-only: no guard, so the kubelet's periodic stats never collide with a publish.
+            let vid = convert::volume_id(&id)?;
             let core = self.core();
             let stats =
-                blocking(move || core.stats(&id, &path).map_err(|e| status::from_error(&e)))
+                blocking(move || core.stats(&vid, &path).map_err(|e| status::from_error(&e)))
                     .await?;
             let usage = match stats.usage {
                 Usage::Filesystem {
@@ -208,7 +209,7 @@ impl Node for NodeService {
                 convert::capability(cap).map_err(|e| status::invalid_argument(e.message()))?;
             }
             let (required, limit) = convert::range(req.capacity_range.as_ref())?;
-            let vid = id.clone();
+            let vid = convert::volume_id(&id)?;
             let size = self
                 .guarded(&id, move |core| core.expand(&vid, &path, required, limit))
                 .await?;

@@ -1,33 +1,39 @@
-//! The one place where errors become gRPC statuses. Core errors carry a [`Meaning`]; this maps the
-//! meaning to a code, so every RPC answers the same failure with the same code.
+//! The one place where errors become gRPC statuses. Core errors know their [`Kind`]; this maps the kind
+//! to a code, so every RPC answers the same failure with the same code.
 
 use tonic::{Code, Status};
 
-use crate::provision::{Meaning, Meaningful};
+use crate::error::{Classify, Kind};
 
-/// The gRPC code of a meaning.
-pub fn code_for(meaning: Meaning) -> Code {
-    match meaning {
-        Meaning::NotFound => Code::NotFound,
-        Meaning::AlreadyExists => Code::AlreadyExists,
-        Meaning::InvalidArgument => Code::InvalidArgument,
-        Meaning::FailedPrecondition => Code::FailedPrecondition,
-        Meaning::Aborted => Code::Aborted,
-        Meaning::OutOfRange => Code::OutOfRange,
-        Meaning::ResourceExhausted => Code::ResourceExhausted,
-        Meaning::Unavailable => Code::Unavailable,
-        Meaning::Internal => Code::Internal,
+/// The gRPC code of a kind of failure.
+pub fn code_for(kind: Kind) -> Code {
+    match kind {
+        Kind::NotFound => Code::NotFound,
+        Kind::AlreadyExists => Code::AlreadyExists,
+        Kind::InvalidArgument => Code::InvalidArgument,
+        // This node cannot open the volume, the header is damaged, the device holds something else or
+        // is held: none of it goes away by retrying the same call; an operator must act.
+        Kind::WrongIdentity
+        | Kind::InvalidHeader
+        | Kind::Busy
+        | Kind::Refused
+        | Kind::FailedPrecondition => Code::FailedPrecondition,
+        Kind::Aborted => Code::Aborted,
+        Kind::OutOfRange => Code::OutOfRange,
+        Kind::ResourceExhausted => Code::ResourceExhausted,
+        Kind::Unavailable => Code::Unavailable,
+        Kind::Internal => Code::Internal,
     }
 }
 
 /// The status for a core error. Messages of core errors never hold secrets (keys, request secrets).
-pub fn from_error<E: Meaningful + ?Sized>(e: &E) -> Status {
-    let meaning = e.meaning();
-    match meaning {
-        Meaning::Internal | Meaning::Unavailable => tracing::error!(error = %e, "request failed"),
-        _ => tracing::info!(error = %e, code = ?code_for(meaning), "request refused"),
+pub fn from_error<E: Classify + ?Sized>(e: &E) -> Status {
+    let kind = e.kind();
+    match kind {
+        Kind::Internal | Kind::Unavailable => tracing::error!(error = %e, "request failed"),
+        _ => tracing::info!(error = %e, code = ?code_for(kind), "request refused"),
     }
-    Status::new(code_for(meaning), e.to_string())
+    Status::new(code_for(kind), e.to_string())
 }
 
 /// A malformed request (a required field missing, a bad value).
@@ -52,20 +58,19 @@ pub fn internal(message: impl Into<String>) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provision::ProvisionError;
+    use crate::controller::ControllerError;
+    use crate::store::StoreError;
 
     #[test]
-    fn meanings_map_to_their_codes() {
-        let e = ProvisionError::NotFound("sv-x".into());
+    fn kinds_map_to_their_codes() {
+        let e = StoreError::NotFound("sv-x".into());
         assert_eq!(from_error(&e).code(), Code::NotFound);
         assert_eq!(
-            from_error(&ProvisionError::BadToken("t".into())).code(),
+            from_error(&ControllerError::BadToken("t".into())).code(),
             Code::Aborted
         );
-        assert_eq!(code_for(Meaning::OutOfRange), Code::OutOfRange);
-        assert_eq!(
-            code_for(Meaning::ResourceExhausted),
-            Code::ResourceExhausted
-        );
+        assert_eq!(code_for(Kind::OutOfRange), Code::OutOfRange);
+        assert_eq!(code_for(Kind::ResourceExhausted), Code::ResourceExhausted);
+        assert_eq!(code_for(Kind::WrongIdentity), Code::FailedPrecondition);
     }
 }

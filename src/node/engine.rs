@@ -4,19 +4,20 @@
 //!
 //! Every method is blocking (ioctls, mkfs): call from a blocking context.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::{BackendError, LoopDevice};
 use crate::dm::{DeviceMapper, DmError, DmName, Target, integrity_status};
-use crate::fs::FsError;
-use crate::header::{self, FsKind, HEADER_SIZE, Header, Profile};
-use crate::mapping::{self, MappingError, SECTOR, StackNames};
-use crate::provision::{Condition, Meaning, Meaningful};
+use crate::error::{Classify, Kind};
+use crate::header::{self, FsKind, Profile};
 use crate::sealing::SealingSource;
-use crate::volume::{self, ErrorClass, FormatOptions, VolumeError, Volumes};
+use crate::volume::header_io::read_region;
+use crate::volume::health::{self, Check, Condition};
+use crate::volume::init::InitMode;
+use crate::volume::mkfs::FsError;
+use crate::volume::stack::{self, MappingError, SECTOR, StackNames};
+use crate::volume::{self, FormatOptions, VolumeError, Volumes};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -41,40 +42,17 @@ pub enum EngineError {
     },
 }
 
-/// How the node reports a volume-engine class.
-pub fn class_meaning(class: ErrorClass) -> Meaning {
-    match class {
-        ErrorClass::InvalidArgument => Meaning::InvalidArgument,
-        // This node cannot open the volume, the header is damaged, the device holds something else or
-        // is held: none of it goes away by retrying the same call; an operator must act.
-        ErrorClass::WrongIdentity
-        | ErrorClass::InvalidHeader
-        | ErrorClass::Refused
-        | ErrorClass::Busy => Meaning::FailedPrecondition,
-        ErrorClass::Internal => Meaning::Internal,
-    }
-}
-
-impl Meaningful for EngineError {
-    fn meaning(&self) -> Meaning {
+impl Classify for EngineError {
+    fn kind(&self) -> Kind {
         match self {
-            EngineError::Volume(e) => class_meaning(e.class()),
-            EngineError::Mapping(e) => match e {
-                MappingError::Dm(DmError::InvalidArgument(_)) => Meaning::InvalidArgument,
-                MappingError::Busy(_)
-                | MappingError::NameInUse { .. }
-                | MappingError::OpenElsewhere(_)
-                | MappingError::MissingIntegritySuperblock
-                | MappingError::IntegrityMismatch(_)
-                | MappingError::Dm(DmError::Busy(_)) => Meaning::FailedPrecondition,
-                _ => Meaning::Internal,
-            },
-            EngineError::Dm(DmError::Busy(_)) => Meaning::FailedPrecondition,
-            EngineError::Dm(DmError::InvalidArgument(_)) => Meaning::InvalidArgument,
-            EngineError::Backend(BackendError::Busy(_)) => Meaning::FailedPrecondition,
-            EngineError::NotOpen(_) => Meaning::FailedPrecondition,
-            EngineError::Fs(FsError::NoFilesystem(_)) => Meaning::FailedPrecondition,
-            _ => Meaning::Internal,
+            EngineError::Volume(e) => e.kind(),
+            EngineError::Mapping(e) => e.kind(),
+            EngineError::Dm(e) => e.kind(),
+            EngineError::Backend(BackendError::Busy(_)) => Kind::Busy,
+            EngineError::NotOpen(_) | EngineError::Fs(FsError::NoFilesystem(_)) => {
+                Kind::FailedPrecondition
+            }
+            _ => Kind::Internal,
         }
     }
 }
@@ -125,57 +103,11 @@ pub trait VolumeEngine: Send + Sync {
     /// Initializes bytes `from..to` of the open top device after it grew, where the profile needs it
     /// (AEAD: never-written blocks have no valid tag and read as errors, so they are written with zeros
     /// once). Idempotent: it only ever covers space no filesystem or user has been given yet.
-    fn init_new_space(
-        &self,
-        dm_name: &str,
-        backing: &Path,
-        from: u64,
-        to: u64,
-    ) -> Result<(), EngineError>;
+    fn init_new_space(&self, dm_name: &str, from: u64, to: u64) -> Result<(), EngineError>;
     /// Grows the filesystem on `device`, mounted at `mount_point`.
     fn grow_fs(&self, fs: FsKind, device: &Path, mount_point: &Path) -> Result<(), EngineError>;
     /// `Err(what is missing)` unless the sealing source answers.
     fn probe_source(&self) -> Result<(), String>;
-}
-
-/// Reads both header copies with ordinary (buffered) reads: works on files on any filesystem and on
-/// block devices, and needs no loop device.
-pub fn read_header_region(backing: &Path) -> Result<Vec<u8>, EngineError> {
-    let mut region = vec![0u8; 2 * HEADER_SIZE];
-    File::open(backing)
-        .and_then(|f| f.read_exact_at(&mut region, 0))
-        .map_err(|source| EngineError::Io {
-            context: format!("reading the header region of {}", backing.display()),
-            source,
-        })?;
-    Ok(region)
-}
-
-/// Health from the header region, plus `unseal` for a header that decodes.
-pub fn header_condition(
-    region: &[u8],
-    unseal: impl FnOnce(&Header) -> Result<(), String>,
-) -> Option<String> {
-    if !header::has_magic(region) {
-        return Some("the volume has no sealcsi header any more".into());
-    }
-    match header::select(region) {
-        Err(e) => Some(format!("the volume header no longer decodes: {e}")),
-        Ok(active) => {
-            if let Err(e) = unseal(&active.header) {
-                return Some(format!(
-                    "the volume header no longer unseals on this node: {e}"
-                ));
-            }
-            active.other_copy_error.as_ref().map(|e| {
-                format!(
-                    "header copy {} is damaged ({e}); copy {} is intact",
-                    active.inactive_copy(),
-                    active.copy
-                )
-            })
-        }
-    }
 }
 
 /// Integrity mismatches the integrity device counted, if it exists and reports any.
@@ -240,9 +172,7 @@ impl VolumeEngine for KernelEngine {
     ) -> Result<StagedDevice, EngineError> {
         let names = StackNames::new(dm_name)?;
         let mut init = None;
-        if self.dm.info(&names.crypt)?.is_none()
-            && !header::has_magic(&read_header_region(backing)?)
-        {
+        if self.dm.info(&names.crypt)?.is_none() && !header::has_magic(&read_region(backing)?) {
             // Never a sealcsi volume. Format refuses (force is never set here) if anything else is there.
             let opts = FormatOptions {
                 force: false,
@@ -251,22 +181,16 @@ impl VolumeEngine for KernelEngine {
             let report = self.volumes().format(backing, &opts, &mut |_, _| {})?;
             tracing::info!(volume.uuid = %report.uuid, seconds = report.total_seconds, "formatted new sealed volume");
             init = Some(InitTiming {
-                fast: opts.init == crate::init::InitMode::Fast,
+                fast: opts.init == InitMode::Fast,
                 wipe_seconds: report.init_seconds,
                 mkfs_seconds: report.mkfs_seconds,
             });
         }
         let report = self.volumes().open(backing, dm_name)?;
-        let region = read_header_region(backing)?;
-        let fs = header::select(&region)
-            .map(|a| a.header.fs)
-            .map_err(|source| VolumeError::Header {
-                device: backing.display().to_string(),
-                source,
-            })?;
+        // The header open authenticated, never a second read the host could answer differently.
         Ok(StagedDevice {
             device: report.device,
-            fs,
+            fs: report.header.fs,
             formatted: init.is_some(),
             init,
         })
@@ -285,16 +209,11 @@ impl VolumeEngine for KernelEngine {
         let names = StackNames::new(dm_name)?;
         let mut problems = Vec::new();
         problems.extend(integrity_problem(&*self.dm, &names)?);
-        let region = read_header_region(backing)?;
+        let region = read_region(backing)?;
         let vols = self.volumes();
-        problems.extend(header_condition(&region, |h| {
-            vols.unseal(h).map(drop).map_err(|e| e.to_string())
-        }));
-        Ok(if problems.is_empty() {
-            Condition::Healthy
-        } else {
-            Condition::Abnormal(problems.join("; "))
-        })
+        let unseal = |h: &header::Header| vols.unseal(h).map(drop).map_err(|e| e.to_string());
+        problems.extend(health::header_problem(&region, Check::Unseal(&unseal)));
+        Ok(Condition::from_problems(problems))
     }
 
     fn size_bytes(&self, dm_name: &str) -> Result<u64, EngineError> {
@@ -304,13 +223,9 @@ impl VolumeEngine for KernelEngine {
     fn expand(&self, dm_name: &str, backing: &Path) -> Result<u64, EngineError> {
         let names = StackNames::new(dm_name)?;
         let old_bytes = dm_size_bytes(&*self.dm, &names.crypt)?;
-        let region = read_header_region(backing)?;
-        let header = header::select(&region)
-            .map_err(|source| VolumeError::Header {
-                device: backing.display().to_string(),
-                source,
-            })?
-            .header;
+        // Read again here, but authenticated before use: the new crypt table needs the key, and unsealing
+        // checks every mapping field of this header.
+        let header = volume::read_header(backing)?.header;
         let lo = LoopDevice::find(backing)?
             .ok_or_else(|| EngineError::NotOpen(format!("loop device of {}", backing.display())))?;
         lo.set_capacity()?;
@@ -347,15 +262,15 @@ impl VolumeEngine for KernelEngine {
             }
             Profile::XtsOnly => (
                 lo.path().to_path_buf(),
-                crate::volume::crypt_only_sectors(device_bytes),
+                volume::crypt_only_sectors(device_bytes),
             ),
         };
         if data_sectors * SECTOR <= old_bytes {
             return Ok(old_bytes);
         }
         let (_, key) = self.volumes().unseal(&header)?;
-        let (table_key, logon) = crate::mapping::table_key(&header.uuid_string(), &key)?;
-        let crypt = mapping::crypt_line(&lower, &header, data_sectors, table_key)?;
+        let (table_key, logon) = stack::table_key(&header.uuid_string(), &key)?;
+        let crypt = stack::crypt_line(&lower, &header, data_sectors, table_key)?;
         debug_assert!(matches!(crypt.target, Target::Crypt(_)));
         let reloaded = self.dm.reload(&names.crypt, std::slice::from_ref(&crypt));
         drop(logon);
@@ -363,22 +278,11 @@ impl VolumeEngine for KernelEngine {
         Ok(data_sectors * SECTOR)
     }
 
-    fn init_new_space(
-        &self,
-        dm_name: &str,
-        backing: &Path,
-        from: u64,
-        to: u64,
-    ) -> Result<(), EngineError> {
+    fn init_new_space(&self, dm_name: &str, from: u64, to: u64) -> Result<(), EngineError> {
         let names = StackNames::new(dm_name)?;
-        let region = read_header_region(backing)?;
-        let header = header::select(&region)
-            .map_err(|source| VolumeError::Header {
-                device: backing.display().to_string(),
-                source,
-            })?
-            .header;
-        if !matches!(header.profile, Profile::AeadHmacSha256 { .. }) || to <= from {
+        // What the kernel runs decides, not a header the host could rewrite: only an AEAD stack has an
+        // integrity device, and only AEAD space reads as errors until it is written once.
+        if self.dm.info(&names.integrity)?.is_none() || to <= from {
             return Ok(());
         }
         let size = dm_size_bytes(&*self.dm, &names.crypt)?;
@@ -404,7 +308,7 @@ impl VolumeEngine for KernelEngine {
             FsKind::Xfs => mount_point,
             _ => device,
         };
-        crate::fs::grow(fs, target)?;
+        crate::volume::mkfs::grow(fs, target)?;
         Ok(())
     }
 

@@ -11,17 +11,16 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
-use super::engine::{
-    EngineError, StagedDevice, VolumeEngine, dm_size_bytes, integrity_problem, read_header_region,
-};
+use super::engine::{EngineError, StagedDevice, VolumeEngine, dm_size_bytes, integrity_problem};
 use crate::dm::{CryptKey, DeviceMapper, DmError, MemoryDm};
 use crate::header::{
     COPY_OFFSETS, DATA_OFFSET, FsKind, HEADER_SIZE, Header, HeaderError, Journal, Profile,
 };
-use crate::mapping::{self, SECTOR, StackNames};
-use crate::provision::Condition;
 use crate::sealing::SourceKind;
-use crate::volume::{FormatOptions, VolumeError};
+use crate::volume::header_io::read_region;
+use crate::volume::init::InitMode;
+use crate::volume::stack::{self, SECTOR, StackNames};
+use crate::volume::{Condition, FormatOptions, VolumeError};
 
 /// Magic of the in-memory engine's marker header.
 pub const MEMORY_MAGIC: &[u8; 8] = b"MEMSEAL\0";
@@ -146,7 +145,7 @@ impl MemoryEngine {
     /// The fake does no initialization work: a format reports zero-length phases.
     fn timing(formatted: bool, format: &FormatOptions) -> Option<super::engine::InitTiming> {
         formatted.then_some(super::engine::InitTiming {
-            fast: format.init == crate::init::InitMode::Fast,
+            fast: format.init == InitMode::Fast,
             wipe_seconds: 0.0,
             mkfs_seconds: 0.0,
         })
@@ -265,13 +264,13 @@ impl MemoryEngine {
         sectors: u64,
     ) -> Result<(Option<crate::dm::TargetLine>, crate::dm::TargetLine), EngineError> {
         let header = Header::new([7; 16], profile, fs, 0);
-        let integrity = mapping::integrity_line(backing, &header, sectors);
+        let integrity = stack::integrity_line(backing, &header, sectors);
         let lower = match integrity {
             Some(_) => names.integrity.node(),
             None => backing.to_path_buf(),
         };
         let key = CryptKey::Hex(zeroize::Zeroizing::new(vec![0; profile.key_len()]));
-        let crypt = mapping::crypt_line(&lower, &header, sectors, key)?;
+        let crypt = stack::crypt_line(&lower, &header, sectors, key)?;
         Ok((integrity, crypt))
     }
 }
@@ -286,7 +285,7 @@ impl VolumeEngine for MemoryEngine {
         let names = StackNames::new(dm_name)?;
         let delay = *self.stage_delay.lock().unwrap_or_else(|e| e.into_inner());
         std::thread::sleep(delay);
-        let mut region = read_header_region(backing)?;
+        let mut region = read_region(backing)?;
         let mut formatted = false;
         if !has_marker_magic(&region) {
             if region.iter().any(|&b| b != 0) {
@@ -295,7 +294,7 @@ impl VolumeEngine for MemoryEngine {
                     found: "data that is not a sealcsi volume".into(),
                 }));
             }
-            if format.fs == FsKind::None && format.init == crate::init::InitMode::Fast {
+            if format.fs == FsKind::None && format.init == InitMode::Fast {
                 return Err(EngineError::Volume(VolumeError::InvalidArgument(
                     "fast init needs a filesystem".into(),
                 )));
@@ -311,7 +310,7 @@ impl VolumeEngine for MemoryEngine {
                 .unwrap_or_else(|e| e.into_inner())
                 .push((backing.to_path_buf(), *format));
             formatted = true;
-            region = read_header_region(backing)?;
+            region = read_region(backing)?;
         }
         let (marker, _) = read_markers(&region).map_err(|e| Self::header_error(backing, e))?;
         if marker.identity != self.digest() {
@@ -333,13 +332,13 @@ impl VolumeEngine for MemoryEngine {
             self.dm.remove(&names.integrity)?;
             self.dm.create(
                 &names.integrity,
-                &mapping::dm_uuid(&uuid, "integrity"),
+                &stack::dm_uuid(&uuid, "integrity"),
                 &[line],
             )?;
         }
         let info = self
             .dm
-            .create(&names.crypt, &mapping::dm_uuid(&uuid, "crypt"), &[crypt])?;
+            .create(&names.crypt, &stack::dm_uuid(&uuid, "crypt"), &[crypt])?;
         Ok(StagedDevice {
             device: info.node,
             fs: marker.fs,
@@ -355,7 +354,7 @@ impl VolumeEngine for MemoryEngine {
 
     fn close(&self, dm_name: &str) -> Result<bool, EngineError> {
         let names = StackNames::new(dm_name)?;
-        Ok(mapping::close_stack(&*self.dm, &names)?)
+        Ok(stack::close_stack(&*self.dm, &names)?)
     }
 
     fn condition(&self, dm_name: &str, backing: &Path) -> Result<Condition, EngineError> {
@@ -371,7 +370,7 @@ impl VolumeEngine for MemoryEngine {
         {
             problems.push(format!("dm-integrity counted {n} tag mismatch(es)"));
         }
-        let region = read_header_region(backing)?;
+        let region = read_region(backing)?;
         match read_markers(&region) {
             Err(e) => problems.push(format!("the volume header no longer decodes: {e}")),
             Ok((m, damaged)) => {
@@ -383,11 +382,7 @@ impl VolumeEngine for MemoryEngine {
                 }
             }
         }
-        Ok(if problems.is_empty() {
-            Condition::Healthy
-        } else {
-            Condition::Abnormal(problems.join("; "))
-        })
+        Ok(Condition::from_problems(problems))
     }
 
     fn size_bytes(&self, dm_name: &str) -> Result<u64, EngineError> {
@@ -397,7 +392,7 @@ impl VolumeEngine for MemoryEngine {
     fn expand(&self, dm_name: &str, backing: &Path) -> Result<u64, EngineError> {
         let names = StackNames::new(dm_name)?;
         let old = dm_size_bytes(&*self.dm, &names.crypt)?;
-        let region = read_header_region(backing)?;
+        let region = read_region(backing)?;
         let (marker, _) = read_markers(&region).map_err(|e| Self::header_error(backing, e))?;
         let sectors = Self::data_sectors(backing)?;
         if sectors * SECTOR <= old {
@@ -414,13 +409,7 @@ impl VolumeEngine for MemoryEngine {
         }
     }
 
-    fn init_new_space(
-        &self,
-        dm_name: &str,
-        _backing: &Path,
-        from: u64,
-        to: u64,
-    ) -> Result<(), EngineError> {
+    fn init_new_space(&self, dm_name: &str, from: u64, to: u64) -> Result<(), EngineError> {
         let names = StackNames::new(dm_name)?;
         let size = dm_size_bytes(&*self.dm, &names.crypt)?;
         {
@@ -446,7 +435,7 @@ impl VolumeEngine for MemoryEngine {
 
     fn grow_fs(&self, fs: FsKind, device: &Path, mount_point: &Path) -> Result<(), EngineError> {
         if fs == FsKind::None {
-            return Err(crate::fs::FsError::NoFilesystem("grow").into());
+            return Err(crate::volume::mkfs::FsError::NoFilesystem("grow").into());
         }
         let target = if fs == FsKind::Xfs {
             mount_point

@@ -1,6 +1,7 @@
 //! The node core: stage, unstage, publish, unpublish, stats and expansion of sealed volumes on this node.
 //! No gRPC types here; `crate::csi::node` is a thin layer over [`NodeCore`].
 //!
+//! - [`capability`]: how a volume is accessed, in core terms;
 //! - [`engine`]: the sealed part (open/format/close/condition/resize of the device-mapper stack);
 //! - [`mount`]: mounts and the kernel's mount table;
 //! - [`memory`]: the in-memory engine for host tests.
@@ -10,23 +11,22 @@
 //!
 //! Every method blocks (ioctls, mkfs, mount): call from a blocking context.
 
+pub mod capability;
 pub mod engine;
 pub mod memory;
 pub mod mount;
 
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use crate::dm::DmName;
+use crate::error::{Classify, Kind};
 use crate::header::FsKind;
-use crate::init::InitMode;
-use crate::provision::{
-    AccessType, Capability, Condition, InitParam, Meaning, Meaningful, ProvisionError, Store,
-    VolumeInfo, dm_name_for, fs_name,
-};
-use crate::volume::FormatOptions;
+use crate::store::{Store, StoreError, VolumeId, VolumeInfo};
+use crate::volume::init::InitMode;
+use crate::volume::{Condition, FormatOptions};
+use capability::{AccessType, Capability};
 pub use engine::{EngineError, KernelEngine, StagedDevice, VolumeEngine};
 pub use memory::MemoryEngine;
 pub use mount::{MemoryMounter, MountError, MountInfo, Mounter, SystemMounter};
@@ -34,7 +34,7 @@ pub use mount::{MemoryMounter, MountError, MountInfo, Mounter, SystemMounter};
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]
-    Provision(#[from] ProvisionError),
+    Store(#[from] StoreError),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -57,19 +57,19 @@ pub enum NodeError {
     },
 }
 
-impl Meaningful for NodeError {
-    fn meaning(&self) -> Meaning {
+impl Classify for NodeError {
+    fn kind(&self) -> Kind {
         match self {
-            NodeError::Provision(e) => e.meaning(),
-            NodeError::Engine(e) => e.meaning(),
-            NodeError::Mount(MountError::BadOption(_)) => Meaning::InvalidArgument,
-            NodeError::Mount(e) if e.is_busy() => Meaning::FailedPrecondition,
-            NodeError::Mount(_) => Meaning::Internal,
-            NodeError::InvalidArgument(_) => Meaning::InvalidArgument,
-            NodeError::FailedPrecondition(_) => Meaning::FailedPrecondition,
-            NodeError::AlreadyExists(_) => Meaning::AlreadyExists,
-            NodeError::NotFound(_) => Meaning::NotFound,
-            NodeError::Io { .. } => Meaning::Internal,
+            NodeError::Store(e) => e.kind(),
+            NodeError::Engine(e) => e.kind(),
+            NodeError::Mount(MountError::BadOption(_)) => Kind::InvalidArgument,
+            NodeError::Mount(e) if e.is_busy() => Kind::Busy,
+            NodeError::Mount(_) => Kind::Internal,
+            NodeError::InvalidArgument(_) => Kind::InvalidArgument,
+            NodeError::FailedPrecondition(_) => Kind::FailedPrecondition,
+            NodeError::AlreadyExists(_) => Kind::AlreadyExists,
+            NodeError::NotFound(_) => Kind::NotFound,
+            NodeError::Io { .. } => Kind::Internal,
         }
     }
 }
@@ -102,12 +102,6 @@ pub struct VolumeStats {
     pub condition: Condition,
 }
 
-/// The top device node of a volume's stack.
-pub fn device_node(volume_id: &str) -> Result<PathBuf, NodeError> {
-    let name = DmName::try_from(dm_name_for(volume_id)).map_err(EngineError::from)?;
-    Ok(name.node())
-}
-
 /// The node core.
 pub struct NodeCore {
     store: Store,
@@ -121,14 +115,6 @@ impl std::fmt::Debug for NodeCore {
         f.debug_struct("NodeCore")
             .field("store", &self.store)
             .finish_non_exhaustive()
-    }
-}
-
-fn fs_from_type(fs_type: &str) -> Option<FsKind> {
-    match fs_type {
-        "ext4" => Some(FsKind::Ext4),
-        "xfs" => Some(FsKind::Xfs),
-        _ => None,
     }
 }
 
@@ -158,10 +144,9 @@ impl NodeCore {
             }
             Err(EngineError::Volume(e)) => {
                 use crate::metrics::UnsealFailure;
-                use crate::volume::ErrorClass;
-                let reason = match e.class() {
-                    ErrorClass::WrongIdentity => Some(UnsealFailure::WrongIdentity),
-                    ErrorClass::InvalidHeader => Some(UnsealFailure::InvalidHeader),
+                let reason = match e.kind() {
+                    Kind::WrongIdentity => Some(UnsealFailure::WrongIdentity),
+                    Kind::InvalidHeader => Some(UnsealFailure::InvalidHeader),
                     _ if matches!(e, crate::volume::VolumeError::Seal(_)) => {
                         Some(UnsealFailure::SourceUnavailable)
                     }
@@ -179,20 +164,20 @@ impl NodeCore {
         &self.engine
     }
 
-    fn volume(&self, volume_id: &str) -> Result<VolumeInfo, NodeError> {
+    fn volume(&self, volume_id: &VolumeId) -> Result<VolumeInfo, NodeError> {
         Ok(self.store.get(volume_id)?)
     }
 
     /// Opens the volume (formatting a new one) and, for a filesystem, mounts it at `staging`.
     pub fn stage(
         &self,
-        volume_id: &str,
+        volume_id: &VolumeId,
         staging: &Path,
         cap: &Capability,
     ) -> Result<(), NodeError> {
         let vol = self.volume(volume_id)?;
-        let dm = dm_name_for(volume_id);
-        let node = device_node(volume_id)?;
+        let dm = volume_id.stack_names().crypt.to_string();
+        let node = volume_id.device_node();
         if matches!(cap.access, AccessType::Mount { .. })
             && let Some(m) = self.mounter.mounted_at(staging)?
         {
@@ -216,10 +201,7 @@ impl NodeCore {
             AccessType::Mount { fs, .. } => FormatOptions {
                 profile: params.profile(),
                 fs: fs.unwrap_or(FsKind::Ext4),
-                init: match params.init {
-                    InitParam::Fast => InitMode::Fast,
-                    InitParam::Full => InitMode::Full,
-                },
+                init: params.init,
                 force: false,
             },
         };
@@ -228,7 +210,7 @@ impl NodeCore {
         self.record_stage(&staged);
         let staged = staged?;
         tracing::info!(volume.id = %volume_id, device = %staged.device.display(), formatted = staged.formatted, "volume open");
-        if let Err(e) = self.finish_pending_init(volume_id, &dm, &vol.backing) {
+        if let Err(e) = self.finish_pending_init(volume_id, &dm) {
             if !was_open {
                 self.close_quietly(volume_id, &dm);
             }
@@ -243,8 +225,8 @@ impl NodeCore {
             ),
             (have, Some(want)) if have != *want => Some(format!(
                 "it holds {}, the capability asks for {}",
-                fs_name(have),
-                fs_name(*want)
+                have.name(),
+                want.name()
             )),
             _ => None,
         };
@@ -262,21 +244,21 @@ impl NodeCore {
             options.push("ro".into());
         }
         self.mounter
-            .mount(&staged.device, staging, fs_name(staged.fs), &options)?;
+            .mount(&staged.device, staging, staged.fs.name(), &options)?;
         Ok(())
     }
 
-    fn close_quietly(&self, volume_id: &str, dm: &str) {
+    fn close_quietly(&self, volume_id: &VolumeId, dm: &str) {
         if let Err(e) = self.engine.close(dm) {
             tracing::warn!(volume.id = %volume_id, error = %e, "could not close the volume after a failed stage");
         }
     }
 
     /// Unmounts the staging path (if our volume is mounted there) and closes the volume.
-    pub fn unstage(&self, volume_id: &str, staging: &Path) -> Result<(), NodeError> {
+    pub fn unstage(&self, volume_id: &VolumeId, staging: &Path) -> Result<(), NodeError> {
         let known = self.store.record(volume_id)?.is_some();
-        let dm = dm_name_for(volume_id);
-        let node = device_node(volume_id)?;
+        let dm = volume_id.stack_names().crypt.to_string();
+        let node = volume_id.device_node();
         let mut acted = false;
         if let Some(m) = self.mounter.mounted_at(staging)? {
             if Path::new(&m.source) != node {
@@ -304,7 +286,7 @@ impl NodeCore {
         }
         match self.engine.close(&dm) {
             Ok(closed) => acted |= closed,
-            Err(e) if e.meaning() == Meaning::FailedPrecondition => {
+            Err(e) if e.kind() == Kind::Busy => {
                 return Err(NodeError::FailedPrecondition(format!(
                     "volume {volume_id} is still in use (published somewhere?): {e}"
                 )));
@@ -322,14 +304,14 @@ impl NodeCore {
     /// Bind-mounts the staged volume (filesystem) or its device node (block) at `target`.
     pub fn publish(
         &self,
-        volume_id: &str,
+        volume_id: &VolumeId,
         staging: &Path,
         target: &Path,
         cap: &Capability,
         readonly: bool,
     ) -> Result<(), NodeError> {
         self.volume(volume_id)?;
-        let node = device_node(volume_id)?;
+        let node = volume_id.device_node();
         let ro = readonly || cap.mode.read_only();
         match &cap.access {
             AccessType::Mount { .. } => {
@@ -365,7 +347,7 @@ impl NodeCore {
             AccessType::Block => {
                 let device = self
                     .engine
-                    .open_device(&dm_name_for(volume_id))?
+                    .open_device(volume_id.stack_names().crypt.as_str())?
                     .ok_or_else(|| {
                         NodeError::FailedPrecondition(format!(
                             "volume {volume_id} is not staged on this node"
@@ -403,7 +385,7 @@ impl NodeCore {
     }
 
     /// Unmounts `target` and removes it.
-    pub fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), NodeError> {
+    pub fn unpublish(&self, volume_id: &VolumeId, target: &Path) -> Result<(), NodeError> {
         let known = self.store.record(volume_id)?.is_some();
         let mut acted = false;
         // Bind mounts can stack when a CO retried a publish that half-succeeded: remove them all.
@@ -433,9 +415,13 @@ impl NodeCore {
     }
 
     /// Usage and health of the volume published (or staged) at `volume_path`.
-    pub fn stats(&self, volume_id: &str, volume_path: &Path) -> Result<VolumeStats, NodeError> {
+    pub fn stats(
+        &self,
+        volume_id: &VolumeId,
+        volume_path: &Path,
+    ) -> Result<VolumeStats, NodeError> {
         let vol = self.volume(volume_id)?;
-        let dm = dm_name_for(volume_id);
+        let dm = volume_id.stack_names().crypt.to_string();
         let meta = fs::metadata(volume_path).map_err(|_| {
             NodeError::NotFound(format!(
                 "volume path {} does not exist",
@@ -492,13 +478,13 @@ impl NodeCore {
     /// filesystem grows last, never over uninitialized space.
     pub fn expand(
         &self,
-        volume_id: &str,
+        volume_id: &VolumeId,
         volume_path: &Path,
         required: u64,
         limit: u64,
     ) -> Result<u64, NodeError> {
         let vol = self.volume(volume_id)?;
-        let dm = dm_name_for(volume_id);
+        let dm = volume_id.stack_names().crypt.to_string();
         let meta = fs::metadata(volume_path).map_err(|_| {
             NodeError::NotFound(format!(
                 "volume path {} does not exist",
@@ -515,7 +501,7 @@ impl NodeCore {
                     volume_path.display()
                 ))
             })?;
-            let fs = fs_from_type(&m.fs_type).ok_or_else(|| {
+            let fs = FsKind::from_fs_name(&m.fs_type).ok_or_else(|| {
                 NodeError::FailedPrecondition(format!(
                     "{} holds {}, not ext4 or xfs",
                     volume_path.display(),
@@ -534,7 +520,7 @@ impl NodeCore {
         };
         self.store.set_pending_init(volume_id, from)?;
         let bytes = self.engine.expand(&dm, &vol.backing)?;
-        self.engine.init_new_space(&dm, &vol.backing, from, bytes)?;
+        self.engine.init_new_space(&dm, from, bytes)?;
         self.store.clear_pending_init(volume_id)?;
         if let Some(fs) = mount {
             self.engine.grow_fs(fs, &device, volume_path)?;
@@ -545,18 +531,13 @@ impl NodeCore {
 
     /// Finishes the initialization of new space that an interrupted expansion left (see [`Self::expand`]),
     /// before the just opened volume is handed to anyone.
-    fn finish_pending_init(
-        &self,
-        volume_id: &str,
-        dm: &str,
-        backing: &Path,
-    ) -> Result<(), NodeError> {
+    fn finish_pending_init(&self, volume_id: &VolumeId, dm: &str) -> Result<(), NodeError> {
         let Some(from) = self.store.pending_init(volume_id)? else {
             return Ok(());
         };
         let to = self.engine.size_bytes(dm)?;
         tracing::info!(volume.id = %volume_id, from, to, "initializing the new space of an interrupted expansion");
-        self.engine.init_new_space(dm, backing, from, to)?;
+        self.engine.init_new_space(dm, from, to)?;
         self.store.clear_pending_init(volume_id)?;
         Ok(())
     }

@@ -15,6 +15,7 @@ use crate::dm::{
     CryptCipher, CryptKey, CryptTarget, DeviceInfo, DeviceMapper, DmError, DmName, IntegrityTarget,
     JournalMode, Target, TargetLine, tables_match,
 };
+use crate::error::{Classify, Kind};
 use crate::header::{Header, Journal, Profile};
 use crate::keyring::LogonKey;
 use crate::keys::VolumeKey;
@@ -51,6 +52,24 @@ pub enum MappingError {
     Keyring(String),
 }
 
+impl Classify for MappingError {
+    fn kind(&self) -> Kind {
+        match self {
+            MappingError::Busy(_)
+            | MappingError::NameInUse { .. }
+            | MappingError::OpenElsewhere(_) => Kind::Busy,
+            MappingError::MissingIntegritySuperblock | MappingError::IntegrityMismatch(_) => {
+                Kind::InvalidHeader
+            }
+            MappingError::Dm(e) => e.kind(),
+            MappingError::Keyring(_) => Kind::Internal,
+        }
+    }
+}
+
+/// Prefix of the device-mapper name of every volume's stack.
+pub const DM_NAME_PREFIX: &str = "sealcsi-";
+
 /// Names of the devices of one stack.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StackNames {
@@ -59,6 +78,12 @@ pub struct StackNames {
 }
 
 impl StackNames {
+    /// The one naming rule: the stack of the volume known by `key` (its CSI volume id on a node, its
+    /// UUID from the CLI) is `sealcsi-<key>`.
+    pub fn for_volume(key: &str) -> Result<Self, DmError> {
+        Self::new(&format!("{DM_NAME_PREFIX}{key}"))
+    }
+
     /// Derives the lower device's name from the top one; fails if the result is not a valid dm name.
     pub fn new(name: &str) -> Result<Self, DmError> {
         Ok(Self {

@@ -3,7 +3,7 @@
 //! Every tool runs with stdin from /dev/null and its stderr captured into the error. Tools are
 //! found by PATH under their real names (`mkfs.ext4`, never a busybox applet).
 //!
-//! The options here are part of the fast-initialization recipe of [`crate::init`]: on an AEAD
+//! The options here are part of the fast-initialization recipe of [`super::init`]: on an AEAD
 //! integrity volume every block that was never written fails to read, so the tools must read
 //! nothing the recipe did not pre-write and they did not write themselves. Two things matter
 //! beyond the option lists:
@@ -136,7 +136,7 @@ pub fn mkfs_tool(fs: FsKind) -> Result<&'static str, FsError> {
 
 /// The mkfs options (without the device) for a volume of `size_bytes`.
 ///
-/// `fast`: the volume was not wiped, only pre-written by [`crate::init`]'s plan; the options
+/// `fast`: the volume was not wiped, only pre-written by [`super::init`]'s plan; the options
 /// are then the ones that plan was computed for. Both modes use the same geometry options so
 /// a volume looks the same whichever way it was initialized; `fast` only changes whether
 /// mke2fs zeroes the inode tables itself.
@@ -263,7 +263,7 @@ pub fn fsck_check(fs: FsKind, device: &Path) -> Result<(), FsError> {
 /// only mounted). Note for AEAD volumes: the added space was never written. Not yet verified in
 /// the guest: which blocks of the new space the kernel's online resize and a later fsck read
 /// before anything writes them (for XFS at least the 128 KiB at each new AG start, see
-/// [`crate::init`]).
+/// [`super::init`]).
 pub fn grow(fs: FsKind, device_or_mountpoint: &Path) -> Result<(), FsError> {
     match fs {
         FsKind::Ext4 => {

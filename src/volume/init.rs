@@ -28,11 +28,11 @@
 //!   (4 AGs below 4 TiB).
 //!
 //! Everything else is written before it is read: mkfs writes its metadata with full-block
-//! writes and zeroes the journal / log (fixed size, see [`crate::fs`]); ext4 leaves inode tables
+//! writes and zeroes the journal / log (fixed size, see [`super::mkfs`]); ext4 leaves inode tables
 //! to the kernel's ext4lazyinit thread (the kernel and e2fsck never read inodes past a group's
 //! `itable_unused`, and lazyinit zeroes with writes); uninitialized ext4 groups' bitmaps are
 //! neither read by the kernel nor by e2fsprogs. The one remaining reader of never-written blocks
-//! was the page-cache read-ahead of the tools' buffered reads, which [`crate::fs`] turns off
+//! was the page-cache read-ahead of the tools' buffered reads, which [`super::mkfs`] turns off
 //! while a tool runs.
 
 use std::io;
@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
-use crate::fs::{self as fstools, BLOCK_SIZE, EXT4_BLOCKS_PER_GROUP, FsError, XfsGeometry};
+use super::mkfs::{self as fstools, BLOCK_SIZE, EXT4_BLOCKS_PER_GROUP, FsError, XfsGeometry};
 use crate::header::FsKind;
 
 /// Pre-written at the start of the device.
@@ -52,8 +52,11 @@ pub const BACK: u64 = 2 << 20;
 /// Pre-written at the start of every XFS allocation group.
 pub const XFS_AG_HEAD: u64 = 128 << 10;
 
-/// How a new volume is initialized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a new volume is initialized (the `init` option of the CLI and the StorageClass).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum InitMode {
     /// Pre-write what the filesystem reads before writing, then mkfs. Needs a filesystem.
     Fast,
@@ -108,7 +111,7 @@ pub enum InitError {
 /// The filesystem layout a plan is computed for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
-    /// ext4 as [`crate::fs::mkfs_args`] makes it: 4 KiB blocks, 32768 blocks per group,
+    /// ext4 as [`super::mkfs::mkfs_args`] makes it: 4 KiB blocks, 32768 blocks per group,
     /// sparse_super.
     Ext4,
     /// XFS with the allocation groups `mkfs.xfs -N` reports.

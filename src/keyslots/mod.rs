@@ -5,54 +5,36 @@
 //!   wrapping of the same key.
 //! - Before changing anything it proves it may: it unseals the volume key with a slot this node opens
 //!   (`recover` proves it with the operator's escrow key instead). `erase` needs no key.
-//! - Each change is one atomic header update ([`write_header_update`]: the new header, with the next
+//! - Each change is one atomic header update ([`crate::volume::commit`]: the new header, with the next
 //!   sequence number, over the copy that does not win, flushed). A crash leaves the old or the new set of
 //!   slots, never neither. Removals and erase then write the same slot set over the other copy too, so
 //!   neither copy keeps the removed wrapping (that second write is itself an ordinary update).
 //! - Operations on one device are serialised by an exclusive `flock` on it.
 
-use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::time::{SystemTime, UNIX_EPOCH};
+mod erase;
+mod list;
+mod recovery;
+mod target;
 
-use hkdf::Hkdf;
-use hpke::aead::ChaCha20Poly1305;
-use hpke::kdf::HkdfSha256;
-use hpke::kem::X25519HkdfSha256;
-use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use std::path::Path;
+
 use serde::Serialize;
-use sha2::{Digest, Sha256};
-use zeroize::Zeroizing;
 
-use crate::devio;
-use crate::header::{
-    self, COPY_OFFSETS, HEADER_SIZE, Header, HeaderError, KEYSLOTS, Keyslot, MAX_BINDING_LEN,
-    SlotKind, SourceKind,
+use crate::error::{Classify, Kind};
+use crate::header::{Header, KEYSLOTS, MAX_BINDING_LEN, SlotKind, SourceKind};
+use crate::keys::{KeyError, SealingSecret, VolumeKey};
+use crate::sealing::{SealError, SealingSource};
+use crate::volume::header_io::lock_device;
+use crate::volume::seal::{seal_slot, unwrap_slot};
+use crate::volume::{VolumeError, Volumes, commit, commit_everywhere, read_header};
+pub use erase::{EraseReport, erase};
+pub use list::{BindingInfo, SlotInfo, list, this_node_slot};
+pub use recovery::{
+    KeygenReport, RECOVERY_KEY_LEN, RecoverReport, RecoveryPrivateKey, RecoveryPublicKey,
+    RecoveryReport, add_recovery, key_check, parse_key_check, read_private_key, read_public_key,
+    recover, recovery_keygen, write_recovery_keys,
 };
-use crate::keys::{
-    DIGEST_LEN, Kek, KeyError, NONCE_LEN, SALT_LEN, SealingSecret, VolumeKey, WRAP_TAG_LEN,
-    random_bytes,
-};
-use crate::sealing::snp::{SnpBinding, SnpPolicy, SnpSource};
-use crate::sealing::{SealError, SealingSource, SimSource};
-use crate::volume::{ErrorClass, VolumeError, Volumes, read_header, write_header_update};
-
-/// HPKE suite of recovery slots: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20Poly1305, mode Base.
-type RecoveryKem = X25519HkdfSha256;
-type RecoveryKdf = HkdfSha256;
-type RecoveryAead = ChaCha20Poly1305;
-/// HPKE `info` of a recovery slot: this label, then the volume UUID (16 bytes).
-const RECOVERY_INFO_LABEL: &[u8] = b"sealcsi/v1/recovery";
-/// Label of the key check value printed by `add-recovery` and checked by `recover`.
-const KEY_CHECK_LABEL: &[u8] = b"sealcsi/v1/key-check";
-const PUBLIC_KEY_TAG: &str = "sealcsi-recovery-public-key-v1 x25519";
-const PRIVATE_KEY_TAG: &str = "sealcsi-recovery-private-key-v1 x25519";
-/// Length of an X25519 key.
-pub const RECOVERY_KEY_LEN: usize = 32;
+pub use target::{Target, TargetEnv, TargetSource, add_slot_for, open_target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyslotError {
@@ -115,344 +97,27 @@ pub enum KeyslotError {
     Hpke(String),
 }
 
-impl KeyslotError {
-    /// The class that decides the CLI exit code.
-    pub fn class(&self) -> ErrorClass {
+impl Classify for KeyslotError {
+    fn kind(&self) -> Kind {
         match self {
-            KeyslotError::Volume(e) => e.class(),
+            KeyslotError::Volume(e) => e.kind(),
             KeyslotError::InvalidTarget { .. }
             | KeyslotError::TargetUnavailable { .. }
             | KeyslotError::NoSuchSlot(_)
-            | KeyslotError::RecoveryKeyFile { .. } => ErrorClass::InvalidArgument,
+            | KeyslotError::RecoveryKeyFile { .. } => Kind::InvalidArgument,
             KeyslotError::Full | KeyslotError::LastSlot { .. } | KeyslotError::NotConfirmed(_) => {
-                ErrorClass::Refused
+                Kind::Refused
             }
-            KeyslotError::NoRecoverySlot { .. } => ErrorClass::WrongIdentity,
+            KeyslotError::NoRecoverySlot { .. } => Kind::WrongIdentity,
             KeyslotError::AlteredSlot(_)
             | KeyslotError::RecoveryAuthentication(_)
-            | KeyslotError::KeyMismatch { .. } => ErrorClass::InvalidHeader,
+            | KeyslotError::KeyMismatch { .. } => Kind::InvalidHeader,
             KeyslotError::Seal(_)
             | KeyslotError::Key(_)
             | KeyslotError::Io { .. }
-            | KeyslotError::Hpke(_) => ErrorClass::Internal,
+            | KeyslotError::Hpke(_) => Kind::Internal,
         }
     }
-}
-
-fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> KeyslotError {
-    let context = context.into();
-    move |source| KeyslotError::Io { context, source }
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Targets: who a new keyslot is sealed to
-// ---------------------------------------------------------------------------------------------
-
-/// Who a new keyslot is sealed to: the `--for` argument.
-///
-/// Grammar:
-/// - `current`: this node's sealing source, with its default binding;
-/// - `sim:<identity>`: a simulated node with the same state directory (seed) and another identity
-///   string (development and tests: "another image");
-/// - `tpm-pcrs:<bank>:<idx>=<hex>[,<idx>=<hex>...]`: the TPM, for expected PCR values (the grammar and
-///   the banks are the TPM module's: `sealing::tpm::parse_expected_pcrs`, sha256 today);
-/// - `snp:strict`, `snp:upgradable[:svn=N]`: this SEV-SNP guest, under the named policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    Current,
-    Sim(String),
-    /// The text after `tpm-pcrs:` (`<bank>:<idx>=<hex>,...`), checked by the TPM module's parser.
-    TpmPcrs(String),
-    Snp(SnpPolicy),
-}
-
-impl Target {
-    pub fn parse(text: &str) -> Result<Self, KeyslotError> {
-        let bad = |reason: String| KeyslotError::InvalidTarget {
-            text: text.to_owned(),
-            reason,
-        };
-        if text == "current" {
-            return Ok(Target::Current);
-        }
-        let (scheme, rest) = text.split_once(':').ok_or_else(|| {
-            bad(
-                "expected current, sim:<identity>, tpm-pcrs:<bank>:<idx>=<hex>,... or \
-                 snp:strict|upgradable[:svn=N]"
-                    .into(),
-            )
-        })?;
-        match scheme {
-            "sim" if !rest.is_empty() => Ok(Target::Sim(rest.to_owned())),
-            "sim" => Err(bad("the simulated identity is empty".into())),
-            "snp" => rest.parse().map(Target::Snp).map_err(bad),
-            "tpm-pcrs" => crate::sealing::tpm::parse_expected_pcrs(rest)
-                .map(|_| Target::TpmPcrs(rest.to_owned()))
-                .map_err(|e| bad(e.to_string())),
-            other => Err(bad(format!("unknown target kind {other:?}"))),
-        }
-    }
-}
-
-impl FromStr for Target {
-    type Err = KeyslotError;
-    fn from_str(s: &str) -> Result<Self, KeyslotError> {
-        Target::parse(s)
-    }
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Target::Current => f.write_str("current"),
-            Target::Sim(id) => write!(f, "sim:{id}"),
-            Target::Snp(policy) => write!(f, "snp:{policy}"),
-            Target::TpmPcrs(spec) => write!(f, "tpm-pcrs:{spec}"),
-        }
-    }
-}
-
-/// The sealing source a target resolves to: this node's own, or one opened for the target.
-pub enum TargetSource<'a> {
-    Node(&'a dyn SealingSource),
-    Opened(Box<dyn SealingSource>),
-}
-
-impl TargetSource<'_> {
-    pub fn source(&self) -> &dyn SealingSource {
-        match self {
-            TargetSource::Node(s) => *s,
-            TargetSource::Opened(s) => s.as_ref(),
-        }
-    }
-}
-
-/// Resolves `target` to a sealing source. `state_dir` is where simulated identities keep their seed.
-pub fn open_target<'a>(
-    target: &Target,
-    node: &'a dyn SealingSource,
-    state_dir: &Path,
-) -> Result<TargetSource<'a>, KeyslotError> {
-    match target {
-        Target::Current => Ok(TargetSource::Node(node)),
-        Target::Sim(identity) => Ok(TargetSource::Opened(Box::new(SimSource::open(
-            state_dir, identity,
-        )?))),
-        Target::Snp(policy) => Ok(TargetSource::Opened(Box::new(SnpSource::open(*policy)?))),
-        Target::TpmPcrs(_) => Err(KeyslotError::TargetUnavailable {
-            target: target.to_string(),
-            reason:
-                "a pre-authorised PCR binding is sealed with sealing::tpm::seal_for_pcrs and added \
-                     with add_sealed (the CLI does this for --for tpm-pcrs:...)"
-                    .into(),
-        }),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Listing
-// ---------------------------------------------------------------------------------------------
-
-/// A keyslot's public facts.
-#[derive(Debug, Clone, Serialize)]
-pub struct SlotInfo {
-    pub index: usize,
-    /// "sealed" or "recovery".
-    pub kind: &'static str,
-    /// The sealing source; null for a recovery slot.
-    pub source: Option<SourceKind>,
-    /// Sealed: the digest of the sealing secret (compare with `sealcsi volume identity`). Recovery: the
-    /// SHA-256 fingerprint of the recipient's public key.
-    pub identity_digest: String,
-    pub binding: String,
-    /// The binding decoded, where its format is known.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub decoded: Option<BindingInfo>,
-    pub created: u64,
-}
-
-/// A decoded binding.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
-pub enum BindingInfo {
-    Sim,
-    Snp {
-        policy: String,
-        guest_field_select: String,
-        guest_svn: u32,
-        vmpl: u32,
-        tcb_version: u64,
-    },
-    Recovery {
-        hpke_suite: &'static str,
-        encapsulated_key: String,
-    },
-    /// Sealed to a TPM PCR policy: `pcrs` as `bank:i,j,...`, the policy digest the sealed object requires.
-    Tpm {
-        pcrs: String,
-        policy_digest: String,
-    },
-    /// The binding does not decode (a slot this build's source would not use).
-    Invalid {
-        reason: String,
-    },
-}
-
-fn decode_binding(slot: &Keyslot) -> Option<BindingInfo> {
-    match slot.kind {
-        SlotKind::Recovery => Some(BindingInfo::Recovery {
-            hpke_suite: "DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20Poly1305",
-            encapsulated_key: hex::encode(&slot.binding),
-        }),
-        SlotKind::Sealed(SourceKind::Sim) if slot.binding.is_empty() => Some(BindingInfo::Sim),
-        SlotKind::Sealed(SourceKind::Snp) => Some(match SnpBinding::decode(&slot.binding) {
-            Ok(b) => {
-                let request = b.request();
-                BindingInfo::Snp {
-                    policy: b.policy.to_string(),
-                    guest_field_select: format!("{:#x}", request.guest_field_select),
-                    guest_svn: request.guest_svn,
-                    vmpl: request.vmpl,
-                    tcb_version: request.tcb_version,
-                }
-            }
-            Err(e) => BindingInfo::Invalid {
-                reason: e.to_string(),
-            },
-        }),
-        SlotKind::Sealed(SourceKind::Sim) => Some(BindingInfo::Invalid {
-            reason: "a sim slot has no binding".into(),
-        }),
-        SlotKind::Sealed(SourceKind::Tpm) => Some(
-            match crate::sealing::tpm::TpmBinding::decode(&slot.binding) {
-                Ok(b) => BindingInfo::Tpm {
-                    pcrs: b.selection.to_string(),
-                    policy_digest: hex::encode(b.policy_digest),
-                },
-                Err(e) => BindingInfo::Invalid {
-                    reason: e.to_string(),
-                },
-            },
-        ),
-    }
-}
-
-fn slot_info(index: usize, slot: &Keyslot) -> SlotInfo {
-    SlotInfo {
-        index,
-        kind: match slot.kind {
-            SlotKind::Sealed(_) => "sealed",
-            SlotKind::Recovery => "recovery",
-        },
-        source: slot.source(),
-        identity_digest: hex::encode(slot.identity_digest),
-        binding: hex::encode(&slot.binding),
-        decoded: decode_binding(slot),
-        created: slot.created,
-    }
-}
-
-/// The active keyslots of the volume on `device` (no key needed, nothing written).
-pub fn list(device: &Path) -> Result<Vec<SlotInfo>, KeyslotError> {
-    let active = read_header(device)?;
-    Ok(active
-        .header
-        .active_slots()
-        .map(|(i, s)| slot_info(i, s))
-        .collect())
-}
-
-/// The slot this node unseals, if any (`None` when no slot is sealed to it).
-pub fn this_node_slot(volumes: &Volumes, device: &Path) -> Result<Option<usize>, KeyslotError> {
-    let active = read_header(device)?;
-    match volumes.unseal(&active.header) {
-        Ok((index, _)) => Ok(Some(index)),
-        Err(VolumeError::WrongIdentity { .. } | VolumeError::NoKeyslots) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Header updates
-// ---------------------------------------------------------------------------------------------
-
-/// Holds an exclusive `flock` on the device for the length of one operation.
-struct DeviceLock(#[allow(dead_code)] nix::fcntl::Flock<File>);
-
-fn lock_device(device: &Path) -> Result<DeviceLock, KeyslotError> {
-    let file = File::open(device).map_err(io_error(format!("opening {}", device.display())))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map(DeviceLock)
-        .map_err(|(_, errno)| KeyslotError::Io {
-            context: format!("locking {}", device.display()),
-            source: std::io::Error::from(errno),
-        })
-}
-
-/// One atomic update, read back: the new slot set is on the disk and wins, or an error says why not.
-fn commit(device: &Path, active: &header::Active, new: Header) -> Result<Header, KeyslotError> {
-    let written = write_header_update(device, active, new)?;
-    let now = read_header(device)?;
-    if now.header != written {
-        return Err(KeyslotError::Io {
-            context: format!("verifying the header update of {}", device.display()),
-            source: std::io::Error::other("the header read back is not the one written"),
-        });
-    }
-    Ok(written)
-}
-
-/// Commits `new`, then writes the same slot set over the other copy as well, so that no copy keeps a
-/// removed slot. Each write is an ordinary atomic update: a crash between them leaves `new` in charge.
-fn commit_everywhere(
-    device: &Path,
-    active: &header::Active,
-    new: Header,
-) -> Result<Header, KeyslotError> {
-    commit(device, active, new.clone())?;
-    let now = read_header(device)?;
-    commit(device, &now, new)
-}
-
-/// Wraps `key` for `secret` into a new sealed slot of `header`.
-fn seal_slot(
-    header: &Header,
-    key: &VolumeKey,
-    source: SourceKind,
-    binding: Vec<u8>,
-    secret: &SealingSecret,
-) -> Result<Keyslot, KeyslotError> {
-    let mut slot = Keyslot {
-        kind: SlotKind::Sealed(source),
-        created: now_unix(),
-        identity_digest: secret.digest(),
-        salt: [0; SALT_LEN],
-        nonce: [0; NONCE_LEN],
-        binding,
-        wrapped: vec![0; key.len() + WRAP_TAG_LEN],
-    };
-    random_bytes(&mut slot.salt)?;
-    random_bytes(&mut slot.nonce)?;
-    let kek = Kek::derive(secret, &slot.salt, &header.uuid, &slot.identity_digest);
-    slot.wrapped = kek.wrap(&slot.nonce, &header.keyslot_aad(&slot), key);
-    Ok(slot)
-}
-
-/// Unwraps a sealed slot with `secret` (the caller matched the digest).
-fn unwrap_slot(
-    header: &Header,
-    slot: &Keyslot,
-    secret: &SealingSecret,
-) -> Result<VolumeKey, KeyError> {
-    let kek = Kek::derive(secret, &slot.salt, &header.uuid, &slot.identity_digest);
-    kek.unwrap(&slot.nonce, &header.keyslot_aad(slot), &slot.wrapped)
 }
 
 /// What an operation did: the slot it concerns, and whether the header changed.
@@ -578,471 +243,21 @@ pub fn remove_slot(
     })
 }
 
-// ---------------------------------------------------------------------------------------------
-// Recovery escrow
-// ---------------------------------------------------------------------------------------------
-
-/// An operator's X25519 recovery public key.
-#[derive(Clone, PartialEq, Eq)]
-pub struct RecoveryPublicKey([u8; RECOVERY_KEY_LEN]);
-
-/// An operator's X25519 recovery private key: zeroized on drop, never printed.
-pub struct RecoveryPrivateKey(Zeroizing<[u8; RECOVERY_KEY_LEN]>);
-
-impl fmt::Debug for RecoveryPublicKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RecoveryPublicKey({})", hex::encode(self.0))
-    }
-}
-
-impl fmt::Debug for RecoveryPrivateKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("RecoveryPrivateKey(<redacted>)")
-    }
-}
-
-impl RecoveryPublicKey {
-    pub fn from_bytes(bytes: [u8; RECOVERY_KEY_LEN]) -> Self {
-        Self(bytes)
-    }
-
-    pub fn as_bytes(&self) -> &[u8; RECOVERY_KEY_LEN] {
-        &self.0
-    }
-
-    /// SHA-256 of the 32-byte public key: recorded as the recovery slot's identity digest.
-    pub fn fingerprint(&self) -> [u8; DIGEST_LEN] {
-        Sha256::digest(self.0).into()
-    }
-
-    fn hpke(&self) -> Result<<RecoveryKem as hpke::Kem>::PublicKey, KeyslotError> {
-        <RecoveryKem as hpke::Kem>::PublicKey::from_bytes(&self.0)
-            .map_err(|e| KeyslotError::Hpke(format!("public key: {e}")))
-    }
-}
-
-impl RecoveryPrivateKey {
-    pub fn from_bytes(bytes: Zeroizing<[u8; RECOVERY_KEY_LEN]>) -> Self {
-        Self(bytes)
-    }
-
-    fn hpke(&self) -> Result<<RecoveryKem as hpke::Kem>::PrivateKey, KeyslotError> {
-        <RecoveryKem as hpke::Kem>::PrivateKey::from_bytes(self.0.as_slice())
-            .map_err(|e| KeyslotError::Hpke(format!("private key: {e}")))
-    }
-
-    pub fn public(&self) -> Result<RecoveryPublicKey, KeyslotError> {
-        let pk = RecoveryKem::sk_to_pk(&self.hpke()?);
-        let mut out = [0u8; RECOVERY_KEY_LEN];
-        out.copy_from_slice(&pk.to_bytes());
-        Ok(RecoveryPublicKey(out))
-    }
-}
-
-/// A fresh X25519 recovery key pair from the OS random number generator.
-pub fn recovery_keygen() -> (RecoveryPublicKey, RecoveryPrivateKey) {
-    let (sk, pk) = RecoveryKem::gen_keypair();
-    let mut public = [0u8; RECOVERY_KEY_LEN];
-    public.copy_from_slice(&pk.to_bytes());
-    let mut private = Zeroizing::new([0u8; RECOVERY_KEY_LEN]);
-    let mut sk_bytes = sk.to_bytes();
-    private.copy_from_slice(&sk_bytes);
-    zeroize::Zeroize::zeroize(sk_bytes.as_mut_slice());
-    (RecoveryPublicKey(public), RecoveryPrivateKey(private))
-}
-
-/// What `recovery-keygen` wrote.
-#[derive(Debug, Clone, Serialize)]
-pub struct KeygenReport {
-    pub public_key_file: PathBuf,
-    pub private_key_file: PathBuf,
-    /// SHA-256 of the public key: recovery slots for this key show it as their identity digest.
-    pub fingerprint: String,
-}
-
-fn key_file_error(path: &Path, reason: impl fmt::Display) -> KeyslotError {
-    KeyslotError::RecoveryKeyFile {
-        path: path.display().to_string(),
-        reason: reason.to_string(),
-    }
-}
-
-fn write_new_file(path: &Path, mode: u32, contents: &[u8]) -> Result<(), KeyslotError> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| key_file_error(path, e))?;
-    // The umask may have narrowed the mode; set it exactly.
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .and_then(|()| file.write_all(contents))
-        .and_then(|()| file.sync_all())
-        .map_err(|e| key_file_error(path, e))
-}
-
-/// Generates a recovery key pair and writes it: the private key to `private_path` (mode 0600, created
-/// new, never overwritten), the public key to `public_path` (0644). The private key is never printed.
-pub fn write_recovery_keys(
-    private_path: &Path,
-    public_path: &Path,
-) -> Result<KeygenReport, KeyslotError> {
-    if private_path == public_path {
-        return Err(key_file_error(
-            private_path,
-            "the private and public key files must differ",
-        ));
-    }
-    let (public, private) = recovery_keygen();
-    let private_text = Zeroizing::new(format!(
-        "{PRIVATE_KEY_TAG} {}\n",
-        hex::encode(private.0.as_slice())
-    ));
-    write_new_file(private_path, 0o600, private_text.as_bytes())?;
-    let public_text = format!("{PUBLIC_KEY_TAG} {}\n", hex::encode(public.0));
-    if let Err(e) = write_new_file(public_path, 0o644, public_text.as_bytes()) {
-        // Do not leave a private key whose public half was never written.
-        let _ = fs::remove_file(private_path);
-        return Err(e);
-    }
-    Ok(KeygenReport {
-        public_key_file: public_path.to_path_buf(),
-        private_key_file: private_path.to_path_buf(),
-        fingerprint: hex::encode(public.fingerprint()),
-    })
-}
-
-fn parse_key_line(path: &Path, text: &str, tag: &str) -> Result<Zeroizing<[u8; 32]>, KeyslotError> {
-    let hex_part = text
-        .trim_end_matches('\n')
-        .strip_prefix(tag)
-        .and_then(|rest| rest.strip_prefix(' '))
-        .ok_or_else(|| key_file_error(path, format!("not a \"{tag}\" key file")))?;
-    let mut out = Zeroizing::new([0u8; 32]);
-    hex::decode_to_slice(hex_part, out.as_mut_slice())
-        .map_err(|_| key_file_error(path, "the key is not 64 hex digits"))?;
-    Ok(out)
-}
-
-pub fn read_public_key(path: &Path) -> Result<RecoveryPublicKey, KeyslotError> {
-    let text = fs::read_to_string(path).map_err(|e| key_file_error(path, e))?;
-    Ok(RecoveryPublicKey(*parse_key_line(
-        path,
-        &text,
-        PUBLIC_KEY_TAG,
-    )?))
-}
-
-/// Reads a private key file; refuses one that group or others can read.
-pub fn read_private_key(path: &Path) -> Result<RecoveryPrivateKey, KeyslotError> {
-    let meta = fs::metadata(path).map_err(|e| key_file_error(path, e))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(key_file_error(
-            path,
-            format!(
-                "mode {:o} lets others read the private key; chmod 600 it",
-                meta.permissions().mode() & 0o777
-            ),
-        ));
-    }
-    let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| key_file_error(path, e))?);
-    Ok(RecoveryPrivateKey(parse_key_line(
-        path,
-        &text,
-        PRIVATE_KEY_TAG,
-    )?))
-}
-
-fn recovery_info(header: &Header) -> Vec<u8> {
-    let mut info = RECOVERY_INFO_LABEL.to_vec();
-    info.extend_from_slice(&header.uuid);
-    info
-}
-
-/// The key check value: `HKDF-SHA256(ikm = volume key, info = "sealcsi/v1/key-check" || UUID)`. It
-/// commits to the volume key without revealing anything about it; `recover` compares it.
-pub fn key_check(header: &Header, key: &VolumeKey) -> [u8; 32] {
-    let hk = Hkdf::<Sha256>::new(None, key.expose());
-    let mut info = KEY_CHECK_LABEL.to_vec();
-    info.extend_from_slice(&header.uuid);
-    let mut out = [0u8; 32];
-    hk.expand(&info, &mut out)
-        .expect("32 bytes is a valid HKDF output length");
-    out
-}
-
-fn seal_recovery_slot(
-    header: &Header,
-    key: &VolumeKey,
-    recipient: &RecoveryPublicKey,
-) -> Result<Keyslot, KeyslotError> {
-    let (enc, mut ctx) = hpke::setup_sender::<RecoveryAead, RecoveryKdf, RecoveryKem>(
-        &OpModeS::Base,
-        &recipient.hpke()?,
-        &recovery_info(header),
-    )
-    .map_err(|e| KeyslotError::Hpke(format!("encapsulation: {e}")))?;
-    let mut slot = Keyslot {
-        kind: SlotKind::Recovery,
-        created: now_unix(),
-        identity_digest: recipient.fingerprint(),
-        salt: [0; SALT_LEN],
-        nonce: [0; NONCE_LEN],
-        binding: enc.to_bytes().to_vec(),
-        wrapped: vec![0; key.len() + WRAP_TAG_LEN],
-    };
-    slot.wrapped = ctx
-        .seal(key.expose(), &header.keyslot_aad(&slot))
-        .map_err(|e| KeyslotError::Hpke(format!("seal: {e}")))?;
-    Ok(slot)
-}
-
-fn open_recovery_slot(
-    header: &Header,
-    slot: &Keyslot,
-    private: &RecoveryPrivateKey,
-) -> Result<VolumeKey, KeyslotError> {
-    let enc = <RecoveryKem as hpke::Kem>::EncappedKey::from_bytes(&slot.binding)
-        .map_err(|e| KeyslotError::Hpke(format!("encapsulated key: {e}")))?;
-    let mut ctx = hpke::setup_receiver::<RecoveryAead, RecoveryKdf, RecoveryKem>(
-        &OpModeR::Base,
-        &private.hpke()?,
-        &enc,
-        &recovery_info(header),
-    )
-    .map_err(|e| KeyslotError::Hpke(format!("decapsulation: {e}")))?;
-    let key = Zeroizing::new(
-        ctx.open(&slot.wrapped, &header.keyslot_aad(slot))
-            .map_err(|e| KeyslotError::Hpke(format!("open: {e}")))?,
-    );
-    if key.len() != header.profile.key_len() {
-        return Err(KeyslotError::Hpke(
-            "the recovered key has the wrong length".into(),
-        ));
-    }
-    Ok(VolumeKey::from_bytes(key))
-}
-
-/// What `add-recovery` did.
-#[derive(Debug, Clone, Serialize)]
-pub struct RecoveryReport {
-    pub slot: usize,
-    /// False when an escrow slot for this key existed (it is rewritten in place, since its content
-    /// cannot be checked without the private key).
-    pub created: bool,
-    pub volume_uuid: String,
-    /// SHA-256 of the recovery public key.
-    pub fingerprint: String,
-    /// Commitment to the volume key: keep it with the private key; `recover --key-check` needs it.
-    pub key_check: String,
-}
-
-/// Adds (or rewrites) the escrow slot for `recipient`: the volume key, HPKE-sealed to the operator's
-/// X25519 key. This node must unseal the volume first.
-pub fn add_recovery(
-    volumes: &Volumes,
-    device: &Path,
-    recipient: &RecoveryPublicKey,
-) -> Result<RecoveryReport, KeyslotError> {
-    let _lock = lock_device(device)?;
-    let active = read_header(device)?;
-    let (_, key) = volumes.unseal(&active.header)?;
-    let fingerprint = recipient.fingerprint();
-    let existing = active
-        .header
-        .active_slots()
-        .find(|(_, s)| s.kind == SlotKind::Recovery && s.identity_digest == fingerprint)
-        .map(|(i, _)| i);
-    let index = match existing {
-        Some(index) => index,
-        None => active
-            .header
-            .keyslots
-            .iter()
-            .position(Option::is_none)
-            .ok_or(KeyslotError::Full)?,
-    };
-    let mut new = active.header.clone();
-    new.keyslots[index] = Some(seal_recovery_slot(&active.header, &key, recipient)?);
-    // A rewritten escrow slot replaces the old one in both copies.
-    if existing.is_some() {
-        commit_everywhere(device, &active, new)?;
-    } else {
-        commit(device, &active, new)?;
-    }
-    Ok(RecoveryReport {
-        slot: index,
-        created: existing.is_none(),
-        volume_uuid: active.header.uuid_string(),
-        fingerprint: hex::encode(fingerprint),
-        key_check: hex::encode(key_check(&active.header, &key)),
-    })
-}
-
-/// What `recover` did.
-#[derive(Debug, Clone, Serialize)]
-pub struct RecoverReport {
-    /// The escrow slot that was opened.
-    pub recovery_slot: usize,
-    /// This node's slot (added, or already there).
-    pub slot: usize,
-    pub created: bool,
-    /// Whether the recovered key was checked against the operator's key check value.
-    pub key_checked: bool,
-    pub key_check: String,
-}
-
-/// Opens the escrow slot with the operator's private key and adds a slot for this node (`node`, default
-/// binding). Idempotent. With `expected_key_check` (printed by `add-recovery`), a recovery slot forged
-/// by someone who knows only the public key is refused; without it, the caller accepts that risk.
-pub fn recover(
-    node: &dyn SealingSource,
-    device: &Path,
-    private: &RecoveryPrivateKey,
-    expected_key_check: Option<&[u8; 32]>,
-) -> Result<RecoverReport, KeyslotError> {
-    let _lock = lock_device(device)?;
-    let active = read_header(device)?;
-    let header = &active.header;
-    let fingerprint = private.public()?.fingerprint();
-    let candidates: Vec<usize> = header
-        .active_slots()
-        .filter(|(_, s)| s.kind == SlotKind::Recovery && s.identity_digest == fingerprint)
-        .map(|(i, _)| i)
-        .collect();
-    if candidates.is_empty() {
-        return Err(KeyslotError::NoRecoverySlot {
-            fingerprint: hex::encode(fingerprint),
-        });
-    }
-    let opened = candidates.iter().find_map(|&i| {
-        let slot = header.keyslots[i].as_ref().expect("active slot");
-        open_recovery_slot(header, slot, private)
-            .ok()
-            .map(|key| (i, key))
-    });
-    let (recovery_slot, key) =
-        opened.ok_or_else(|| KeyslotError::RecoveryAuthentication(candidates.clone()))?;
-    let check = key_check(header, &key);
-    if let Some(expected) = expected_key_check
-        && *expected != check
-    {
-        return Err(KeyslotError::KeyMismatch {
-            what: "the key check value recorded when the escrow was made",
-        });
-    }
-    let binding = node.default_binding();
-    let secret = node.secret(&binding)?;
-    let (slot, new) = ensure_sealed_slot(header, &key, node.kind(), binding, &secret)?;
-    let created = new.is_some();
-    if let Some(new) = new {
-        commit(device, &active, new)?;
-    }
-    Ok(RecoverReport {
-        recovery_slot,
-        slot,
-        created,
-        key_checked: expected_key_check.is_some(),
-        key_check: hex::encode(check),
-    })
-}
-
-/// Parses a key check value (64 hex digits).
-pub fn parse_key_check(text: &str) -> Result<[u8; 32], KeyslotError> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(text.trim(), &mut out).map_err(|_| KeyslotError::InvalidTarget {
-        text: text.to_owned(),
-        reason: "a key check value is 64 hex digits".into(),
-    })?;
-    Ok(out)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Crypto-erase
-// ---------------------------------------------------------------------------------------------
-
-/// What `erase` did.
-#[derive(Debug, Clone, Serialize)]
-pub struct EraseReport {
-    pub device: PathBuf,
-    /// Keyslots that held a wrapped key in the winning copy.
-    pub slots_destroyed: usize,
-    /// True when neither copy could be decoded and both were zeroed whole.
-    pub zeroed_damaged_header: bool,
-}
-
-/// Crypto-erase: writes headers without keyslots over BOTH copies (each write flushed), so no copy holds
-/// a wrapped volume key and the data can never be decrypted again. Needs no key. If neither copy
-/// decodes but the sealcsi magic is there, both copies are zeroed whole. A device without a sealcsi
-/// header is refused.
-///
-/// A host that copied the header earlier can put it back: erase protects against everyone who did not.
-pub fn erase(device: &Path) -> Result<EraseReport, KeyslotError> {
-    let _lock = lock_device(device)?;
-    let region = devio::read_at(device, 0, 2 * HEADER_SIZE).map_err(io_error(format!(
-        "reading the header of {}",
-        device.display()
-    )))?;
-    let report = match header::select(&region) {
-        Ok(active) => {
-            let slots_destroyed = active.header.active_slots().count();
-            let mut new = active.header.clone();
-            new.keyslots = Default::default();
-            commit_everywhere(device, &active, new)?;
-            EraseReport {
-                device: device.to_path_buf(),
-                slots_destroyed,
-                zeroed_damaged_header: false,
-            }
-        }
-        Err(e) if header::has_magic(&region) => {
-            tracing::warn!(error = %e, "no header copy decodes; zeroing both copies");
-            let zeros = devio::AlignedBuf::zeroed(2 * HEADER_SIZE);
-            devio::write_at(device, COPY_OFFSETS[0], &zeros)
-                .map_err(io_error("zeroing the header copies"))?;
-            EraseReport {
-                device: device.to_path_buf(),
-                slots_destroyed: 0,
-                zeroed_damaged_header: true,
-            }
-        }
-        Err(source) => {
-            return Err(VolumeError::Header {
-                device: device.display().to_string(),
-                source,
-            }
-            .into());
-        }
-    };
-    verify_erased(device)?;
-    Ok(report)
-}
-
-/// Reads both copies back: each must be a valid header without keyslots, or all zero.
-fn verify_erased(device: &Path) -> Result<(), KeyslotError> {
-    let region = devio::read_at(device, 0, 2 * HEADER_SIZE)
-        .map_err(io_error(format!("reading back {}", device.display())))?;
-    for copy in region.chunks(HEADER_SIZE) {
-        let clean = match Header::decode(copy) {
-            Ok(h) => h.active_slots().next().is_none(),
-            Err(HeaderError::NotSealcsi) => copy.iter().all(|&b| b == 0),
-            Err(_) => false,
-        };
-        if !clean {
-            return Err(KeyslotError::Io {
-                context: format!("verifying the erase of {}", device.display()),
-                source: std::io::Error::other("a header copy still holds keyslots"),
-            });
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    use super::list::decode_binding;
+    use super::recovery::{open_recovery_slot, seal_recovery_slot};
     use super::*;
+    use crate::devio;
     use crate::dm::MemoryDm;
+    use crate::header::{self, COPY_OFFSETS, HEADER_SIZE, Keyslot};
     use crate::header::{FsKind, Journal, Profile};
+    use crate::keys::WRAP_TAG_LEN;
+    use crate::sealing::SimSource;
     use crate::sealing::snp::{FakeSnpDevice, SnpPolicy, SnpSource};
 
     const SECTOR: usize = 512;
@@ -1166,7 +381,7 @@ mod tests {
         // A node that cannot unseal cannot add anything.
         let c = fx.sim("C");
         let err = add_slot(&fx.volumes(&c), &fx.dev, &c, None).unwrap_err();
-        assert_eq!(err.class(), ErrorClass::WrongIdentity, "{err}");
+        assert_eq!(err.kind(), Kind::WrongIdentity, "{err}");
         assert_eq!(fx.header().seqno, seqno + 1);
     }
 
@@ -1184,7 +399,7 @@ mod tests {
         let extra = fx.sim("extra");
         let err = add_slot(&fx.volumes(&a), &fx.dev, &extra, None).unwrap_err();
         assert!(matches!(err, KeyslotError::Full), "{err}");
-        assert_eq!(err.class(), ErrorClass::Refused);
+        assert_eq!(err.kind(), Kind::Refused);
         let n3 = fx.sim("n3");
         assert_eq!(
             add_slot(&fx.volumes(&a), &fx.dev, &n3, None).unwrap(),
@@ -1215,7 +430,7 @@ mod tests {
             matches!(err, KeyslotError::LastSlot { index: 0, .. }),
             "{err}"
         );
-        assert_eq!(err.class(), ErrorClass::Refused);
+        assert_eq!(err.kind(), Kind::Refused);
         add_slot(&fx.volumes(&a), &fx.dev, &b, None).unwrap();
         // A's last slot, while B still has one: A would lock itself out.
         let err = remove_slot(&fx.volumes(&a), &fx.dev, 0, false).unwrap_err();
@@ -1244,8 +459,8 @@ mod tests {
         assert_eq!(
             remove_slot(&fx.volumes(&a), &fx.dev, 1, true)
                 .unwrap_err()
-                .class(),
-            ErrorClass::WrongIdentity
+                .kind(),
+            Kind::WrongIdentity
         );
         // With force, B may remove the last slot of all.
         remove_slot(&fx.volumes(&b), &fx.dev, 1, true).unwrap();
@@ -1406,7 +621,7 @@ mod tests {
         let (_, other) = recovery_keygen();
         let err = recover(&c, &fx.dev, &other, None).unwrap_err();
         assert!(matches!(err, KeyslotError::NoRecoverySlot { .. }), "{err}");
-        assert_eq!(err.class(), ErrorClass::WrongIdentity);
+        assert_eq!(err.kind(), Kind::WrongIdentity);
         let d = fx.sim("D");
         let err = recover(&d, &fx.dev, &private, Some(&[0; 32])).unwrap_err();
         assert!(matches!(err, KeyslotError::KeyMismatch { .. }), "{err}");
@@ -1431,7 +646,7 @@ mod tests {
             matches!(err, KeyslotError::RecoveryAuthentication(ref s) if s == &[1]),
             "{err}"
         );
-        assert_eq!(err.class(), ErrorClass::InvalidHeader);
+        assert_eq!(err.kind(), Kind::InvalidHeader);
 
         // Replaced by the host: the public key is public, so anyone can seal a key of their choosing to
         // it. The key check catches it; nothing is written.
@@ -1515,7 +730,7 @@ mod tests {
         assert!(report.zeroed_damaged_header);
         assert!(fx.region().iter().all(|&b| b == 0));
         let err = erase(&fx.dev).unwrap_err();
-        assert_eq!(err.class(), ErrorClass::InvalidHeader, "{err}");
+        assert_eq!(err.kind(), Kind::InvalidHeader, "{err}");
     }
 
     /// Every mix of old and new 512-byte sectors of `copy` (the one being written), the rest as `base`.
@@ -1688,7 +903,7 @@ mod tests {
                 remove_slot(&fx.volumes(&a), &fx.dev, 0, true).unwrap_err(),
                 add_recovery(&fx.volumes(&a), &fx.dev, &public).unwrap_err(),
             ] {
-                assert_eq!(err.class(), ErrorClass::InvalidHeader, "{err}");
+                assert_eq!(err.kind(), Kind::InvalidHeader, "{err}");
             }
             assert_eq!(fx.header().seqno, seqno, "nothing written");
         }

@@ -1,0 +1,226 @@
+//! The `sealcsi` command line: the operator's volume tool and the CSI plugin. This layer parses
+//! arguments, opens what a command needs (sealing source, device-mapper) and prints reports; the work is
+//! in the library.
+//!
+//! - [`volume`]: `volume format|open|close|inspect|identity`;
+//! - [`keyslots`]: the keyslot lifecycle and `recovery-keygen`;
+//! - [`exit`]: the exit codes.
+
+mod exit;
+mod keyslots;
+mod volume;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use sealcsi::dm::KernelDm;
+use sealcsi::sealing::{self, SealingSource, TeeChoice};
+use sealcsi::volume::VolumeError;
+
+#[derive(Parser)]
+#[command(
+    name = "sealcsi",
+    version,
+    about = "Sealed encrypted volumes for confidential-computing nodes"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+pub(crate) struct Global {
+    /// Sealing source: sim (simulated, protects nothing), snp, tpm, or auto (hardware only).
+    #[arg(
+        long,
+        env = "SEALCSI_TEE",
+        value_enum,
+        default_value = "auto",
+        global = true
+    )]
+    tee: TeeChoice,
+    /// Directory for node-local state (the simulator seed, volume files).
+    #[arg(
+        long,
+        env = "SEALCSI_STATE_DIR",
+        default_value = "/var/lib/sealcsi",
+        global = true
+    )]
+    state_dir: PathBuf,
+    /// For --tee sim: the string standing in for the launch measurement.
+    #[arg(long, env = "SEALCSI_SIM_IDENTITY", global = true)]
+    sim_identity: Option<String>,
+    /// For --tee tpm (or auto): the TPM's TCTI [default: device:/dev/tpmrm0], e.g.
+    /// swtpm:host=127.0.0.1,port=2321. Setting it makes --tee auto use the TPM.
+    #[arg(long, env = "SEALCSI_TPM_TCTI", global = true)]
+    tpm_tcti: Option<String>,
+    /// For --tee tpm (or auto): the PCRs new keyslots are sealed to [default: sha256:0,2,4,7].
+    #[arg(long, env = "SEALCSI_TPM_PCRS", global = true)]
+    tpm_pcrs: Option<sealing::PcrSelection>,
+    /// For --tee snp (or auto): what new keyslots bind to: strict, upgradable or upgradable:svn=N
+    /// [default: strict].
+    #[arg(long, env = "SEALCSI_SNP_POLICY", global = true)]
+    snp_policy: Option<sealing::SnpPolicy>,
+    /// Log verbosity (tracing filter), e.g. info or sealcsi=debug.
+    #[arg(long, env = "SEALCSI_LOG", default_value = "warn", global = true)]
+    log: String,
+    /// Log line format on stderr.
+    #[arg(
+        long,
+        env = "SEALCSI_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Format, open, close and inspect sealed volumes.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+    /// Serve the CSI Identity, Controller and Node services.
+    Plugin(PluginArgs),
+    // recovery-keygen: see the keyslots module.
+    #[command(flatten)]
+    Recovery(keyslots::RecoveryCommand),
+}
+
+#[derive(Args)]
+struct PluginArgs {
+    /// Where to listen: unix://<path>.
+    #[arg(long, env = "SEALCSI_ENDPOINT", default_value = sealcsi::csi::DEFAULT_ENDPOINT)]
+    endpoint: String,
+    /// This node's id, as the CO knows it (in Kubernetes, the node name).
+    #[arg(long, env = "SEALCSI_NODE_ID")]
+    node_id: String,
+    /// Which services to serve.
+    #[arg(long, value_enum, env = "SEALCSI_MODE", default_value = "all")]
+    mode: sealcsi::csi::Mode,
+    /// The CSI driver name.
+    #[arg(long, env = "SEALCSI_DRIVER_NAME", default_value = sealcsi::csi::DEFAULT_DRIVER_NAME)]
+    driver_name: String,
+    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9809); off by default.
+    #[arg(long, env = "SEALCSI_METRICS_ADDRESS")]
+    metrics_address: Option<std::net::SocketAddr>,
+}
+
+/// Runs the command line and returns the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::SUCCESS
+            });
+        }
+    };
+    init_logging(&cli.global.log, cli.global.log_format);
+    // Threads share the process keyring only if it exists before they are spawned (dm-crypt looks the
+    // volume key up there at table load). A node without a keyring falls back to secure hex tables.
+    if let Err(e) = sealcsi::keyring::ensure_process_keyring() {
+        tracing::info!(error = %e, "kernel keyring unavailable; keys will be loaded in secure tables");
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sealcsi: error: {}", error_chain(&e));
+            ExitCode::from(exit::code_of(&e))
+        }
+    }
+}
+
+fn init_logging(filter: &str, format: LogFormat) {
+    // The devicemapper crate logs whole tables at trace level; a table may hold a hex key, so that
+    // target is capped whatever the operator asks for.
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{filter},devicemapper=info"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
+}
+
+/// The error and its causes on one line. Many library errors already quote their cause in their own
+/// message (so that a single Display, as the gRPC edge sends, is complete): such causes are not repeated.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+pub(crate) fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub(crate) fn open_source(global: &Global) -> anyhow::Result<Box<dyn SealingSource>> {
+    let opts = sealing::SourceOptions {
+        state_dir: global.state_dir.clone(),
+        sim_identity: global.sim_identity.clone(),
+        tpm_tcti: global.tpm_tcti.clone(),
+        tpm_pcrs: global.tpm_pcrs.clone(),
+        snp_policy: global.snp_policy,
+    };
+    let source = sealing::open_source(global.tee, &opts).map_err(VolumeError::from)?;
+    if source.is_simulated() {
+        eprintln!("sealcsi: WARNING: {}", sealing::SIM_WARNING);
+    }
+    Ok(source)
+}
+
+pub(crate) fn kernel_dm() -> anyhow::Result<KernelDm> {
+    Ok(KernelDm::new().map_err(VolumeError::from)?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Volume(command) => volume::run(&cli.global, command),
+        Command::Plugin(args) => run_plugin(&cli.global, args),
+        Command::Recovery(command) => keyslots::run_recovery(command),
+    }
+}
+
+fn run_plugin(global: &Global, args: PluginArgs) -> anyhow::Result<()> {
+    let source = open_source(global)?;
+    let deps = sealcsi::csi::PluginDeps::kernel(source)?;
+    let mut config =
+        sealcsi::csi::PluginConfig::new(args.endpoint, args.node_id, args.mode, &global.state_dir);
+    config.driver_name = args.driver_name;
+    config.metrics_address = args.metrics_address;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(sealcsi::csi::serve(config, deps))?;
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! `sealcsi volume format|open|close|inspect|identity`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+
+use super::keyslots::KeyslotCommand;
+use super::{Global, kernel_dm, open_source, print_json};
+use sealcsi::header::{FsKind, Integrity, Journal, Profile};
+use sealcsi::sealing;
+use sealcsi::volume::init::InitMode;
+use sealcsi::volume::{self, FormatOptions, VolumeError, Volumes};
+
+#[derive(Subcommand)]
+pub(crate) enum VolumeCommand {
+    /// Create a sealed volume on a block device or file (refuses devices holding data unless --force).
+    Format {
+        device: PathBuf,
+        #[arg(long, value_enum, default_value = "hmac-sha256")]
+        integrity: Integrity,
+        #[arg(long, value_enum, default_value = "journal")]
+        journal: Journal,
+        #[arg(long, value_enum, default_value = "ext4")]
+        fs: FsKind,
+        /// Default: fast with a filesystem, full without.
+        #[arg(long, value_enum)]
+        init: Option<InitMode>,
+        /// Destroy whatever the device holds.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Unseal and open a volume as /dev/mapper/<name>; prints {"device": ...}.
+    Open {
+        device: PathBuf,
+        /// Device-mapper name; default sealcsi-<volume uuid>.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Close /dev/mapper/<name> and the layers under it.
+    Close { name: String },
+    /// Print the header's public fields as JSON (no key needed).
+    Inspect { device: PathBuf },
+    /// Print this node's sealing identity as JSON.
+    Identity,
+    // Keyslot lifecycle (slots, add-slot, remove-slot, add-recovery, recover, erase): see the keyslots
+    // module.
+    #[command(flatten)]
+    Keyslots(KeyslotCommand),
+}
+
+pub(crate) fn run(global: &Global, command: VolumeCommand) -> anyhow::Result<()> {
+    match command {
+        VolumeCommand::Format {
+            device,
+            integrity,
+            journal,
+            fs,
+            init,
+            force,
+        } => {
+            let opts = format_options(integrity, journal, fs, init, force);
+            let source = open_source(global)?;
+            let dm = kernel_dm()?;
+            let report = Volumes::new(&dm, source.as_ref())
+                .format(&device, &opts, &mut |done, total| {
+                    eprint!(
+                        "\rsealcsi: initializing {} / {} MiB",
+                        done >> 20,
+                        total >> 20
+                    );
+                    if done == total {
+                        eprintln!();
+                    }
+                })
+                .with_context(|| format!("formatting {}", device.display()))?;
+            print_json(&report)
+        }
+        VolumeCommand::Open { device, name } => {
+            let name = match name {
+                Some(name) => name,
+                None => volume::default_name(&volume::inspect(&device)?.uuid)?,
+            };
+            let source = open_source(global)?;
+            let dm = kernel_dm()?;
+            let report = Volumes::new(&dm, source.as_ref())
+                .open(&device, &name)
+                .with_context(|| format!("opening {}", device.display()))?;
+            print_json(&report)
+        }
+        VolumeCommand::Close { name } => {
+            let dm = kernel_dm()?;
+            let closed = volume::close(&dm, &name)?;
+            print_json(&serde_json::json!({ "name": name, "closed": closed }))
+        }
+        VolumeCommand::Inspect { device } => print_json(&volume::inspect(&device)?),
+        VolumeCommand::Identity => {
+            let source = open_source(global)?;
+            print_json(&sealing::identity(source.as_ref()).map_err(VolumeError::from)?)
+        }
+        VolumeCommand::Keyslots(command) => super::keyslots::run(global, command),
+    }
+}
+
+/// What `format` builds from its options. Without `--init`: fast with a filesystem, full without.
+fn format_options(
+    integrity: Integrity,
+    journal: Journal,
+    fs: FsKind,
+    init: Option<InitMode>,
+    force: bool,
+) -> FormatOptions {
+    let init = init.unwrap_or(match fs {
+        FsKind::None => InitMode::Full,
+        _ => InitMode::Fast,
+    });
+    FormatOptions {
+        profile: Profile::new(integrity, journal),
+        fs,
+        init,
+        force,
+    }
+}

@@ -1,0 +1,411 @@
+//! The volume store: node-local volumes as sparse backing files under `<state-dir>/volumes/`, each with
+//! a small JSON record. The controller core creates and deletes them; the node core reads them and
+//! grows them. Neither knows the other: both know only the store.
+//!
+//! ```text
+//! <state-dir>/volumes/<id>.img    the backing file (sparse; the sealed volume lives in it)
+//! <state-dir>/volumes/<id>.json   the record: name, capacity, parameters, creation time
+//! <state-dir>/volumes/<id>.grow   an expansion whose new space is not initialized yet
+//! ```
+//!
+//! - [`id`]: volume ids and the names derived from them;
+//! - [`params`]: the StorageClass parameters recorded with each volume;
+//! - [`sizing`]: sizes, minimums and capacity ranges.
+
+pub mod id;
+pub mod params;
+pub mod sizing;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Classify, Kind};
+pub use id::VolumeId;
+pub use params::VolumeParams;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The request is malformed (bad parameter, bad capacity range).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No volume with this id.
+    #[error("volume {0} does not exist")]
+    NotFound(String),
+    /// The capacity asked for is outside what sealcsi supports.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// Not enough space in the state directory.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("volume record {path}: {reason}")]
+    Record { path: String, reason: String },
+}
+
+impl Classify for StoreError {
+    fn kind(&self) -> Kind {
+        match self {
+            StoreError::InvalidArgument(_) => Kind::InvalidArgument,
+            StoreError::NotFound(_) => Kind::NotFound,
+            StoreError::OutOfRange(_) => Kind::OutOfRange,
+            StoreError::ResourceExhausted(_) => Kind::ResourceExhausted,
+            StoreError::Io { .. } | StoreError::Record { .. } => Kind::Internal,
+        }
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+/// The on-disk record of one volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub version: u32,
+    pub volume_id: String,
+    pub name: String,
+    /// Size of the backing file when last created or expanded (the file's size is the truth).
+    pub capacity_bytes: u64,
+    pub parameters: VolumeParams,
+    /// Unix seconds.
+    pub created: u64,
+}
+
+/// The content of `<id>.grow`: see [`Store::set_pending_init`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct PendingInit {
+    from_bytes: u64,
+}
+
+/// A recorded volume with its current size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub record: VolumeRecord,
+    pub capacity_bytes: u64,
+    pub backing: PathBuf,
+}
+
+impl VolumeInfo {
+    pub fn id(&self) -> &str {
+        &self.record.volume_id
+    }
+}
+
+/// Free bytes (for unprivileged users) of the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> Result<u64, StoreError> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(|e| StoreError::Io {
+        context: format!("statvfs {}", path.display()),
+        source: e.into(),
+    })?;
+    Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+}
+
+/// The volume store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating) `<state_dir>/volumes`.
+    pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
+        let dir = state_dir.join("volumes");
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        Ok(Self { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The backing file of `id` (whether or not it exists).
+    pub fn backing_path(&self, id: &VolumeId) -> PathBuf {
+        self.dir.join(format!("{id}.img"))
+    }
+
+    fn record_path(&self, id: &VolumeId) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    fn pending_init_path(&self, id: &VolumeId) -> PathBuf {
+        self.dir.join(format!("{id}.grow"))
+    }
+
+    /// Reads a JSON file of the store; `None` if it does not exist.
+    fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
+        let text = match fs::read(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| StoreError::Record {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// The one atomic write of the store: temporary file, fsync, rename over `path`, fsync of the
+    /// directory. A crash leaves the old content or the new, never a mix.
+    fn write_json_atomically(&self, path: &Path, value: &impl Serialize) -> Result<(), StoreError> {
+        let text = serde_json::to_vec_pretty(value).map_err(|e| StoreError::Record {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("record");
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let ctx = format!("writing {}", tmp.display());
+        let mut f = File::create(&tmp).map_err(io_err(ctx.clone()))?;
+        f.write_all(&text).map_err(io_err(ctx.clone()))?;
+        f.sync_all().map_err(io_err(ctx))?;
+        fs::rename(&tmp, path).map_err(io_err(format!("renaming to {}", path.display())))?;
+        self.sync_dir()
+    }
+
+    fn sync_dir(&self) -> Result<(), StoreError> {
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(format!("fsync {}", self.dir.display())))
+    }
+
+    /// Removes `path`; an absent file is fine.
+    fn remove_if_present(path: &Path) -> Result<(), StoreError> {
+        match fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(format!("removing {}", path.display()))(e)),
+        }
+    }
+
+    /// The record of `id`, `None` if there is none.
+    pub fn record(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, StoreError> {
+        let path = self.record_path(id);
+        let Some(record) = Self::read_json::<VolumeRecord>(&path)? else {
+            return Ok(None);
+        };
+        if record.volume_id != id.as_str() {
+            return Err(StoreError::Record {
+                path: path.display().to_string(),
+                reason: format!("holds volume id {}", record.volume_id),
+            });
+        }
+        Ok(Some(record))
+    }
+
+    /// The volume `id` with its current size, or NotFound.
+    pub fn get(&self, id: &VolumeId) -> Result<VolumeInfo, StoreError> {
+        let record = self
+            .record(id)?
+            .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+        let backing = self.backing_path(id);
+        let capacity_bytes = match fs::metadata(&backing) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::Record {
+                    path: backing.display().to_string(),
+                    reason: "the backing file of a recorded volume is missing".into(),
+                });
+            }
+            Err(e) => return Err(io_err(format!("stat {}", backing.display()))(e)),
+        };
+        Ok(VolumeInfo {
+            record,
+            capacity_bytes,
+            backing,
+        })
+    }
+
+    /// Creates (or empties) the sparse backing file of `id` at `size` bytes, durably.
+    pub fn create_backing(&self, id: &VolumeId, size: u64) -> Result<PathBuf, StoreError> {
+        let backing = self.backing_path(id);
+        let ctx = format!("creating {}", backing.display());
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&backing)
+            .map_err(io_err(ctx.clone()))?;
+        f.set_len(size).map_err(io_err(ctx.clone()))?;
+        f.sync_all().map_err(io_err(ctx))?;
+        Ok(backing)
+    }
+
+    /// Writes `record` atomically.
+    pub fn write_record(&self, record: &VolumeRecord) -> Result<(), StoreError> {
+        let id = VolumeId::parse(&record.volume_id).ok_or_else(|| {
+            StoreError::InvalidArgument(format!("{:?} is not a volume id", record.volume_id))
+        })?;
+        self.write_json_atomically(&self.record_path(&id), record)
+    }
+
+    /// Whether anything of `id` is on disk (its record or its backing file).
+    pub fn exists(&self, id: &VolumeId) -> bool {
+        self.backing_path(id).exists() || self.record_path(id).exists()
+    }
+
+    /// Removes everything of `id`: the backing file (the caller crypto-erased it), a pending-init marker,
+    /// then the record, and syncs the directory. Removing what is absent is fine.
+    pub fn remove(&self, id: &VolumeId) -> Result<(), StoreError> {
+        Self::remove_if_present(&self.backing_path(id))?;
+        Self::remove_if_present(&self.pending_init_path(id))?;
+        Self::remove_if_present(&self.record_path(id))?;
+        self.sync_dir()
+    }
+
+    /// Grows the backing file of `id` to fit the capacity range (`0` = unset); never shrinks. Returns the
+    /// file's size. Asking for no more than the current size is success at that size, unless the volume
+    /// is already above `limit` (OUT_OF_RANGE: sealcsi never shrinks).
+    pub fn grow_backing(
+        &self,
+        id: &VolumeId,
+        required: u64,
+        limit: u64,
+    ) -> Result<u64, StoreError> {
+        let info = self.get(id)?;
+        if limit != 0 && limit < required {
+            return Err(StoreError::InvalidArgument(format!(
+                "capacity range: limit_bytes {limit} is smaller than required_bytes {required}"
+            )));
+        }
+        if required <= info.capacity_bytes {
+            if limit != 0 && info.capacity_bytes > limit {
+                return Err(StoreError::OutOfRange(format!(
+                    "volume is {} bytes, above limit_bytes {limit}; sealcsi never shrinks a volume",
+                    info.capacity_bytes
+                )));
+            }
+            return Ok(info.capacity_bytes);
+        }
+        let size = sizing::size_for_range(required, limit)?;
+        let grow = size - info.capacity_bytes;
+        let free = free_bytes(&self.dir)?;
+        if grow > free {
+            return Err(StoreError::ResourceExhausted(format!(
+                "growing by {grow} bytes does not fit: {free} bytes free in {}",
+                self.dir.display()
+            )));
+        }
+        let ctx = format!("growing {}", info.backing.display());
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&info.backing)
+            .map_err(io_err(ctx.clone()))?;
+        f.set_len(size).map_err(io_err(ctx.clone()))?;
+        f.sync_all().map_err(io_err(ctx))?;
+        let mut record = info.record;
+        record.capacity_bytes = size;
+        self.write_record(&record)?;
+        tracing::info!(volume.id = %id, bytes = size, "expanded volume backing file");
+        Ok(size)
+    }
+
+    /// Where the not yet initialized new space of `id` starts (a byte offset in its top device), if an
+    /// expansion was interrupted before initializing it ([`Store::set_pending_init`]).
+    pub fn pending_init(&self, id: &VolumeId) -> Result<Option<u64>, StoreError> {
+        Ok(Self::read_json::<PendingInit>(&self.pending_init_path(id))?.map(|p| p.from_bytes))
+    }
+
+    /// Records, durably, that the top device of `id` is about to grow and everything from `from_bytes`
+    /// on must be initialized before anyone uses it. Written before the mapping grows and cleared
+    /// ([`Store::clear_pending_init`]) only once the new space is initialized, so a retry after a crash
+    /// anywhere in between knows what is left to do even when the mapping has already grown.
+    pub fn set_pending_init(&self, id: &VolumeId, from_bytes: u64) -> Result<(), StoreError> {
+        self.write_json_atomically(&self.pending_init_path(id), &PendingInit { from_bytes })
+    }
+
+    /// The new space of `id` is initialized: forget the pending record.
+    pub fn clear_pending_init(&self, id: &VolumeId) -> Result<(), StoreError> {
+        let path = self.pending_init_path(id);
+        if !path.exists() {
+            return Ok(());
+        }
+        Self::remove_if_present(&path)?;
+        self.sync_dir()
+    }
+
+    /// Every recorded volume id, sorted.
+    pub fn ids(&self) -> Result<Vec<VolumeId>, StoreError> {
+        let mut ids: Vec<VolumeId> = fs::read_dir(&self.dir)
+            .map_err(io_err(format!("listing {}", self.dir.display())))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                VolumeId::parse(name.strip_suffix(".json")?)
+            })
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store, VolumeId) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let id = VolumeId::for_name("v");
+        store.create_backing(&id, 64 << 20).unwrap();
+        store
+            .write_record(&VolumeRecord {
+                version: 1,
+                volume_id: id.to_string(),
+                name: "v".into(),
+                capacity_bytes: 64 << 20,
+                parameters: VolumeParams::default(),
+                created: 1,
+            })
+            .unwrap();
+        (dir, store, id)
+    }
+
+    #[test]
+    fn pending_init_records_survive_until_cleared_and_removal() {
+        let (_d, s, id) = store();
+        assert_eq!(s.pending_init(&id).unwrap(), None);
+        s.set_pending_init(&id, 5 << 20).unwrap();
+        assert_eq!(s.pending_init(&id).unwrap(), Some(5 << 20));
+        s.clear_pending_init(&id).unwrap();
+        s.clear_pending_init(&id).unwrap();
+        assert_eq!(s.pending_init(&id).unwrap(), None);
+        s.set_pending_init(&id, 1).unwrap();
+        assert_eq!(s.ids().unwrap(), vec![id.clone()]);
+        s.remove(&id).unwrap();
+        assert_eq!(s.pending_init(&id).unwrap(), None);
+        assert_eq!(std::fs::read_dir(s.dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn grow_never_shrinks() {
+        let (_d, s, id) = store();
+        assert_eq!(s.grow_backing(&id, 32 << 20, 0).unwrap(), 64 << 20);
+        assert_eq!(s.grow_backing(&id, 100 << 20, 0).unwrap(), 100 << 20);
+        assert_eq!(s.get(&id).unwrap().record.capacity_bytes, 100 << 20);
+        assert_eq!(
+            s.grow_backing(&id, 64 << 20, 80 << 20).unwrap_err().kind(),
+            Kind::OutOfRange
+        );
+    }
+
+    #[test]
+    fn a_record_holding_another_id_is_refused() {
+        let (_d, s, id) = store();
+        let other = VolumeId::for_name("w");
+        std::fs::copy(s.record_path(&id), s.record_path(&other)).unwrap();
+        assert!(matches!(s.record(&other), Err(StoreError::Record { .. })));
+    }
+}

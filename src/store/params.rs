@@ -1,0 +1,184 @@
+//! The StorageClass parameters sealcsi takes, in the core's own vocabulary ([`Integrity`], [`InitMode`],
+//! [`Journal`]: the same enums the CLI's options use). They are recorded with each volume and handed to
+//! the node in the volume context.
+
+use std::collections::HashMap;
+
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+use crate::header::{Integrity, Journal, Profile};
+use crate::volume::init::InitMode;
+
+/// StorageClass parameter keys with this prefix are the CO's (csi-provisioner's extra metadata), not ours.
+pub const CO_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// The parameter keys, with their allowed values (first is the default).
+pub const PARAMETERS: &[(&str, &[&str])] = &[
+    ("integrity", &["hmac-sha256", "none"]),
+    ("init", &["fast", "full"]),
+    ("journal", &["journal", "direct"]),
+];
+
+/// The StorageClass parameters of one volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeParams {
+    pub integrity: Integrity,
+    /// Filesystem volumes only; block volumes are always fully initialized.
+    pub init: InitMode,
+    pub journal: Journal,
+}
+
+impl Default for VolumeParams {
+    fn default() -> Self {
+        Self {
+            integrity: Integrity::HmacSha256,
+            init: InitMode::Fast,
+            journal: Journal::Journal,
+        }
+    }
+}
+
+fn allowed_keys() -> String {
+    PARAMETERS
+        .iter()
+        .map(|(k, v)| format!("{k} ({})", v.join("|")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The parameter value's name, as the StorageClass spells it.
+fn name_of(value: &impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .expect("no variant is skipped")
+        .get_name()
+        .to_string()
+}
+
+/// Parses `value` of parameter `key` as one of `T`'s names.
+fn value_of<T: ValueEnum>(key: &str, value: &str) -> Result<T, StoreError> {
+    T::from_str(value, false).map_err(|_| {
+        let allowed: Vec<String> = T::value_variants().iter().map(name_of).collect();
+        StoreError::InvalidArgument(format!(
+            "parameter {key}: {value:?} is not one of {}",
+            allowed.join("|")
+        ))
+    })
+}
+
+impl VolumeParams {
+    /// Parses StorageClass parameters; unknown keys and values are refused, naming what is allowed. Keys
+    /// under `csi.storage.k8s.io/` belong to the CO and are ignored.
+    pub fn parse(params: &HashMap<String, String>) -> Result<Self, StoreError> {
+        let mut out = VolumeParams::default();
+        let mut keys: Vec<&String> = params.keys().collect();
+        keys.sort();
+        for key in keys {
+            let value = params[key].as_str();
+            if key.starts_with(CO_PARAMETER_PREFIX) {
+                continue;
+            }
+            match key.as_str() {
+                "integrity" => out.integrity = value_of(key, value)?,
+                "init" => out.init = value_of(key, value)?,
+                "journal" => out.journal = value_of(key, value)?,
+                _ => {
+                    return Err(StoreError::InvalidArgument(format!(
+                        "unknown parameter {key:?}; allowed parameters: {}",
+                        allowed_keys()
+                    )));
+                }
+            }
+        }
+        if out.integrity == Integrity::None && params.contains_key("journal") {
+            return Err(StoreError::InvalidArgument(
+                "parameter journal applies only to integrity=hmac-sha256".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The parameters as the volume context handed to the node (all keys, explicit values).
+    pub fn to_map(self) -> HashMap<String, String> {
+        HashMap::from([
+            ("integrity".to_string(), name_of(&self.integrity)),
+            ("init".to_string(), name_of(&self.init)),
+            ("journal".to_string(), name_of(&self.journal)),
+        ])
+    }
+
+    /// The mapping profile these parameters ask for.
+    pub fn profile(self) -> Profile {
+        Profile::new(self.integrity, self.journal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn parameters_parse_and_refuse_unknown_keys() {
+        assert_eq!(
+            VolumeParams::parse(&params(&[])).unwrap(),
+            VolumeParams::default()
+        );
+        let p = VolumeParams::parse(&params(&[("integrity", "none"), ("init", "full")])).unwrap();
+        assert_eq!(p.profile(), Profile::XtsOnly);
+        assert_eq!(p.init, InitMode::Full);
+        let p = VolumeParams::parse(&params(&[("journal", "direct")])).unwrap();
+        assert_eq!(
+            p.profile(),
+            Profile::AeadHmacSha256 {
+                journal: Journal::Direct
+            }
+        );
+        let err = VolumeParams::parse(&params(&[("fs", "ext4")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"fs\"")
+                && err.contains("integrity")
+                && err.contains("init")
+                && err.contains("journal"),
+            "{err}"
+        );
+        let err = VolumeParams::parse(&params(&[("init", "slow")])).unwrap_err();
+        assert!(err.to_string().contains("fast|full"), "{err}");
+        assert!(
+            VolumeParams::parse(&params(&[("integrity", "none"), ("journal", "direct")])).is_err()
+        );
+        // The CO's own keys are not ours to judge.
+        VolumeParams::parse(&params(&[("csi.storage.k8s.io/pvc/name", "x")])).unwrap();
+        let round = VolumeParams::parse(&p.to_map()).unwrap();
+        assert_eq!(round, p);
+    }
+
+    #[test]
+    fn the_allowed_values_are_the_enums_names() {
+        fn names<T: ValueEnum>() -> Vec<String> {
+            T::value_variants().iter().map(name_of).collect()
+        }
+        assert_eq!(names::<Integrity>(), PARAMETERS[0].1);
+        assert_eq!(names::<InitMode>(), PARAMETERS[1].1);
+        assert_eq!(names::<Journal>(), PARAMETERS[2].1);
+    }
+
+    #[test]
+    fn records_keep_their_on_disk_spelling() {
+        let json = serde_json::to_string(&VolumeParams::default()).unwrap();
+        assert_eq!(
+            json,
+            r#"{"integrity":"hmac-sha256","init":"fast","journal":"journal"}"#
+        );
+    }
+}

@@ -1,0 +1,505 @@
+//! Sealed volumes: format, open, close and inspect, on top of the header, the key hierarchy, the sealing
+//! source and the device-mapper stack. This is the engine both the admin CLI and the CSI node service call.
+//!
+//! - [`header_io`]: every read and write of the header region (read, commit, crypto-erase, lock);
+//! - [`seal`]: the one keyslot wrap and unwrap;
+//! - [`content`]: what a device holds before format (the refusal rules);
+//! - [`stack`]: the device-mapper stack of one volume;
+//! - [`init`], [`mkfs`]: initialization of a new volume and the filesystem tools;
+//! - [`inspect`], [`health`]: public facts and health, readable without a key.
+//!
+//! Safety rules enforced here:
+//! - format refuses a device holding a sealcsi header, a dm-integrity superblock or any recognisable
+//!   filesystem/partition/LUKS signature unless forced; open never formats;
+//! - the header is written last, so an interrupted format never leaves a header that opens onto a
+//!   half-initialised device, and open refuses a device without an integrity superblock instead of
+//!   letting the kernel format one;
+//! - open reads the device and writes nothing until the key has been unsealed.
+
+pub mod content;
+pub mod header_io;
+pub mod health;
+pub mod init;
+pub mod inspect;
+pub mod mkfs;
+pub mod seal;
+pub mod stack;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::{BackendError, BlockDevice};
+use crate::clock::now_unix;
+use crate::devio;
+use crate::dm::{DeviceMapper, DmError};
+use crate::error::{Classify, Kind};
+use crate::header::{DATA_OFFSET, FsKind, Header, HeaderError, Keyslot, Profile};
+use crate::keys::{KeyError, VolumeKey};
+use crate::sealing::{SealError, SealingSource};
+use init::{InitError, InitMode};
+use stack::{MappingError, OpenOutcome, SECTOR, StackNames};
+
+pub use content::{ensure_not_in_use, refuse_existing_content};
+pub use header_io::{commit, commit_everywhere, read_header};
+pub use health::Condition;
+pub use inspect::{Inspection, inspect};
+
+/// Smallest backing device sealcsi formats: header region plus room for integrity metadata and data.
+pub const MIN_DEVICE_SIZE: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("{device}: {source}")]
+    Header {
+        device: String,
+        #[source]
+        source: HeaderError,
+    },
+    /// No keyslot is sealed to this node's identity.
+    #[error(
+        "this node's identity ({kind:?}, digest {digest}) cannot unseal this volume: none of its {slots} \
+         keyslot(s) is sealed to it (wrong node, changed image or policy, or a different simulated seed); \
+         see `sealcsi volume inspect` for the identities it is sealed to"
+    )]
+    WrongIdentity {
+        kind: crate::header::SourceKind,
+        digest: String,
+        slots: usize,
+    },
+    /// Every keyslot has been destroyed.
+    #[error(
+        "the volume has no keyslots (it was crypto-erased): its data cannot be opened by anyone"
+    )]
+    NoKeyslots,
+    /// A keyslot for this identity exists but its wrap does not authenticate.
+    #[error(
+        "keyslot(s) {slots:?} are sealed to this node's identity but fail authentication: the header was \
+         altered (cipher, sizes, UUID or keyslot metadata); refusing to open"
+    )]
+    HeaderAuthentication { slots: Vec<usize> },
+    /// Format would destroy something.
+    #[error("refusing to format {device}: it holds {found}; pass --force to destroy it")]
+    Refused { device: String, found: String },
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    #[error("{0}: device is in use (mounted, open, or part of a device-mapper stack)")]
+    Busy(String),
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    #[error(transparent)]
+    Dm(#[from] DmError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error(transparent)]
+    Init(#[from] InitError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The stored sequence number is at its maximum: no update could win (a host-chosen value).
+    #[error(
+        "the header's sequence number is at its maximum, so no update can win: the header was altered"
+    )]
+    SeqnoExhausted,
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Classify for VolumeError {
+    fn kind(&self) -> Kind {
+        match self {
+            VolumeError::InvalidArgument(_) => Kind::InvalidArgument,
+            VolumeError::WrongIdentity { .. } | VolumeError::NoKeyslots => Kind::WrongIdentity,
+            VolumeError::Header { .. }
+            | VolumeError::HeaderAuthentication { .. }
+            | VolumeError::SeqnoExhausted => Kind::InvalidHeader,
+            VolumeError::Refused { .. } => Kind::Refused,
+            VolumeError::Busy(_) => Kind::Busy,
+            VolumeError::Mapping(e) => e.kind(),
+            VolumeError::Dm(e) => e.kind(),
+            VolumeError::Backend(_)
+            | VolumeError::Seal(_)
+            | VolumeError::Init(_)
+            | VolumeError::Key(_)
+            | VolumeError::Io { .. } => Kind::Internal,
+        }
+    }
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> VolumeError {
+    let context = context.into();
+    move |source| VolumeError::Io { context, source }
+}
+
+/// What `format` should build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FormatOptions {
+    pub profile: Profile,
+    pub fs: FsKind,
+    pub init: InitMode,
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FormatReport {
+    pub uuid: String,
+    pub device: PathBuf,
+    pub data_bytes: u64,
+    pub prewritten_bytes: u64,
+    pub init_seconds: f64,
+    pub mkfs_seconds: f64,
+    pub total_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenReport {
+    pub device: PathBuf,
+    pub uuid: String,
+    pub already_open: bool,
+    /// The header this open authenticated (by unsealing its keyslot). Callers use this copy, never a
+    /// second read of the device, which the host could answer with other bytes.
+    #[serde(skip)]
+    pub header: Header,
+}
+
+/// The sealed-volume engine: a device-mapper implementation and this node's sealing source.
+pub struct Volumes<'a> {
+    dm: &'a dyn DeviceMapper,
+    source: &'a dyn SealingSource,
+}
+
+/// Usable data sectors behind the header region for a crypt-only volume (whole 4 KiB blocks).
+pub fn crypt_only_sectors(device_size: u64) -> u64 {
+    (device_size.saturating_sub(DATA_OFFSET) / devio::ALIGN as u64) * (devio::ALIGN as u64 / SECTOR)
+}
+
+impl<'a> Volumes<'a> {
+    pub fn new(dm: &'a dyn DeviceMapper, source: &'a dyn SealingSource) -> Self {
+        Self { dm, source }
+    }
+
+    /// Creates a new sealed volume on `path` (a block device or a file, attached to a loop device).
+    pub fn format(
+        &self,
+        path: &Path,
+        opts: &FormatOptions,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<FormatReport, VolumeError> {
+        let started = Instant::now();
+        if opts.fs == FsKind::None && opts.init == InitMode::Fast {
+            return Err(VolumeError::InvalidArgument(
+                "fast init needs a filesystem (--fs ext4|xfs): block volumes are always fully wiped".into(),
+            ));
+        }
+        let dev = BlockDevice::open_path(path)?;
+        let size = dev.size_bytes()?;
+        if size < MIN_DEVICE_SIZE {
+            return Err(VolumeError::InvalidArgument(format!(
+                "{} is {size} bytes; sealcsi needs at least {MIN_DEVICE_SIZE}",
+                path.display()
+            )));
+        }
+        ensure_not_in_use(dev.path())?;
+        if !opts.force {
+            refuse_existing_content(dev.path())?;
+        }
+
+        let uuid = *uuid::Uuid::new_v4().as_bytes();
+        let mut header = Header::new(uuid, opts.profile, opts.fs, now_unix());
+        let key = VolumeKey::generate(opts.profile.key_len())?;
+        // Zero the header region and the first block of the integrity area, so the kernel formats a fresh
+        // integrity device (and nothing of an older volume survives at the front).
+        let zeros = devio::AlignedBuf::zeroed((DATA_OFFSET as usize) + devio::ALIGN);
+        devio::write_at(dev.path(), 0, &zeros).map_err(io_error("clearing the header region"))?;
+
+        let names = StackNames::for_volume(&format!("format-{}", header.uuid_string()))?;
+        let built = self.build_and_initialize(&dev, size, &header, &key, opts, &names, progress);
+        let closed = stack::close_stack(self.dm, &names);
+        let (data_bytes, report) = built?;
+        closed?;
+
+        // Last step: the header. Until both copies are on disk the device does not open.
+        header.keyslots[0] = Some(self.seal_keyslot(&header, &key)?);
+        header_io::write_new_header(dev.path(), &header)?;
+        let device = dev.path().to_path_buf();
+        dev.release()?;
+        Ok(FormatReport {
+            uuid: header.uuid_string(),
+            device,
+            data_bytes,
+            prewritten_bytes: report.prewritten_bytes,
+            init_seconds: report.wipe.as_secs_f64(),
+            mkfs_seconds: report.mkfs.as_secs_f64(),
+            total_seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build_and_initialize(
+        &self,
+        dev: &BlockDevice,
+        size: u64,
+        header: &Header,
+        key: &VolumeKey,
+        opts: &FormatOptions,
+        names: &StackNames,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(u64, init::InitReport), VolumeError> {
+        let integrity = matches!(opts.profile, Profile::AeadHmacSha256 { .. });
+        let data_sectors = if integrity {
+            self.format_integrity(dev.path(), header, names)?
+        } else {
+            crypt_only_sectors(size)
+        };
+        let opened = stack::open_stack(self.dm, names, dev.path(), header, data_sectors, key)?;
+        let data_bytes = data_sectors * SECTOR;
+        let report = init::initialize(
+            opened.device(),
+            data_bytes,
+            opts.fs,
+            opts.init,
+            integrity,
+            progress,
+        )?;
+        Ok((data_bytes, report))
+    }
+
+    /// Lets the kernel format the (zeroed) integrity area through a one-block mapping, and returns the
+    /// data sectors it provides.
+    fn format_integrity(
+        &self,
+        backing: &Path,
+        header: &Header,
+        names: &StackNames,
+    ) -> Result<u64, VolumeError> {
+        let probe = stack::integrity_line(backing, header, devio::ALIGN as u64 / SECTOR)
+            .expect("AEAD profile has an integrity layer");
+        let uuid = stack::dm_uuid(&header.uuid_string(), "integrity");
+        self.dm
+            .create(&names.integrity, &uuid, std::slice::from_ref(&probe))?;
+        let provided = self.dm.status(&names.integrity).and_then(|lines| {
+            let (_, _, _, status) = lines.first().ok_or_else(|| {
+                DmError::InvalidTable("integrity device reported no status line".into())
+            })?;
+            crate::dm::integrity_status(status)
+        });
+        self.dm.remove(&names.integrity)?;
+        let provided = provided?.provided_data_sectors;
+        let sb = header_io::read_integrity_superblock(backing)?
+            .ok_or(MappingError::MissingIntegritySuperblock)?;
+        sb.check(header.profile)?;
+        if sb.provided_data_sectors != provided {
+            return Err(MappingError::IntegrityMismatch(format!(
+                "kernel reports {provided} data sectors, superblock {}",
+                sb.provided_data_sectors
+            ))
+            .into());
+        }
+        Ok(provided)
+    }
+
+    /// Wraps `key` for this node's identity into a new keyslot of `header`.
+    pub fn seal_keyslot(&self, header: &Header, key: &VolumeKey) -> Result<Keyslot, VolumeError> {
+        seal::seal_for(self.source, header, key)
+    }
+
+    /// Finds a keyslot sealed to this node and unwraps the volume key.
+    pub fn unseal(&self, header: &Header) -> Result<(usize, VolumeKey), VolumeError> {
+        seal::unseal_with(self.source, header)
+    }
+
+    /// Opens the volume on `path` as /dev/mapper/`name`. Idempotent: an identical open stack is success,
+    /// a stale half-made one is cleaned up first.
+    pub fn open(&self, path: &Path, name: &str) -> Result<OpenReport, VolumeError> {
+        let names = StackNames::new(name)?;
+        let dev = BlockDevice::open_path(path)?;
+        let header = read_header(dev.path())?.header;
+        let (slot, key) = self.unseal(&header)?;
+        tracing::debug!(volume.uuid = %header.uuid_string(), keyslot = slot, "unsealed the volume key");
+        let data_sectors = match header.profile {
+            Profile::AeadHmacSha256 { .. } => {
+                let sb = header_io::read_integrity_superblock(dev.path())?
+                    .ok_or(MappingError::MissingIntegritySuperblock)?;
+                sb.check(header.profile)?;
+                sb.provided_data_sectors
+            }
+            Profile::XtsOnly => crypt_only_sectors(dev.size_bytes()?),
+        };
+        let outcome = stack::open_stack(self.dm, &names, dev.path(), &header, data_sectors, &key)?;
+        // The loop device (if we attached one) stays attached while the mapping holds it; it detaches
+        // itself when the mapping is removed.
+        dev.keep_while_in_use()?;
+        Ok(OpenReport {
+            device: outcome.device().to_path_buf(),
+            uuid: header.uuid_string(),
+            already_open: matches!(outcome, OpenOutcome::AlreadyOpen(_)),
+            header,
+        })
+    }
+}
+
+/// The device-mapper name a volume gets when the operator names none: derived from its UUID, so the
+/// same volume always opens under the same name.
+pub fn default_name(volume_uuid: &str) -> Result<String, VolumeError> {
+    Ok(StackNames::for_volume(volume_uuid)?.crypt.to_string())
+}
+
+/// Closes /dev/mapper/`name` and its integrity device (no key needed). Returns false if nothing was open.
+pub fn close(dm: &dyn DeviceMapper, name: &str) -> Result<bool, VolumeError> {
+    let names = StackNames::new(name)?;
+    Ok(stack::close_stack(dm, &names)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dm::MemoryDm;
+    use crate::header::{Journal, SlotKind};
+    use crate::keys::{NONCE_LEN, SALT_LEN};
+    use crate::sealing::SimSource;
+
+    fn aead() -> Profile {
+        Profile::AeadHmacSha256 {
+            journal: Journal::Journal,
+        }
+    }
+
+    fn sealed(source: &dyn SealingSource) -> (Header, VolumeKey) {
+        let dm = MemoryDm::default();
+        let volumes = Volumes::new(&dm, source);
+        let mut header = Header::new([7; 16], aead(), FsKind::Ext4, 1);
+        let key = VolumeKey::generate(96).unwrap();
+        header.keyslots[2] = Some(volumes.seal_keyslot(&header, &key).unwrap());
+        (header, key)
+    }
+
+    #[test]
+    fn unseal_returns_the_sealed_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SimSource::open(dir.path(), "img-1").unwrap();
+        let (header, key) = sealed(&source);
+        // Through the on-disk encoding, as open does.
+        let header = Header::decode(&header.encode()).unwrap();
+        let dm = MemoryDm::default();
+        let (slot, unsealed) = Volumes::new(&dm, &source).unseal(&header).unwrap();
+        assert_eq!(slot, 2);
+        assert_eq!(unsealed.expose(), key.expose());
+    }
+
+    #[test]
+    fn another_identity_is_refused_as_wrong_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let (header, _) = sealed(&SimSource::open(dir.path(), "img-1").unwrap());
+        let other = SimSource::open(dir.path(), "img-2").unwrap();
+        let dm = MemoryDm::default();
+        let err = Volumes::new(&dm, &other).unseal(&header).unwrap_err();
+        assert!(
+            matches!(err, VolumeError::WrongIdentity { slots: 1, .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), Kind::WrongIdentity);
+    }
+
+    #[test]
+    fn altered_authenticated_fields_are_refused_as_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SimSource::open(dir.path(), "img-1").unwrap();
+        let (header, _) = sealed(&source);
+        let dm = MemoryDm::default();
+        let volumes = Volumes::new(&dm, &source);
+        let mut alterations: Vec<Header> = Vec::new();
+        let mut h = header.clone();
+        h.profile = Profile::AeadHmacSha256 {
+            journal: Journal::Direct,
+        };
+        alterations.push(h);
+        let mut h = header.clone();
+        h.uuid[15] ^= 1;
+        alterations.push(h);
+        let mut h = header.clone();
+        h.fs = FsKind::Xfs;
+        alterations.push(h);
+        let mut h = header.clone();
+        h.keyslots[2].as_mut().unwrap().created += 1;
+        alterations.push(h);
+        let mut h = header.clone();
+        h.keyslots[2].as_mut().unwrap().wrapped[5] ^= 1;
+        alterations.push(h);
+        for altered in alterations {
+            let err = volumes.unseal(&altered).unwrap_err();
+            assert!(
+                matches!(err, VolumeError::HeaderAuthentication { ref slots } if slots == &[2]),
+                "{err:?}"
+            );
+            assert_eq!(err.kind(), Kind::InvalidHeader);
+        }
+        // The sequence number is not authenticated: updates bump it without touching the slots.
+        let mut h = header.clone();
+        h.seqno = 99;
+        assert!(volumes.unseal(&h).is_ok());
+    }
+
+    #[test]
+    fn recovery_slots_are_skipped_by_unseal() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SimSource::open(dir.path(), "img-1").unwrap();
+        let (mut header, key) = sealed(&source);
+        // A recovery slot whose digest happens to equal this node's: unseal must not try it as sealed.
+        let mut escrow = header.keyslots[2].clone().unwrap();
+        escrow.kind = SlotKind::Recovery;
+        escrow.salt = [0; SALT_LEN];
+        escrow.nonce = [0; NONCE_LEN];
+        escrow.binding = vec![9; crate::header::RECOVERY_ENC_LEN];
+        header.keyslots[0] = Some(escrow);
+        let header = Header::decode(&header.encode()).unwrap();
+        let dm = MemoryDm::default();
+        let volumes = Volumes::new(&dm, &source);
+        let (slot, unsealed) = volumes.unseal(&header).unwrap();
+        assert_eq!((slot, unsealed.expose()), (2, key.expose()));
+        let mut only_escrow = header.clone();
+        only_escrow.keyslots[2] = None;
+        let err = volumes.unseal(&only_escrow).unwrap_err();
+        assert!(
+            matches!(err, VolumeError::WrongIdentity { slots: 1, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn an_erased_volume_has_no_keyslots() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SimSource::open(dir.path(), "img-1").unwrap();
+        let dm = MemoryDm::default();
+        let header = Header::new([7; 16], aead(), FsKind::Ext4, 1);
+        let err = Volumes::new(&dm, &source).unseal(&header).unwrap_err();
+        assert!(matches!(err, VolumeError::NoKeyslots));
+    }
+
+    #[test]
+    fn crypt_only_sectors_are_whole_blocks_after_the_header() {
+        assert_eq!(crypt_only_sectors(DATA_OFFSET + 4096 * 10 + 100), 80);
+    }
+
+    #[test]
+    fn fast_init_without_a_filesystem_is_an_invalid_argument() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SimSource::open(dir.path(), "img-1").unwrap();
+        let dm = MemoryDm::default();
+        let opts = FormatOptions {
+            profile: aead(),
+            fs: FsKind::None,
+            init: InitMode::Fast,
+            force: false,
+        };
+        let err = Volumes::new(&dm, &source)
+            .format(Path::new("/nonexistent"), &opts, &mut |_, _| {})
+            .unwrap_err();
+        assert_eq!(err.kind(), Kind::InvalidArgument);
+    }
+}
