@@ -24,12 +24,15 @@ use sealcsi::csi::proto::volume_capability::{
     AccessMode, AccessType, MountVolume, access_mode::Mode,
 };
 use sealcsi::csi::proto::*;
-use sealcsi::csi::{CsiError, Mode as PluginMode, PluginConfig, PluginDeps};
+use sealcsi::csi::{Mode as PluginMode, PluginConfig, PluginDeps};
 use sealcsi::dm::MemoryDm;
 use sealcsi::node::{MemoryEngine, MemoryMounter};
 use tokio::runtime::Runtime;
-use tokio::sync::oneshot;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
+
+#[path = "../tests/common/plugin.rs"]
+mod plugin;
+use plugin::{Served, serve};
 
 const MIB: i64 = 1 << 20;
 
@@ -40,30 +43,7 @@ fn tiny() -> bool {
 struct Plugin {
     _dir: tempfile::TempDir,
     work: PathBuf,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), CsiError>>>,
-    channel: Channel,
-}
-
-async fn connect(path: PathBuf) -> Channel {
-    for _ in 0..500 {
-        if tokio::net::UnixStream::connect(&path).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Endpoint::try_from("http://localhost")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connect")
+    served: Served,
 }
 
 impl Plugin {
@@ -86,36 +66,23 @@ impl Plugin {
             PluginMode::All,
             &state,
         );
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(sealcsi::csi::serve_until(config, deps, async move {
-            let _ = stopped.await;
-        }));
-        let channel = connect(socket).await;
         Plugin {
             _dir: dir,
             work,
-            stop: Some(stop),
-            task: Some(task),
-            channel,
+            served: serve(config, deps).await,
         }
     }
 
     fn controller(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.channel.clone())
+        self.served.controller()
     }
 
     fn node(&self) -> NodeClient<Channel> {
-        NodeClient::new(self.channel.clone())
+        self.served.node()
     }
 
     async fn stop(mut self) {
-        let _ = self.stop.take().expect("running").send(());
-        self.task
-            .take()
-            .expect("running")
-            .await
-            .expect("join")
-            .expect("serve");
+        self.served.stop().await.expect("serve");
     }
 }
 

@@ -24,9 +24,12 @@ use sealcsi::dm::{DeviceMapper, MemoryDm, memory::MemoryOp};
 use sealcsi::header::FsKind;
 use sealcsi::node::{MemoryEngine, MemoryMounter, Mounter, VolumeEngine};
 use sealcsi::volume::init::InitMode;
-use tokio::sync::oneshot;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
+
+#[path = "common/plugin.rs"]
+mod plugin;
+use plugin::{Served, serve};
 
 const MIB: i64 = 1 << 20;
 
@@ -38,30 +41,7 @@ struct Plugin {
     dm: Arc<MemoryDm>,
     engine: Arc<MemoryEngine>,
     mounter: Arc<MemoryMounter>,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), CsiError>>>,
-    channel: Channel,
-}
-
-async fn connect(path: PathBuf) -> Channel {
-    for _ in 0..500 {
-        if tokio::net::UnixStream::connect(&path).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
+    served: Served,
 }
 
 impl Plugin {
@@ -109,11 +89,7 @@ impl Plugin {
             &state,
         );
         config.metrics_address = metrics;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(sealcsi::csi::serve_until(config, deps, async move {
-            let _ = stopped.await;
-        }));
-        let channel = connect(socket.clone()).await;
+        let served = serve(config, deps).await;
         Plugin {
             _dir: Some(dir),
             state,
@@ -122,22 +98,20 @@ impl Plugin {
             dm,
             engine,
             mounter,
-            stop: Some(stop),
-            task: Some(task),
-            channel,
+            served,
         }
     }
 
     fn identity(&self) -> IdentityClient<Channel> {
-        IdentityClient::new(self.channel.clone())
+        self.served.identity()
     }
 
     fn controller(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.channel.clone())
+        self.served.controller()
     }
 
     fn node(&self) -> NodeClient<Channel> {
-        NodeClient::new(self.channel.clone())
+        self.served.node()
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -149,8 +123,7 @@ impl Plugin {
     }
 
     async fn stop(mut self) -> Result<(), CsiError> {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap()
+        self.served.stop().await
     }
 
     async fn create(&self, name: &str, bytes: i64, params: &[(&str, &str)]) -> Volume {
@@ -899,12 +872,12 @@ async fn unimplemented_rpcs_and_services() {
         ),
         Code::Unimplemented
     );
-    let mut g = group_controller_client::GroupControllerClient::new(p.channel.clone());
+    let mut g = group_controller_client::GroupControllerClient::new(p.served.channel.clone());
     let r = g
         .group_controller_get_capabilities(GroupControllerGetCapabilitiesRequest {})
         .await;
     assert_eq!(code(r), Code::Unimplemented);
-    let mut s = snapshot_metadata_client::SnapshotMetadataClient::new(p.channel.clone());
+    let mut s = snapshot_metadata_client::SnapshotMetadataClient::new(p.served.channel.clone());
     let r = s
         .get_metadata_allocated(GetMetadataAllocatedRequest::default())
         .await;
@@ -1920,19 +1893,8 @@ async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
         PluginMode::All,
         dir.path().join("state"),
     );
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(sealcsi::csi::serve_until(
-        config.clone(),
-        deps(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let channel = connect(socket.clone()).await;
-    IdentityClient::new(channel)
-        .probe(ProbeRequest {})
-        .await
-        .unwrap();
+    let mut served = serve(config.clone(), deps()).await;
+    served.identity().probe(ProbeRequest {}).await.unwrap();
     // A second plugin on the same live socket refuses to start.
     let second = sealcsi::csi::serve_until(config.clone(), deps(), std::future::pending()).await;
     assert!(matches!(second, Err(CsiError::Socket { .. })), "{second:?}");
@@ -1946,6 +1908,5 @@ async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
         sealcsi::csi::serve_until(bad, deps(), async {}).await,
         Err(CsiError::Config(_))
     ));
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    served.stop().await.unwrap();
 }

@@ -16,10 +16,9 @@ use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use sealcsi::csi::proto::controller_client::ControllerClient;
-use sealcsi::csi::proto::identity_client::IdentityClient;
 use sealcsi::csi::proto::node_client::NodeClient;
 use sealcsi::csi::proto::volume_capability::{
     AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
@@ -29,9 +28,12 @@ use sealcsi::csi::{Mode as PluginMode, PluginConfig, PluginDeps};
 use sealcsi::dm::{DeviceMapper, KernelDm};
 use sealcsi::sealing::SimSource;
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
+
+#[path = "common/plugin.rs"]
+mod plugin;
+use plugin::{Served, serve};
 
 const MIB: i64 = 1 << 20;
 const GIB: i64 = 1 << 30;
@@ -45,34 +47,11 @@ fn scratch(test: &str) -> PathBuf {
     dir
 }
 
-async fn connect(path: PathBuf) -> Channel {
-    for _ in 0..1000 {
-        if tokio::net::UnixStream::connect(&path).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Endpoint::try_from("http://localhost")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap()
-}
-
 /// A plugin serving in this process on the real kernel.
 struct Plugin {
     dir: PathBuf,
     state: PathBuf,
-    channel: Channel,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), sealcsi::csi::CsiError>>>,
+    served: Served,
 }
 
 impl Plugin {
@@ -90,25 +69,19 @@ impl Plugin {
             PluginMode::All,
             state,
         );
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(sealcsi::csi::serve_until(config, deps, async move {
-            let _ = stopped.await;
-        }));
         Plugin {
             dir: dir.to_path_buf(),
             state: state.to_path_buf(),
-            channel: connect(socket).await,
-            stop: Some(stop),
-            task: Some(task),
+            served: serve(config, deps).await,
         }
     }
 
     fn controller(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.channel.clone())
+        self.served.controller()
     }
 
     fn node(&self) -> NodeClient<Channel> {
-        NodeClient::new(self.channel.clone())
+        self.served.node()
     }
 
     fn backing(&self, id: &str) -> PathBuf {
@@ -214,8 +187,7 @@ impl Plugin {
     }
 
     async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap().unwrap();
+        self.served.stop().await.unwrap();
     }
 }
 
@@ -291,7 +263,9 @@ fn write_synced(path: &Path, data: &[u8]) {
 async fn guest_csi_filesystem_lifecycle_1gib_ext4() {
     let dir = scratch("lifecycle");
     let p = Plugin::start(&dir, &dir.join("state"), "node-a").await;
-    let probe = IdentityClient::new(p.channel.clone())
+    let probe = p
+        .served
+        .identity()
         .probe(ProbeRequest {})
         .await
         .unwrap()

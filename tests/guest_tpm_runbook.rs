@@ -14,22 +14,16 @@
 
 use std::cell::RefCell;
 use std::fs;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use serde_json::Value;
-use sha2::{Digest as _, Sha256};
-use tss_esapi::handles::PcrHandle;
-use tss_esapi::interface_types::algorithm::HashingAlgorithm;
-use tss_esapi::interface_types::session_handles::AuthSession;
-use tss_esapi::structures::{Digest, DigestValues, PcrSelectionListBuilder, PcrSlot};
-use tss_esapi::{Context, TctiNameConf};
 
 mod common;
 use common::{BIN, MIB, Out, p, run, sh};
+#[path = "common/swtpm.rs"]
+mod swtpm;
+use swtpm::Swtpm;
 
 const EXIT_WRONG_IDENTITY: i32 = 3;
 const EXIT_REFUSED: i32 = 6;
@@ -57,160 +51,22 @@ fn ensure_loopback() {
     }
 }
 
-/// A port P such that P and P+1 are both free (the swtpm TCTI uses P for commands, P+1 for control).
-fn free_port_pair() -> u16 {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
+/// The node's TPM, with the guest's loopback up (swtpm listens on 127.0.0.1).
+fn node_tpm(state: &Path) -> Swtpm {
+    assert!(
+        swtpm::installed_or_allowed_skip(),
+        "the guest runbook needs swtpm"
+    );
+    ensure_loopback();
+    Swtpm::start(state)
 }
 
-fn pcr_handle(pcr: u8) -> PcrHandle {
-    match pcr {
-        0 => PcrHandle::Pcr0,
-        2 => PcrHandle::Pcr2,
-        4 => PcrHandle::Pcr4,
-        7 => PcrHandle::Pcr7,
-        other => panic!("no handle for PCR {other} in this test"),
+/// Boots an image: a power cycle, then its event log extended into the PCRs, as firmware would.
+fn boot(tpm: &mut Swtpm, events: &[(u8, [u8; 32])]) {
+    tpm.power_cycle();
+    for (pcr, digest) in events {
+        tpm.extend(*pcr, *digest);
     }
-}
-
-/// The node's TPM: a swtpm process on a persistent state directory; killed and reaped on drop.
-struct Swtpm {
-    child: Option<Child>,
-    state: PathBuf,
-    port: u16,
-}
-
-impl Swtpm {
-    fn new(state: &Path) -> Self {
-        assert!(
-            Command::new("swtpm")
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok(),
-            "swtpm is not installed on the host (apt-get install swtpm swtpm-tools; tests/install-deps.sh)"
-        );
-        fs::create_dir_all(state).unwrap();
-        ensure_loopback();
-        Self {
-            child: None,
-            state: state.to_owned(),
-            port: 0,
-        }
-    }
-
-    fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-    }
-
-    /// A power cycle: stops swtpm (SIGKILL: a power cut; swtpm keeps seeds and NV in its state
-    /// directory as they change) and starts it again on the same state, PCRs reset to zero.
-    fn power_cycle(&mut self) {
-        self.stop();
-        for _ in 0..5 {
-            let port = free_port_pair();
-            let mut child = Command::new("swtpm")
-                .arg("socket")
-                .arg("--tpmstate")
-                .arg(format!("dir={}", self.state.display()))
-                .arg("--tpm2")
-                .args([
-                    "--server",
-                    &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-                ])
-                .args([
-                    "--ctrl",
-                    &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
-                ])
-                .args(["--flags", "not-need-init,startup-clear"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("spawning swtpm");
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if let Some(status) = child.try_wait().unwrap() {
-                    eprintln!("swtpm exited early ({status}), retrying on other ports");
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok()
-                    && TcpStream::connect(("127.0.0.1", port + 1)).is_ok()
-                {
-                    self.child = Some(child);
-                    self.port = port;
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("swtpm did not start");
-    }
-
-    /// Boots an image: a power cycle, then its event log extended into the PCRs, as firmware would.
-    fn boot(&mut self, events: &[(u8, [u8; 32])]) {
-        self.power_cycle();
-        let mut ctx = self.context();
-        for (pcr, digest) in events {
-            let mut values = DigestValues::new();
-            values.set(
-                HashingAlgorithm::Sha256,
-                Digest::try_from(digest.to_vec()).unwrap(),
-            );
-            ctx.execute_with_session(Some(AuthSession::Password), |ctx| {
-                ctx.pcr_extend(pcr_handle(*pcr), values)
-            })
-            .unwrap();
-        }
-    }
-
-    /// The current value of one PCR of the SHA-256 bank (TPM2_PCR_Read, as `tpm2_pcrread` does).
-    fn read(&self, pcr: u8) -> [u8; 32] {
-        let slot = PcrSlot::try_from(1u32 << pcr).unwrap();
-        let list = PcrSelectionListBuilder::new()
-            .with_selection(HashingAlgorithm::Sha256, &[slot])
-            .build()
-            .unwrap();
-        let (_, _, digests) = self
-            .context()
-            .execute_without_session(|ctx| ctx.pcr_read(list))
-            .unwrap();
-        assert_eq!(digests.len(), 1, "PCR {pcr} has no sha256 value");
-        digests.value()[0].value().try_into().unwrap()
-    }
-
-    fn context(&self) -> Context {
-        Context::new(TctiNameConf::from_str(&self.tcti()).unwrap()).unwrap()
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// One extend: new = SHA-256(old ‖ event digest).
-fn extend(old: [u8; 32], event: [u8; 32]) -> [u8; 32] {
-    Sha256::new()
-        .chain_update(old)
-        .chain_update(event)
-        .finalize()
-        .into()
 }
 
 /// The node: its TPM, its sealcsi state directory, the disk, and what it opened and mounted.
@@ -244,7 +100,7 @@ impl Node {
             .trim()
             .to_owned();
         Node {
-            tpm: Swtpm::new(&dir.join("swtpm")),
+            tpm: node_tpm(&dir.join("swtpm")),
             state: dir.join("state"),
             dir,
             disk,
@@ -370,7 +226,7 @@ fn guest_tpm_runbook_image_upgrade_with_preauthorized_pcrs() {
     let wrong_image: Vec<(u8, [u8; 32])> = OLD_IMAGE.iter().copied().chain([WRONG_EVENT]).collect();
 
     // The node runs the old image; its volume is sealed to the old image's PCR values.
-    node.tpm.boot(OLD_IMAGE);
+    boot(&mut node.tpm, OLD_IMAGE);
     node.sealcsi(&["volume", "format", &node.disk]).ok();
     let mnt = node.mount("fmt");
     fs::write(mnt.join("marker"), "before the upgrade").unwrap();
@@ -394,7 +250,7 @@ fn guest_tpm_runbook_image_upgrade_with_preauthorized_pcrs() {
         .iter()
         .map(|&(pcr, value)| {
             if pcr == NEW_EVENT.0 {
-                (pcr, extend(value, NEW_EVENT.1))
+                (pcr, swtpm::extended(value, NEW_EVENT.1))
             } else {
                 (pcr, value)
             }
@@ -402,7 +258,7 @@ fn guest_tpm_runbook_image_upgrade_with_preauthorized_pcrs() {
         .collect();
     assert_eq!(
         old_values[3].1,
-        extend([0; 32], OLD_IMAGE[1].1),
+        swtpm::extended([0; 32], OLD_IMAGE[1].1),
         "PCR 7 of the old image: one extend from zero"
     );
     let spec = predicted
@@ -446,15 +302,15 @@ fn guest_tpm_runbook_image_upgrade_with_preauthorized_pcrs() {
 
     // Step 4's failure branch first: an image whose PCRs were not predicted cannot open the volume
     // (exit 3); booting the old image again loses nothing.
-    node.tpm.boot(&wrong_image);
+    boot(&mut node.tpm, &wrong_image);
     assert_eq!(node.slots()["this_node_slot"], Value::Null);
     node.assert_cannot_open();
-    node.tpm.boot(OLD_IMAGE);
+    boot(&mut node.tpm, OLD_IMAGE);
     assert_eq!(node.slots()["this_node_slot"], Value::from(old_slot));
     node.assert_data("before the upgrade");
 
     // Step 3: drain (nothing is open) and reboot into the new image; the PCRs hold the prediction.
-    node.tpm.boot(&new_image);
+    boot(&mut node.tpm, &new_image);
     assert_eq!(node.pcr_values(), predicted);
 
     // Step 4, on the new image: `volume slots` shows this_node_slot not null (the pre-authorized slot),
@@ -511,7 +367,7 @@ fn guest_tpm_runbook_image_upgrade_with_preauthorized_pcrs() {
     node.assert_data("after the upgrade");
 
     // A reboot into the old image (PCRs back to its values): it is no longer authorized.
-    node.tpm.boot(OLD_IMAGE);
+    boot(&mut node.tpm, OLD_IMAGE);
     assert_eq!(node.pcr_values(), old_values);
     assert_eq!(node.slots()["this_node_slot"], Value::Null);
     let denied = node.assert_cannot_open();
@@ -520,7 +376,7 @@ fn guest_tpm_runbook_image_upgrade_with_preauthorized_pcrs() {
         .exit(EXIT_WRONG_IDENTITY);
 
     // The new image, after another power cycle, still opens.
-    node.tpm.boot(&new_image);
+    boot(&mut node.tpm, &new_image);
     assert_eq!(node.slots()["this_node_slot"], Value::from(1));
     node.assert_data("after the upgrade");
 }

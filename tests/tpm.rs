@@ -1,21 +1,12 @@
 //! The TPM 2.0 sealing source against a real software TPM: each test starts its own `swtpm` on free local
 //! ports with a private state directory, and stops it at the end. Runs on any host with `swtpm` installed
-//! (no kernel device needed); without it every test prints a note and passes, so CI must install it
-//! (tests/install-deps.sh does).
+//! (no kernel device needed); without it every test fails, unless `SEALCSI_ALLOW_SKIP=tpm` says to skip
+//! (CI never sets it; tests/install-deps.sh installs swtpm).
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
-use tss_esapi::handles::PcrHandle;
-use tss_esapi::interface_types::algorithm::HashingAlgorithm;
-use tss_esapi::interface_types::session_handles::AuthSession;
-use tss_esapi::structures::{Digest, DigestValues};
-use tss_esapi::{Context, TctiNameConf};
 
 use sealcsi::dm::MemoryDm;
 use sealcsi::error::{Classify, Kind};
@@ -25,138 +16,17 @@ use sealcsi::sealing::tpm::{self, PcrBank, PcrSelection, TpmBinding, TpmSource};
 use sealcsi::sealing::{SealError, SealingSource, SourceOptions, TeeChoice};
 use sealcsi::volume::{VolumeError, Volumes};
 
-/// A running swtpm; killed and reaped on drop.
-struct Swtpm {
-    child: Option<Child>,
-    state: PathBuf,
-    port: u16,
-}
+#[path = "common/swtpm.rs"]
+mod swtpm;
+use swtpm::Swtpm;
 
-fn swtpm_installed() -> bool {
-    Command::new("swtpm")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-/// A port P such that P and P+1 are both free (the swtpm TCTI uses P for commands, P+1 for control).
-fn free_port_pair() -> u16 {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = a.local_addr().unwrap().port();
-        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return port;
-        }
-    }
-}
-
-impl Swtpm {
-    /// Starts swtpm on a fresh state directory, or returns None (with a note) if swtpm is not installed.
-    fn start(state: &Path) -> Option<Self> {
-        if !swtpm_installed() {
-            eprintln!(
-                "NOTE: swtpm is not installed: skipping the TPM test (apt-get install swtpm swtpm-tools)"
-            );
-            return None;
-        }
-        let mut tpm = Self {
-            child: None,
-            state: state.to_owned(),
-            port: 0,
-        };
-        tpm.restart();
-        Some(tpm)
-    }
-
-    fn tcti(&self) -> String {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-    }
-
-    /// Stops swtpm (if running) and starts it again on the same state: a power cycle, PCRs reset.
-    fn restart(&mut self) {
-        self.stop();
-        for _ in 0..5 {
-            let port = free_port_pair();
-            let mut child = Command::new("swtpm")
-                .arg("socket")
-                .arg("--tpmstate")
-                .arg(format!("dir={}", self.state.display()))
-                .arg("--tpm2")
-                .args([
-                    "--server",
-                    &format!("type=tcp,port={port},bindaddr=127.0.0.1"),
-                ])
-                .args([
-                    "--ctrl",
-                    &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1),
-                ])
-                .args(["--flags", "not-need-init,startup-clear"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("spawning swtpm");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Some(status) = child.try_wait().unwrap() {
-                    eprintln!("swtpm exited early ({status}), retrying on other ports");
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok()
-                    && TcpStream::connect(("127.0.0.1", port + 1)).is_ok()
-                {
-                    self.child = Some(child);
-                    self.port = port;
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("swtpm did not start");
-    }
-
-    fn stop(&mut self) {
-        // SIGKILL is a power cut: swtpm writes its permanent state (seeds, NV) as it changes.
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn context(&self) -> Context {
-        Context::new(TctiNameConf::from_str(&self.tcti()).unwrap()).unwrap()
-    }
-
-    /// TPM2_PCR_Extend(pcr, SHA-256 bank, digest).
-    fn extend(&self, pcr: PcrHandle, digest: [u8; 32]) {
-        let mut values = DigestValues::new();
-        values.set(
-            HashingAlgorithm::Sha256,
-            Digest::try_from(digest.to_vec()).unwrap(),
-        );
-        self.context()
-            .execute_with_session(Some(AuthSession::Password), |ctx| {
-                ctx.pcr_extend(pcr, values)
-            })
-            .unwrap();
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A fresh swtpm plus a sealcsi state directory, or None when swtpm is missing.
+/// A fresh swtpm plus a sealcsi state directory; None only when a missing swtpm may be skipped.
 fn setup() -> Option<(tempfile::TempDir, Swtpm, PathBuf)> {
+    if !swtpm::installed_or_allowed_skip() {
+        return None;
+    }
     let dir = tempfile::tempdir().unwrap();
-    let tpm_state = dir.path().join("swtpm");
-    std::fs::create_dir(&tpm_state).unwrap();
-    let tpm = Swtpm::start(&tpm_state)?;
+    let tpm = Swtpm::start(&dir.path().join("swtpm"));
     let state = dir.path().join("sealcsi");
     Some((dir, tpm, state))
 }
@@ -280,7 +150,7 @@ fn tpm_changed_pcr_refuses_the_volume_and_a_reboot_restores_it() {
     assert_eq!((slot, unsealed.expose()), (0, key.expose()));
 
     // A different boot: PCR 7 (secure-boot state) changes.
-    tpm.extend(PcrHandle::Pcr7, EVENT);
+    tpm.extend(7, EVENT);
     let binding = header.keyslots[0].as_ref().unwrap().binding.clone();
     let err = source.secret(&binding).unwrap_err();
     assert!(
@@ -305,7 +175,7 @@ fn tpm_changed_pcr_refuses_the_volume_and_a_reboot_restores_it() {
     assert_ne!(changed.default_binding(), source.default_binding());
 
     // Power cycle: PCRs back to their boot values; the owner seed survived in swtpm's state.
-    tpm.restart();
+    tpm.power_cycle();
     let rebooted = open(&state, &tpm);
     assert_eq!(rebooted.default_binding(), source.default_binding());
     let (_, unsealed) = Volumes::new(&dm, &rebooted).unseal(&header).unwrap();
@@ -365,7 +235,7 @@ fn tpm_preauthorized_pcr_values_unseal_after_the_change_and_the_old_ones_do_not(
     assert_eq!(slot, 0);
 
     // Boot the "new image": PCR 7 takes the value that was pre-authorized.
-    tpm.extend(PcrHandle::Pcr7, EVENT);
+    tpm.extend(7, EVENT);
     assert_eq!(source.secret(&binding).unwrap().digest(), pre_digest);
     assert!(matches!(
         source.secret(&source.default_binding()),

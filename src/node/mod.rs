@@ -79,6 +79,27 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> NodeError {
     move |source| NodeError::Io { context, source }
 }
 
+/// An unstage or unpublish that found neither a record nor anything to undo names no volume here.
+fn unknown_unless(found: bool, volume_id: &VolumeId) -> Result<(), NodeError> {
+    if found {
+        Ok(())
+    } else {
+        Err(NodeError::NotFound(format!(
+            "volume {volume_id} does not exist"
+        )))
+    }
+}
+
+/// The metadata of a volume path the CO named (NOT_FOUND when there is nothing there).
+fn volume_path_metadata(volume_path: &Path) -> Result<fs::Metadata, NodeError> {
+    fs::metadata(volume_path).map_err(|_| {
+        NodeError::NotFound(format!(
+            "volume path {} does not exist",
+            volume_path.display()
+        ))
+    })
+}
+
 /// Usage of a published volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Usage {
@@ -293,12 +314,7 @@ impl NodeCore {
             }
             Err(e) => return Err(e.into()),
         }
-        if !known && !acted {
-            return Err(NodeError::NotFound(format!(
-                "volume {volume_id} does not exist"
-            )));
-        }
-        Ok(())
+        unknown_unless(known || acted, volume_id)
     }
 
     /// Bind-mounts the staged volume (filesystem) or its device node (block) at `target`.
@@ -406,12 +422,7 @@ impl NodeCore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(format!("removing {}", target.display()))(e)),
         }
-        if !known && !acted {
-            return Err(NodeError::NotFound(format!(
-                "volume {volume_id} does not exist"
-            )));
-        }
-        Ok(())
+        unknown_unless(known || acted, volume_id)
     }
 
     /// Usage and health of the volume published (or staged) at `volume_path`.
@@ -422,12 +433,7 @@ impl NodeCore {
     ) -> Result<VolumeStats, NodeError> {
         let vol = self.volume(volume_id)?;
         let dm = volume_id.stack_names().crypt.to_string();
-        let meta = fs::metadata(volume_path).map_err(|_| {
-            NodeError::NotFound(format!(
-                "volume path {} does not exist",
-                volume_path.display()
-            ))
-        })?;
+        let meta = volume_path_metadata(volume_path)?;
         if self.mounter.mounted_at(volume_path)?.is_none() {
             return Err(NodeError::NotFound(format!(
                 "volume {volume_id} is not mounted at {}",
@@ -485,12 +491,7 @@ impl NodeCore {
     ) -> Result<u64, NodeError> {
         let vol = self.volume(volume_id)?;
         let dm = volume_id.stack_names().crypt.to_string();
-        let meta = fs::metadata(volume_path).map_err(|_| {
-            NodeError::NotFound(format!(
-                "volume path {} does not exist",
-                volume_path.display()
-            ))
-        })?;
+        let meta = volume_path_metadata(volume_path)?;
         let device = self.engine.open_device(&dm)?.ok_or_else(|| {
             NodeError::FailedPrecondition(format!("volume {volume_id} is not staged on this node"))
         })?;

@@ -1,8 +1,6 @@
 //! What size a volume gets: the minimums, the rounding, and the capacity range of a CSI request. The
 //! controller sizes new volumes with it and the node sizes expansions, so it lives with the store.
 
-use std::path::Path;
-
 use super::StoreError;
 use super::params::VolumeParams;
 use crate::header::{FsKind, Integrity};
@@ -84,15 +82,6 @@ pub fn size_for_range_min(
         )));
     }
     Ok(size)
-}
-
-/// Free bytes (for unprivileged users) of the filesystem holding `path`.
-pub fn free_bytes(path: &Path) -> Result<u64, StoreError> {
-    let st = nix::sys::statvfs::statvfs(path).map_err(|e| StoreError::Io {
-        context: format!("statvfs {}", path.display()),
-        source: e.into(),
-    })?;
-    Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
 }
 
 #[cfg(test)]

@@ -433,13 +433,14 @@ mod tests {
             line.target.params().as_str(),
             "/dev/loop0 2048 48 J 2 fix_padding block_size:4096"
         );
+        let keyring = || CryptKey::Keyring {
+            description: "sealcsi:x".into(),
+        };
         let crypt = crypt_line(
             Path::new("/dev/mapper/v-integrity"),
             &header,
             2000,
-            CryptKey::Keyring {
-                description: "sealcsi:x".into(),
-            },
+            keyring(),
         )
         .unwrap();
         assert_eq!(
@@ -449,15 +450,7 @@ mod tests {
         );
         let xts = Header::new([1; 16], Profile::XtsOnly, FsKind::Ext4, 0);
         assert!(integrity_line(Path::new("/dev/loop0"), &xts, 2000).is_none());
-        let crypt = crypt_line(
-            Path::new("/dev/loop0"),
-            &xts,
-            2000,
-            CryptKey::Keyring {
-                description: "sealcsi:x".into(),
-            },
-        )
-        .unwrap();
+        let crypt = crypt_line(Path::new("/dev/loop0"), &xts, 2000, keyring()).unwrap();
         assert_eq!(
             crypt.target.params().as_str(),
             "aes-xts-plain64 :64:logon:sealcsi:x 0 /dev/loop0 2048 3 sector_size:4096 no_read_workqueue \
