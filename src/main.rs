@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
@@ -67,14 +68,14 @@ struct Global {
     tpm_pcrs: Option<sealing::PcrSelection>,
     /// The TPM is inside the TEE (an SVSM or paravisor vTPM, not one the host emulates): lets --tee auto
     /// use it on a confidential VM.
-    #[arg(long, env = "SEALCSI_TPM_TRUSTED", global = true)]
+    #[arg(long, env = "SEALCSI_TPM_TRUSTED", global = true, value_parser = BoolishValueParser::new())]
     tpm_trusted: bool,
     /// For --tee snp (or auto): what new keyslots bind to: strict or strict+tcb [default: strict].
     #[arg(long, env = "SEALCSI_SNP_POLICY", global = true)]
     snp_policy: Option<sealing::SnpPolicy>,
     /// INSECURE, for moving data off old volumes only: unseal legacy SNP `upgradable` keyslots. This
     /// trusts the host (docs/keys.md).
-    #[arg(long, env = "SEALCSI_SNP_ALLOW_LEGACY_UPGRADABLE", global = true)]
+    #[arg(long, env = "SEALCSI_SNP_ALLOW_LEGACY_UPGRADABLE", global = true, value_parser = BoolishValueParser::new())]
     snp_allow_legacy_upgradable: bool,
     /// Log verbosity (tracing filter), e.g. info or sealcsi=debug.
     #[arg(long, env = "SEALCSI_LOG", default_value = "warn", global = true)]

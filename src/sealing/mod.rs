@@ -251,9 +251,8 @@ pub fn open_source(
     choice: TeeChoice,
     opts: &SourceOptions,
 ) -> Result<Box<dyn SealingSource>, SealError> {
-    let selection = select(choice, opts).inspect_err(|e| {
-        tracing::error!(tee = ?choice, "no sealing source: {e}");
-    })?;
+    // A refusal is not logged here: it is the caller's error, printed once.
+    let selection = select(choice, opts)?;
     let inner: Box<dyn SealingSource> = match selection.kind {
         SourceKind::Sim => Box::new(SimSource::open(
             &opts.state_dir,
