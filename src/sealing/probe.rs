@@ -18,8 +18,8 @@
 
 use std::path::PathBuf;
 
-/// The SEV-SNP guest device (also the SNP source's device).
-pub const SEV_GUEST: &str = "/dev/sev-guest";
+/// The SEV-SNP guest device (the SNP source's device).
+pub const SEV_GUEST: &str = super::snp::SEV_GUEST_DEVICE;
 /// The TDX guest device.
 pub const TDX_GUEST: &str = "/dev/tdx_guest";
 /// The configfs-tsm report directory.
@@ -27,7 +27,7 @@ pub const TSM_REPORT: &str = "/sys/kernel/config/tsm/report";
 /// Where CPU flags are listed.
 pub const CPUINFO: &str = "/proc/cpuinfo";
 /// The kernel's TPM resource manager (the TPM source's default device).
-pub const TPM_DEVICE: &str = "/dev/tpmrm0";
+pub const TPM_DEVICE: &str = super::tpm::DEFAULT_DEVICE;
 
 /// Probes under a root directory (`/` on a real node).
 #[derive(Debug, Clone, PartialEq, Eq)]
