@@ -18,7 +18,7 @@ pub(crate) enum KeyslotCommand {
     /// Idempotent.
     AddSlot {
         device: PathBuf,
-        /// current | sim:<identity> | tpm-pcrs:<bank>:<idx>=<hex>,... | snp:strict | snp:upgradable[:svn=N]
+        /// current | sim:<identity> | tpm-pcrs:<bank>:<idx>=<hex>,... | snp:strict | snp:strict+tcb
         #[arg(long = "for", value_name = "TARGET")]
         target: Target,
     },

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
@@ -63,10 +64,17 @@ pub(crate) struct Global {
     /// For --tee tpm (or auto): the PCRs new keyslots are sealed to [default: sha256:0,2,4,7].
     #[arg(long, env = "SEALCSI_TPM_PCRS", global = true)]
     tpm_pcrs: Option<sealing::PcrSelection>,
-    /// For --tee snp (or auto): what new keyslots bind to: strict, upgradable or upgradable:svn=N
-    /// [default: strict].
+    /// The TPM is inside the TEE (an SVSM or paravisor vTPM, not one the host emulates): lets --tee auto
+    /// use it on a confidential VM.
+    #[arg(long, env = "SEALCSI_TPM_TRUSTED", global = true, value_parser = BoolishValueParser::new())]
+    tpm_trusted: bool,
+    /// For --tee snp (or auto): what new keyslots bind to: strict or strict+tcb [default: strict].
     #[arg(long, env = "SEALCSI_SNP_POLICY", global = true)]
     snp_policy: Option<sealing::SnpPolicy>,
+    /// INSECURE, for moving data off old volumes only: unseal legacy SNP `upgradable` keyslots. This
+    /// trusts the host (docs/keys.md).
+    #[arg(long, env = "SEALCSI_SNP_ALLOW_LEGACY_UPGRADABLE", global = true, value_parser = BoolishValueParser::new())]
+    snp_allow_legacy_upgradable: bool,
     /// Log verbosity (tracing filter), e.g. info or sealcsi=debug.
     #[arg(long, env = "SEALCSI_LOG", default_value = "warn", global = true)]
     log: String,
@@ -189,7 +197,10 @@ pub(crate) fn open_source(global: &Global) -> anyhow::Result<Box<dyn SealingSour
         sim_identity: global.sim_identity.clone(),
         tpm_tcti: global.tpm_tcti.clone(),
         tpm_pcrs: global.tpm_pcrs.clone(),
+        tpm_trusted: global.tpm_trusted,
         snp_policy: global.snp_policy,
+        snp_allow_legacy_upgradable: global.snp_allow_legacy_upgradable,
+        probe: sealing::Probe::host(),
     };
     let source = sealing::open_source(global.tee, &opts).map_err(VolumeError::from)?;
     if source.is_simulated() {

@@ -521,12 +521,14 @@ mod tests {
         let fx = Fixture::new();
         let a = fx.sim("A");
         let snp = SnpSource::with_device(
-            SnpPolicy::Upgradable { min_guest_svn: 4 },
+            SnpPolicy::StrictTcb,
             Box::new(FakeSnpDevice {
-                launch: b"family-1".to_vec(),
+                launch: b"image-1".to_vec(),
+                committed_tcb: 4,
                 ..Default::default()
             }),
-        );
+        )
+        .unwrap();
         add_slot(&fx.volumes(&a), &fx.dev, &snp, None).unwrap();
         let (public, _) = recovery_keygen();
         add_recovery(&fx.volumes(&a), &fx.dev, &public).unwrap();
@@ -541,9 +543,9 @@ mod tests {
         );
         assert_eq!(json[1]["source"], "snp");
         assert_eq!(json[1]["decoded"]["type"], "snp");
-        assert_eq!(json[1]["decoded"]["policy"], "upgradable:svn=4");
-        assert_eq!(json[1]["decoded"]["guest_field_select"], "0x17");
-        assert_eq!(json[1]["decoded"]["guest_svn"], 4);
+        assert_eq!(json[1]["decoded"]["policy"], "strict+tcb");
+        assert_eq!(json[1]["decoded"]["guest_field_select"], "0x29");
+        assert_eq!(json[1]["decoded"]["tcb_version"], 4);
         assert_eq!(json[2]["kind"], "recovery");
         assert_eq!(json[2]["source"], serde_json::Value::Null);
         assert_eq!(
@@ -577,12 +579,13 @@ mod tests {
                     ..Default::default()
                 }),
             )
+            .unwrap()
         };
         let strict = snp(b"image-1", SnpPolicy::Strict);
         add_slot(&fx.volumes(&a), &fx.dev, &strict, None).unwrap();
         fx.assert_opens(&strict);
         // The same node with the other default policy still opens the strict slot.
-        fx.assert_opens(&snp(b"image-1", SnpPolicy::Upgradable { min_guest_svn: 0 }));
+        fx.assert_opens(&snp(b"image-1", SnpPolicy::StrictTcb));
         assert!(fx.unseal_as(&snp(b"image-2", SnpPolicy::Strict)).is_err());
     }
 
@@ -923,18 +926,15 @@ mod tests {
             ("sim:img-2", Target::Sim("img-2".into())),
             ("sim:a:b", Target::Sim("a:b".into())),
             ("snp:strict", Target::Snp(SnpPolicy::Strict)),
-            (
-                "snp:upgradable",
-                Target::Snp(SnpPolicy::Upgradable { min_guest_svn: 0 }),
-            ),
-            (
-                "snp:upgradable:svn=3",
-                Target::Snp(SnpPolicy::Upgradable { min_guest_svn: 3 }),
-            ),
+            ("snp:strict+tcb", Target::Snp(SnpPolicy::StrictTcb)),
         ] {
             let parsed = Target::parse(text).unwrap();
             assert_eq!(parsed, expected, "{text}");
             assert_eq!(parsed.to_string(), text);
+        }
+        for removed in ["snp:upgradable", "snp:upgradable:svn=3"] {
+            let err = Target::parse(removed).unwrap_err();
+            assert!(err.to_string().contains("removed"), "{err}");
         }
         let text = format!("tpm-pcrs:sha256:7={sha256},0={sha256}");
         let parsed = Target::parse(&text).unwrap();

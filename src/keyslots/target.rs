@@ -18,7 +18,7 @@ use crate::volume::Volumes;
 ///   string (development and tests: "another image");
 /// - `tpm-pcrs:<bank>:<idx>=<hex>[,<idx>=<hex>...]`: the TPM, for expected PCR values (the grammar and
 ///   the banks are the TPM module's: `sealing::tpm::parse_expected_pcrs`, sha256 today);
-/// - `snp:strict`, `snp:upgradable[:svn=N]`: this SEV-SNP guest, under the named policy.
+/// - `snp:strict`, `snp:strict+tcb`: this SEV-SNP guest, under the named policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Current,
@@ -40,7 +40,7 @@ impl Target {
         let (scheme, rest) = text.split_once(':').ok_or_else(|| {
             bad(
                 "expected current, sim:<identity>, tpm-pcrs:<bank>:<idx>=<hex>,... or \
-                 snp:strict|upgradable[:svn=N]"
+                 snp:strict|strict+tcb"
                     .into(),
             )
         })?;

@@ -1,18 +1,27 @@
 //! The AMD SEV-SNP sealing source: a key derived by the AMD Secure Processor (`MSG_KEY_REQ`, reached
 //! through the guest driver's `SNP_GET_DERIVED_KEY` ioctl on `/dev/sev-guest`).
 //!
-//! **Not yet run on SEV-SNP hardware.** The request and response layouts, the ioctl number and the
-//! field-select bits are checked by unit tests against the kernel's `include/uapi/linux/sev-guest.h` and
-//! the SEV-SNP firmware ABI; the device itself is only exercised through [`FakeSnpDevice`].
+//! **Not yet run on SEV-SNP hardware.** The request and response layouts, the ioctl numbers and the
+//! field-select and key-select bits are checked by unit tests against the kernel's
+//! `include/uapi/linux/sev-guest.h` and the SEV-SNP firmware ABI (`MSG_KEY_REQ`, `MSG_REPORT_REQ`,
+//! `ATTESTATION_REPORT`); the device itself is only exercised through [`FakeSnpDevice`].
 //!
-//! The firmware derives a 32-byte key from the chip's VCEK (never the VMRK: that key is chosen by the
-//! host's migration agent) mixed with the launch fields selected by `guest_field_select`. Two named
-//! policies decide which fields a new keyslot binds to (docs/keys.md):
+//! The firmware derives a 32-byte key from the chip's VCEK (`ROOT_KEY_SELECT` 0, never the VMRK: that
+//! key is chosen by the host's migration agent; `KEY_SEL` 1, never a VLEK: a VLEK is shared across a
+//! cloud provider's fleet) mixed with the launch fields selected by `guest_field_select`. Every policy
+//! binds the launch MEASUREMENT: the firmware accepts whatever ID block (and ID key) the host supplies at
+//! launch and the derived-key request cannot select the ID-key digest, so any binding without the
+//! measurement (family ID, image ID, guest SVN) is a key the host can derive with an image of its own.
+//! Named policies (docs/keys.md):
 //!
 //! - `strict`: measurement + guest policy. Any change of the launch image breaks it.
-//! - `upgradable`: family ID + image ID + guest SVN + guest policy. Any image whose ID block, signed by
-//!   the same ID key, carries the same family and image IDs and a guest SVN at least the recorded one
-//!   derives the same key.
+//! - `strict+tcb`: measurement + guest policy + the platform's committed TCB version at sealing time:
+//!   firmware whose committed TCB is below it (older, vulnerable firmware) cannot derive the key.
+//!
+//! Version-1 bindings (before KEY_SEL was set) are still decoded: `strict` ones open (the request is
+//! repeated exactly as recorded, KEY_SEL 0); the removed `upgradable` ones are listed but refused at
+//! unseal unless the operator opts in ([`SnpSource::allow_legacy_upgradable`]), because the host can
+//! mint such a slot for a volume key of its choosing.
 //!
 //! The binding records the whole request, so the same request is repeated at unseal. The secret handed
 //! to the key hierarchy is `HKDF-SHA256(ikm = derived key, info = "sealcsi/v1/snp-secret" || binding)`.
@@ -33,7 +42,7 @@ use crate::sealing::{SealError, SealingSource, SourceKind};
 /// The guest driver's device node.
 pub const SEV_GUEST_DEVICE: &str = "/dev/sev-guest";
 
-/// `guest_field_select` bits (SEV-SNP firmware ABI, `MSG_KEY_REQ`).
+/// `guest_field_select` bits (SEV-SNP firmware ABI, `MSG_KEY_REQ` offset 08h).
 pub mod field {
     pub const GUEST_POLICY: u64 = 1 << 0;
     pub const IMAGE_ID: u64 = 1 << 1;
@@ -43,9 +52,23 @@ pub mod field {
     pub const TCB_VERSION: u64 = 1 << 5;
 }
 
-/// `root_key_select` 0: the VCEK (chip-unique, versioned). 1 would be the VMRK, which sealcsi never uses.
-const ROOT_KEY_VCEK: u32 = 0;
-/// The `msg_version` the kernel requires to be non-zero; version 1 of the guest message format.
+/// The first 32-bit word of `MSG_KEY_REQ` (the uapi's `root_key_select`): `ROOT_KEY_SELECT` in bit 0,
+/// `KEY_SEL` in bits 2:1.
+pub mod key_select {
+    /// `ROOT_KEY_SELECT` = 1 would derive from the VMRK (chosen by the migration agent): never used.
+    pub const ROOT_KEY_VMRK: u32 = 1 << 0;
+    /// `KEY_SEL` = 0: the VLEK if the host installed one, otherwise the VCEK. Only in legacy bindings.
+    pub const KEY_SEL_VLEK_IF_INSTALLED: u32 = 0 << 1;
+    /// `KEY_SEL` = 1: the VCEK, whatever the host installed.
+    pub const KEY_SEL_VCEK: u32 = 1 << 1;
+    /// `KEY_SEL` = 2: the VLEK (shared across a provider's fleet): never used.
+    pub const KEY_SEL_VLEK: u32 = 2 << 1;
+    /// The word every current binding sends: VCEK root, KEY_SEL = VCEK.
+    pub const VCEK: u32 = KEY_SEL_VCEK;
+}
+
+/// The `msg_version` the kernel requires to be non-zero; version 1 of the guest message format (the
+/// 32-byte `MSG_KEY_REQ` of include/uapi/linux/sev-guest.h; version 2 adds LAUNCH_MIT_VECTOR, unused).
 const MSG_VERSION: u8 = 1;
 /// Bytes of `struct snp_derived_key_req` and of the response (`struct snp_derived_key_resp`).
 pub const REQUEST_LEN: usize = 32;
@@ -53,104 +76,190 @@ pub const RESPONSE_LEN: usize = 64;
 /// Where the 32-byte key sits in the response (after STATUS and 28 reserved bytes).
 const RESPONSE_KEY_AT: usize = 32;
 
+/// Bytes of `struct snp_report_req` (64 bytes of user data, u32 vmpl, 28 reserved) and of
+/// `struct snp_report_resp` (the `MSG_REPORT_RSP` buffer).
+pub const REPORT_REQUEST_LEN: usize = 96;
+pub const REPORT_RESPONSE_LEN: usize = 4000;
+/// `MSG_REPORT_RSP`: u32 STATUS, u32 REPORT_SIZE, 24 reserved bytes, then the report.
+const REPORT_AT: usize = 0x20;
+/// `ATTESTATION_REPORT`: u32 VERSION at 0, COMMITTED_TCB (u64) at 1E0h (report versions 2 and later).
+const REPORT_COMMITTED_TCB_AT: usize = 0x1E0;
+const REPORT_MIN_VERSION: u32 = 2;
+
 const SECRET_LABEL: &[u8] = b"sealcsi/v1/snp-secret";
-const BINDING_VERSION: u8 = 1;
+/// Binding version 1: no KEY_SEL (word 0 of the request was 0); policies strict and upgradable.
+const BINDING_V1: u8 = 1;
+/// Binding version 2: KEY_SEL = VCEK recorded at offset 20; policies strict and strict+tcb.
+const BINDING_V2: u8 = 2;
 /// Encoded length of an SNP keyslot binding.
 pub const BINDING_LEN: usize = 32;
 
-/// Which launch fields a new keyslot binds to.
+/// What a removed policy name gets: the reason, so an operator's old configuration fails with it.
+const UPGRADABLE_REMOVED: &str = "the SNP policy `upgradable` was removed: it binds family ID, image ID \
+     and guest SVN but no signer (the derived-key request cannot select the ID-key digest, and the \
+     firmware accepts any ID block the host supplies), so the host can launch its own image with the \
+     same IDs and derive the key; use strict or strict+tcb, and move volumes to a new image with the \
+     attested transfer (docs/keys.md, docs/runbooks/image-upgrade-snp.md)";
+
+/// Which launch fields a new keyslot binds to (`--snp-policy`, `add-slot --for snp:<policy>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SnpPolicy {
     /// Measurement + guest policy: only this exact launch image opens the slot.
     Strict,
-    /// Family ID + image ID + guest SVN + guest policy: images signed with the same ID key, with the same
-    /// family and image IDs and a guest SVN of at least `min_guest_svn`, open the slot.
-    Upgradable { min_guest_svn: u32 },
+    /// Measurement + guest policy + TCB version: as `Strict`, and only on firmware whose committed TCB
+    /// is at least the one recorded at sealing.
+    StrictTcb,
 }
 
 impl SnpPolicy {
-    fn code(self) -> u8 {
-        match self {
-            SnpPolicy::Strict => 1,
-            SnpPolicy::Upgradable { .. } => 2,
-        }
-    }
-
-    /// The `guest_field_select` mask of the policy.
+    /// The `guest_field_select` mask of the policy. Both contain MEASUREMENT.
     pub fn fields(self) -> u64 {
         match self {
             SnpPolicy::Strict => field::MEASUREMENT | field::GUEST_POLICY,
-            SnpPolicy::Upgradable { .. } => {
-                field::FAMILY_ID | field::IMAGE_ID | field::GUEST_SVN | field::GUEST_POLICY
-            }
+            SnpPolicy::StrictTcb => field::MEASUREMENT | field::GUEST_POLICY | field::TCB_VERSION,
         }
     }
 
-    /// The binding a new keyslot under this policy records.
-    pub fn binding(self) -> SnpBinding {
-        SnpBinding {
-            policy: self,
-            vmpl: 0,
-            tcb_version: 0,
+    /// The binding a new keyslot under this policy records; `committed_tcb` is used by `StrictTcb` only.
+    pub fn binding(self, committed_tcb: u64) -> SnpBinding {
+        match self {
+            SnpPolicy::Strict => SnpBinding {
+                policy: SnpBindingPolicy::Strict,
+                vmpl: 0,
+                tcb_version: 0,
+            },
+            SnpPolicy::StrictTcb => SnpBinding {
+                policy: SnpBindingPolicy::StrictTcb,
+                vmpl: 0,
+                tcb_version: committed_tcb,
+            },
         }
     }
 }
 
 impl fmt::Display for SnpPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SnpPolicy::Strict => f.write_str("strict"),
-            SnpPolicy::Upgradable { min_guest_svn: 0 } => f.write_str("upgradable"),
-            SnpPolicy::Upgradable { min_guest_svn } => write!(f, "upgradable:svn={min_guest_svn}"),
-        }
+        f.write_str(match self {
+            SnpPolicy::Strict => "strict",
+            SnpPolicy::StrictTcb => "strict+tcb",
+        })
     }
 }
 
-/// Parses `strict`, `upgradable` or `upgradable:svn=N`.
+/// Parses `strict` or `strict+tcb`; `upgradable[...]` is refused with the reason it was removed.
 impl FromStr for SnpPolicy {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let mut parts = s.split(':');
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some("strict"), None, None) => Ok(SnpPolicy::Strict),
-            (Some("upgradable"), None, None) => Ok(SnpPolicy::Upgradable { min_guest_svn: 0 }),
-            (Some("upgradable"), Some(svn), None) => {
-                let n = svn
-                    .strip_prefix("svn=")
-                    .ok_or_else(|| format!("unknown SNP policy option {svn:?} (expected svn=N)"))?;
-                let min_guest_svn = n
-                    .parse()
-                    .map_err(|_| format!("guest SVN {n:?} is not a 32-bit unsigned number"))?;
-                Ok(SnpPolicy::Upgradable { min_guest_svn })
-            }
+        match s {
+            "strict" => Ok(SnpPolicy::Strict),
+            "strict+tcb" => Ok(SnpPolicy::StrictTcb),
+            _ if s.starts_with("upgradable") => Err(UPGRADABLE_REMOVED.to_owned()),
             _ => Err(format!(
-                "unknown SNP policy {s:?} (expected strict, upgradable or upgradable:svn=N)"
+                "unknown SNP policy {s:?} (expected strict or strict+tcb)"
             )),
+        }
+    }
+}
+
+/// The policy a recorded binding stands for, current or legacy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnpBindingPolicy {
+    /// v2 strict: measurement + guest policy, KEY_SEL = VCEK.
+    Strict,
+    /// v2 strict+tcb: measurement + guest policy + TCB version, KEY_SEL = VCEK.
+    StrictTcb,
+    /// v1 strict: measurement + guest policy, KEY_SEL 0 (a VLEK if the host installed one).
+    LegacyStrict,
+    /// v1 upgradable: family ID + image ID + guest SVN + guest policy. Binds no signer: refused at
+    /// unseal unless the operator opts in.
+    LegacyUpgradable { min_guest_svn: u32 },
+}
+
+impl SnpBindingPolicy {
+    fn version(self) -> u8 {
+        match self {
+            SnpBindingPolicy::Strict | SnpBindingPolicy::StrictTcb => BINDING_V2,
+            SnpBindingPolicy::LegacyStrict | SnpBindingPolicy::LegacyUpgradable { .. } => {
+                BINDING_V1
+            }
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            SnpBindingPolicy::Strict | SnpBindingPolicy::LegacyStrict => 1,
+            SnpBindingPolicy::LegacyUpgradable { .. } => 2,
+            SnpBindingPolicy::StrictTcb => 3,
+        }
+    }
+
+    /// The `guest_field_select` mask the binding must carry.
+    pub fn fields(self) -> u64 {
+        match self {
+            SnpBindingPolicy::Strict | SnpBindingPolicy::LegacyStrict => SnpPolicy::Strict.fields(),
+            SnpBindingPolicy::StrictTcb => SnpPolicy::StrictTcb.fields(),
+            SnpBindingPolicy::LegacyUpgradable { .. } => {
+                field::FAMILY_ID | field::IMAGE_ID | field::GUEST_SVN | field::GUEST_POLICY
+            }
+        }
+    }
+
+    /// The first word of the request: KEY_SEL = VCEK for current bindings, 0 (as recorded) for legacy.
+    pub fn key_select(self) -> u32 {
+        match self.version() {
+            BINDING_V2 => key_select::VCEK,
+            _ => key_select::KEY_SEL_VLEK_IF_INSTALLED,
+        }
+    }
+
+    fn guest_svn(self) -> u32 {
+        match self {
+            SnpBindingPolicy::LegacyUpgradable { min_guest_svn } => min_guest_svn,
+            _ => 0,
+        }
+    }
+}
+
+/// What `sealcsi volume slots` prints as the slot's policy: legacy bindings say what is wrong with them.
+impl fmt::Display for SnpBindingPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SnpBindingPolicy::Strict => f.write_str("strict"),
+            SnpBindingPolicy::StrictTcb => f.write_str("strict+tcb"),
+            SnpBindingPolicy::LegacyStrict => f.write_str(
+                "strict (legacy v1 binding: KEY_SEL 0, a host-installed VLEK would be used; re-seal \
+                 with add-slot --for snp:strict)",
+            ),
+            SnpBindingPolicy::LegacyUpgradable { min_guest_svn } => write!(
+                f,
+                "upgradable:svn={min_guest_svn} (LEGACY, INSECURE: binds no signer, the host can \
+                 derive its key; refused at unseal, see docs/keys.md)"
+            ),
         }
     }
 }
 
 /// The parameters an SNP keyslot records: the whole derived-key request.
 ///
-/// Encoding (version 1, 32 bytes, little-endian):
+/// Encoding (32 bytes, little-endian); version 2 is what new slots get, version 1 is only decoded:
 ///
-/// | Offset | Size | Field                | Rule                                              |
-/// |-------:|-----:|----------------------|---------------------------------------------------|
-/// | 0      | 1    | version              | 1                                                 |
-/// | 1      | 1    | policy               | 1 = strict, 2 = upgradable                        |
-/// | 2      | 2    | reserved             | 0                                                 |
-/// | 4      | 4    | vmpl                 | 0 (the VMPL mixed into the key)                   |
-/// | 8      | 8    | guest_field_select   | exactly the policy's mask                         |
-/// | 16     | 4    | guest_svn            | 0 for strict; the minimum guest SVN for upgradable |
-/// | 20     | 4    | reserved             | 0                                                 |
-/// | 24     | 8    | tcb_version          | 0 (TCB not selected by either policy)             |
+/// | Offset | Size | Field              | Version 2 (current)                | Version 1 (legacy)               |
+/// |-------:|-----:|--------------------|------------------------------------|----------------------------------|
+/// | 0      | 1    | version            | 2                                  | 1                                |
+/// | 1      | 1    | policy             | 1 = strict, 3 = strict+tcb         | 1 = strict, 2 = upgradable       |
+/// | 2      | 2    | reserved           | 0                                  | 0                                |
+/// | 4      | 4    | vmpl               | 0                                  | 0                                |
+/// | 8      | 8    | guest_field_select | exactly the policy's mask          | exactly the policy's mask        |
+/// | 16     | 4    | guest_svn          | 0                                  | 0 strict; N upgradable           |
+/// | 20     | 4    | key select word    | 2 (ROOT_KEY_SELECT 0, KEY_SEL 1)   | 0 (reserved)                     |
+/// | 24     | 8    | tcb_version        | 0 strict; committed TCB strict+tcb | 0                                |
 ///
 /// Decoding is strict: a host that edits a binding to select fewer fields (a key other guests on the
-/// same chip could derive) gets it refused, not honoured.
+/// same chip could derive), another root key or KEY_SEL gets it refused, not honoured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnpBinding {
-    pub policy: SnpPolicy,
+    pub policy: SnpBindingPolicy,
     pub vmpl: u32,
     pub tcb_version: u64,
 }
@@ -164,19 +273,17 @@ fn binding_error(reason: impl Into<String>) -> SealError {
 
 impl SnpBinding {
     pub fn guest_svn(&self) -> u32 {
-        match self.policy {
-            SnpPolicy::Strict => 0,
-            SnpPolicy::Upgradable { min_guest_svn } => min_guest_svn,
-        }
+        self.policy.guest_svn()
     }
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![0u8; BINDING_LEN];
-        out[0] = BINDING_VERSION;
+        out[0] = self.policy.version();
         out[1] = self.policy.code();
         out[4..8].copy_from_slice(&self.vmpl.to_le_bytes());
         out[8..16].copy_from_slice(&self.policy.fields().to_le_bytes());
         out[16..20].copy_from_slice(&self.guest_svn().to_le_bytes());
+        out[20..24].copy_from_slice(&self.policy.key_select().to_le_bytes());
         out[24..32].copy_from_slice(&self.tcb_version.to_le_bytes());
         out
     }
@@ -188,28 +295,23 @@ impl SnpBinding {
                 buf.len()
             )));
         }
-        if buf[0] != BINDING_VERSION {
-            return Err(binding_error(format!(
-                "unknown SNP binding version {}",
-                buf[0]
-            )));
-        }
         let u32_at = |at: usize| u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"));
         let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"));
-        if buf[2..4] != [0, 0] || buf[20..24] != [0; 4] {
+        if buf[2..4] != [0, 0] {
             return Err(binding_error(
                 "reserved bytes of the SNP binding are not zero",
             ));
         }
-        let guest_svn = u32_at(16);
-        let policy = match buf[1] {
-            1 if guest_svn == 0 => SnpPolicy::Strict,
-            1 => return Err(binding_error("a strict SNP binding records no guest SVN")),
-            2 => SnpPolicy::Upgradable {
-                min_guest_svn: guest_svn,
-            },
-            other => return Err(binding_error(format!("unknown SNP policy code {other}"))),
-        };
+        let policy = Self::decode_policy(buf[0], buf[1], u32_at(16))?;
+        let word = u32_at(20);
+        if word != policy.key_select() {
+            return Err(binding_error(format!(
+                "key select word {word:#x} is not the {:#x} of a version {} binding (VCEK root, KEY_SEL \
+                 VCEK for version 2)",
+                policy.key_select(),
+                policy.version()
+            )));
+        }
         let fields = u64_at(8);
         if fields != policy.fields() {
             return Err(binding_error(format!(
@@ -222,7 +324,7 @@ impl SnpBinding {
             return Err(binding_error(format!("VMPL {vmpl} (only VMPL 0 is used)")));
         }
         let tcb_version = u64_at(24);
-        if tcb_version != 0 {
+        if tcb_version != 0 && policy.fields() & field::TCB_VERSION == 0 {
             return Err(binding_error(
                 "a TCB version in a binding that does not select the TCB",
             ));
@@ -234,10 +336,39 @@ impl SnpBinding {
         })
     }
 
+    fn decode_policy(version: u8, code: u8, guest_svn: u32) -> Result<SnpBindingPolicy, SealError> {
+        let policy = match (version, code) {
+            (BINDING_V2, 1) => SnpBindingPolicy::Strict,
+            (BINDING_V2, 3) => SnpBindingPolicy::StrictTcb,
+            (BINDING_V1, 1) => SnpBindingPolicy::LegacyStrict,
+            (BINDING_V1, 2) => {
+                return Ok(SnpBindingPolicy::LegacyUpgradable {
+                    min_guest_svn: guest_svn,
+                });
+            }
+            (BINDING_V1 | BINDING_V2, other) => {
+                return Err(binding_error(format!(
+                    "unknown SNP policy code {other} in a version {version} binding"
+                )));
+            }
+            (other, _) => {
+                return Err(binding_error(format!(
+                    "unknown SNP binding version {other}"
+                )));
+            }
+        };
+        if guest_svn != 0 {
+            return Err(binding_error(format!(
+                "a {policy} binding records no guest SVN"
+            )));
+        }
+        Ok(policy)
+    }
+
     /// The firmware request this binding stands for.
     pub fn request(&self) -> DerivedKeyRequest {
         DerivedKeyRequest {
-            root_key_select: ROOT_KEY_VCEK,
+            root_key_select: self.policy.key_select(),
             guest_field_select: self.policy.fields(),
             vmpl: self.vmpl,
             guest_svn: self.guest_svn(),
@@ -246,7 +377,8 @@ impl SnpBinding {
     }
 }
 
-/// `struct snp_derived_key_req` of include/uapi/linux/sev-guest.h (= `MSG_KEY_REQ` of the firmware ABI).
+/// `struct snp_derived_key_req` of include/uapi/linux/sev-guest.h (= `MSG_KEY_REQ` of the firmware ABI,
+/// message version 1). `root_key_select` is the whole first word: ROOT_KEY_SELECT bit 0, KEY_SEL 2:1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DerivedKeyRequest {
     pub root_key_select: u32,
@@ -270,6 +402,46 @@ impl DerivedKeyRequest {
     }
 }
 
+/// The `struct snp_report_req` sealcsi sends: no user data, VMPL 0. The report is only read for its
+/// COMMITTED_TCB, inside this guest (the channel to the firmware is encrypted with the VMPCK, which
+/// the host does not have), so nothing needs to be bound into it.
+pub fn report_request() -> [u8; REPORT_REQUEST_LEN] {
+    [0u8; REPORT_REQUEST_LEN]
+}
+
+/// The COMMITTED_TCB of the attestation report inside a `MSG_REPORT_RSP`.
+pub fn parse_committed_tcb(resp: &[u8]) -> Result<u64, SnpDeviceError> {
+    let u32_at = |at: usize| u32::from_le_bytes(resp[at..at + 4].try_into().expect("4 bytes"));
+    if resp.len() < REPORT_AT {
+        return Err(SnpDeviceError::Report(format!(
+            "response is {} bytes",
+            resp.len()
+        )));
+    }
+    let status = u32_at(0);
+    if status != 0 {
+        return Err(SnpDeviceError::Status(status));
+    }
+    let size = u32_at(4) as usize;
+    let end = REPORT_COMMITTED_TCB_AT + 8;
+    if size < end || REPORT_AT + size > resp.len() {
+        return Err(SnpDeviceError::Report(format!(
+            "report size {size} (need at least {end}, at most {})",
+            resp.len() - REPORT_AT
+        )));
+    }
+    let version = u32_at(REPORT_AT);
+    if version < REPORT_MIN_VERSION {
+        return Err(SnpDeviceError::Report(format!(
+            "report version {version} has no COMMITTED_TCB (need {REPORT_MIN_VERSION} or later)"
+        )));
+    }
+    let at = REPORT_AT + REPORT_COMMITTED_TCB_AT;
+    Ok(u64::from_le_bytes(
+        resp[at..at + 8].try_into().expect("8 bytes"),
+    ))
+}
+
 /// Failures of the SNP guest device, with the firmware's and the VMM's error codes where the kernel
 /// returned them.
 #[derive(Debug, thiserror::Error)]
@@ -282,26 +454,31 @@ pub enum SnpDeviceError {
         source: std::io::Error,
     },
     /// The ioctl failed.
-    #[error(
-        "SNP_GET_DERIVED_KEY failed: {errno}; firmware error {fw_error:#x}, VMM error {vmm_error:#x}"
-    )]
+    #[error("{request} failed: {errno}; firmware error {fw_error:#x}, VMM error {vmm_error:#x}")]
     Ioctl {
+        request: &'static str,
         errno: nix::errno::Errno,
         fw_error: u32,
         vmm_error: u32,
     },
     /// The firmware answered with a non-zero status (0x16: invalid parameters).
-    #[error("the firmware refused the key request with status {0:#x}")]
+    #[error("the firmware refused the request with status {0:#x}")]
     Status(u32),
+    /// The attestation report does not have the expected shape.
+    #[error("unexpected attestation report: {0}")]
+    Report(String),
 }
 
-/// The one hardware call the source needs, behind a trait so host tests can run without SNP.
+/// The hardware calls the source needs, behind a trait so host tests can run without SNP.
 pub trait SnpDevice: Send + Sync {
     /// Sends `request` (a `struct snp_derived_key_req`) and returns the 64-byte response.
     fn derived_key(
         &self,
         request: &[u8; REQUEST_LEN],
     ) -> Result<Zeroizing<[u8; RESPONSE_LEN]>, SnpDeviceError>;
+
+    /// Sends `request` (a `struct snp_report_req`) and returns the `MSG_REPORT_RSP` buffer.
+    fn report(&self, request: &[u8; REPORT_REQUEST_LEN]) -> Result<Vec<u8>, SnpDeviceError>;
 }
 
 /// `struct snp_guest_request_ioctl`: u8 msg_version, (7 bytes padding), u64 req_data, u64 resp_data,
@@ -315,6 +492,9 @@ pub struct GuestRequestIoctl {
     pub exitinfo2: u64,
 }
 
+/// `SNP_GET_REPORT = _IOWR('S', 0x0, struct snp_guest_request_ioctl)`.
+pub const SNP_GET_REPORT: nix::sys::ioctl::ioctl_num_type =
+    nix::request_code_readwrite!(b'S', 0x0, std::mem::size_of::<GuestRequestIoctl>());
 /// `SNP_GET_DERIVED_KEY = _IOWR('S', 0x1, struct snp_guest_request_ioctl)`.
 pub const SNP_GET_DERIVED_KEY: nix::sys::ioctl::ioctl_num_type =
     nix::request_code_readwrite!(b'S', 0x1, std::mem::size_of::<GuestRequestIoctl>());
@@ -344,6 +524,45 @@ impl SevGuestDevice {
                 source,
             })
     }
+
+    /// One guest request: `req` is copied in by the kernel, `resp` written by it.
+    fn guest_request(
+        &self,
+        name: &'static str,
+        number: nix::sys::ioctl::ioctl_num_type,
+        req: &[u8],
+        resp: &mut [u8],
+    ) -> Result<(), SnpDeviceError> {
+        let file = Self::open_file(&self.path)?;
+        let mut arg = GuestRequestIoctl {
+            msg_version: MSG_VERSION,
+            req_data: req.as_ptr() as u64,
+            resp_data: resp.as_mut_ptr() as u64,
+            exitinfo2: 0,
+        };
+        // SAFETY: the SNP guest ioctls read one `snp_guest_request_ioctl` from `arg` and write it back;
+        // the kernel copies the request struct (`req.len()` bytes, the exact uapi size for `number`,
+        // checked by the callers' array types) from `req_data` and writes the response struct to
+        // `resp_data` (`resp.len()` bytes, the exact uapi size). `arg`, `req` and `resp` are live,
+        // correctly sized buffers for the whole call, and `file` keeps the descriptor open until it
+        // returns.
+        let rc = unsafe {
+            nix::libc::ioctl(
+                file.as_raw_fd(),
+                number as _,
+                &mut arg as *mut GuestRequestIoctl,
+            )
+        };
+        if rc < 0 {
+            return Err(SnpDeviceError::Ioctl {
+                request: name,
+                errno: nix::errno::Errno::last(),
+                fw_error: arg.exitinfo2 as u32,
+                vmm_error: (arg.exitinfo2 >> 32) as u32,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl SnpDevice for SevGuestDevice {
@@ -351,33 +570,19 @@ impl SnpDevice for SevGuestDevice {
         &self,
         request: &[u8; REQUEST_LEN],
     ) -> Result<Zeroizing<[u8; RESPONSE_LEN]>, SnpDeviceError> {
-        let file = Self::open_file(&self.path)?;
-        let req = *request;
         let mut resp = Zeroizing::new([0u8; RESPONSE_LEN]);
-        let mut arg = GuestRequestIoctl {
-            msg_version: MSG_VERSION,
-            req_data: req.as_ptr() as u64,
-            resp_data: resp.as_mut_ptr() as u64,
-            exitinfo2: 0,
-        };
-        // SAFETY: SNP_GET_DERIVED_KEY reads one `snp_guest_request_ioctl` from `arg` and writes it back;
-        // the kernel copies REQUEST_LEN bytes from `req_data` and writes RESPONSE_LEN bytes to `resp_data`.
-        // `arg`, `req` and `resp` are live, correctly sized buffers for the whole call, and `file` keeps
-        // the descriptor open until it returns.
-        let rc = unsafe {
-            nix::libc::ioctl(
-                file.as_raw_fd(),
-                SNP_GET_DERIVED_KEY as _,
-                &mut arg as *mut GuestRequestIoctl,
-            )
-        };
-        if rc < 0 {
-            return Err(SnpDeviceError::Ioctl {
-                errno: nix::errno::Errno::last(),
-                fw_error: arg.exitinfo2 as u32,
-                vmm_error: (arg.exitinfo2 >> 32) as u32,
-            });
-        }
+        self.guest_request(
+            "SNP_GET_DERIVED_KEY",
+            SNP_GET_DERIVED_KEY,
+            request,
+            resp.as_mut(),
+        )?;
+        Ok(resp)
+    }
+
+    fn report(&self, request: &[u8; REPORT_REQUEST_LEN]) -> Result<Vec<u8>, SnpDeviceError> {
+        let mut resp = vec![0u8; REPORT_RESPONSE_LEN];
+        self.guest_request("SNP_GET_REPORT", SNP_GET_REPORT, request, &mut resp)?;
         Ok(resp)
     }
 }
@@ -392,6 +597,17 @@ pub struct FakeSnpDevice {
     pub requests: std::sync::Mutex<Vec<[u8; REQUEST_LEN]>>,
     /// If set, the firmware status every request gets.
     pub status: u32,
+    /// The COMMITTED_TCB the fake report carries. As the firmware does, a key request that selects
+    /// the TCB and asks for a TCB above it (in any byte) gets status 0x16.
+    pub committed_tcb: u64,
+}
+
+/// True if `tcb` exceeds `committed` in any of the TCB_VERSION's component bytes.
+fn tcb_exceeds(tcb: u64, committed: u64) -> bool {
+    tcb.to_le_bytes()
+        .iter()
+        .zip(committed.to_le_bytes())
+        .any(|(t, c)| *t > c)
 }
 
 impl SnpDevice for FakeSnpDevice {
@@ -403,13 +619,33 @@ impl SnpDevice for FakeSnpDevice {
             .lock()
             .expect("request log lock")
             .push(*request);
+        let fields = u64::from_le_bytes(request[8..16].try_into().expect("8 bytes"));
+        let tcb = u64::from_le_bytes(request[24..32].try_into().expect("8 bytes"));
+        let status = if self.status == 0
+            && fields & field::TCB_VERSION != 0
+            && tcb_exceeds(tcb, self.committed_tcb)
+        {
+            0x16
+        } else {
+            self.status
+        };
         let mut resp = Zeroizing::new([0u8; RESPONSE_LEN]);
-        resp[0..4].copy_from_slice(&self.status.to_le_bytes());
-        if self.status == 0 {
+        resp[0..4].copy_from_slice(&status.to_le_bytes());
+        if status == 0 {
             let hk = Hkdf::<Sha256>::new(Some(&self.launch), b"fake-vcek");
             hk.expand(request, &mut resp[RESPONSE_KEY_AT..])
                 .expect("32 bytes is a valid HKDF output length");
         }
+        Ok(resp)
+    }
+
+    fn report(&self, _request: &[u8; REPORT_REQUEST_LEN]) -> Result<Vec<u8>, SnpDeviceError> {
+        let mut resp = vec![0u8; REPORT_RESPONSE_LEN];
+        resp[0..4].copy_from_slice(&self.status.to_le_bytes());
+        resp[4..8].copy_from_slice(&0x4A0u32.to_le_bytes());
+        resp[REPORT_AT..REPORT_AT + 4].copy_from_slice(&3u32.to_le_bytes());
+        let at = REPORT_AT + REPORT_COMMITTED_TCB_AT;
+        resp[at..at + 8].copy_from_slice(&self.committed_tcb.to_le_bytes());
         Ok(resp)
     }
 }
@@ -418,34 +654,121 @@ impl SnpDevice for FakeSnpDevice {
 pub struct SnpSource {
     device: Box<dyn SnpDevice>,
     policy: SnpPolicy,
+    /// The platform's COMMITTED_TCB when the source opened (read only for `strict+tcb`, else 0).
+    committed_tcb: u64,
+    /// Whether legacy `upgradable` slots may be unsealed (operator opt-in for migrating off them).
+    allow_legacy_upgradable: bool,
 }
 
 impl fmt::Debug for SnpSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SnpSource")
             .field("policy", &self.policy)
+            .field(
+                "committed_tcb",
+                &format_args!("{:#018x}", self.committed_tcb),
+            )
+            .field("allow_legacy_upgradable", &self.allow_legacy_upgradable)
             .finish_non_exhaustive()
     }
 }
 
+fn unavailable(e: impl fmt::Display) -> SealError {
+    SealError::Unavailable {
+        kind: SourceKind::Snp,
+        reason: e.to_string(),
+    }
+}
+
 impl SnpSource {
-    /// Opens `/dev/sev-guest`; new keyslots bind to `policy`. Slots of either policy unseal.
+    /// Opens `/dev/sev-guest`; new keyslots bind to `policy`. Slots of every current policy unseal.
     pub fn open(policy: SnpPolicy) -> Result<Self, SealError> {
-        let device = SevGuestDevice::open(Path::new(SEV_GUEST_DEVICE)).map_err(|e| {
-            SealError::Unavailable {
-                kind: SourceKind::Snp,
-                reason: format!("{e} (is this an SEV-SNP guest with the sev-guest driver loaded?)"),
-            }
-        })?;
-        Ok(Self::with_device(policy, Box::new(device)))
+        Self::open_at(Path::new(SEV_GUEST_DEVICE), policy)
     }
 
-    pub fn with_device(policy: SnpPolicy, device: Box<dyn SnpDevice>) -> Self {
-        Self { device, policy }
+    /// As [`SnpSource::open`], with the device node at `path`.
+    pub fn open_at(path: &Path, policy: SnpPolicy) -> Result<Self, SealError> {
+        let device = SevGuestDevice::open(path).map_err(|e| {
+            unavailable(format!(
+                "{e} (is this an SEV-SNP guest with the sev-guest driver loaded?)"
+            ))
+        })?;
+        Self::with_device(policy, Box::new(device))
+    }
+
+    /// A source on `device`. For `strict+tcb` it reads the committed TCB from an attestation report now,
+    /// so a node that cannot bind the TCB fails at start, not at its first format.
+    pub fn with_device(policy: SnpPolicy, device: Box<dyn SnpDevice>) -> Result<Self, SealError> {
+        let committed_tcb = match policy {
+            SnpPolicy::Strict => 0,
+            SnpPolicy::StrictTcb => device
+                .report(&report_request())
+                .and_then(|resp| parse_committed_tcb(&resp))
+                .map_err(|e| {
+                    unavailable(format!("reading the committed TCB for strict+tcb: {e}"))
+                })?,
+        };
+        Ok(Self {
+            device,
+            policy,
+            committed_tcb,
+            allow_legacy_upgradable: false,
+        })
+    }
+
+    /// Lets this source unseal legacy `upgradable` slots. **This trusts the host**: anyone who can
+    /// launch an image with the same family and image IDs (the host can, with its own ID key) derives
+    /// the same key, and can write such a slot around a volume key it knows. Only for moving the data
+    /// of a volume that has no other slot to a new volume (docs/keys.md).
+    pub fn allow_legacy_upgradable(mut self, allow: bool) -> Self {
+        self.allow_legacy_upgradable = allow;
+        self
     }
 
     pub fn policy(&self) -> SnpPolicy {
         self.policy
+    }
+
+    /// The binding new keyslots record.
+    pub fn binding(&self) -> SnpBinding {
+        self.policy.binding(self.committed_tcb)
+    }
+
+    /// Refuses (or, with the opt-in, loudly admits) bindings that are not current.
+    fn check_legacy(&self, binding: &SnpBinding) -> Result<(), SealError> {
+        match binding.policy {
+            SnpBindingPolicy::LegacyUpgradable { .. } if !self.allow_legacy_upgradable => {
+                tracing::warn!(
+                    policy = %binding.policy,
+                    "refusing a legacy SNP upgradable keyslot: the host can derive its key, and can \
+                     write such a slot around a volume key it knows; open the volume with a recovery \
+                     slot, or (trusting the host, to move the data off) with \
+                     --snp-allow-legacy-upgradable"
+                );
+                Err(binding_error(
+                    "legacy SNP upgradable binding refused: it binds no signer, so the host can \
+                     derive its key (see docs/keys.md; --snp-allow-legacy-upgradable trusts the host)",
+                ))
+            }
+            SnpBindingPolicy::LegacyUpgradable { .. } => {
+                tracing::warn!(
+                    policy = %binding.policy,
+                    "INSECURE: unsealing a legacy SNP upgradable keyslot because \
+                     --snp-allow-legacy-upgradable is set; this trusts the host. Move the data to a new \
+                     volume and stop using this one"
+                );
+                Ok(())
+            }
+            SnpBindingPolicy::LegacyStrict => {
+                tracing::warn!(
+                    "unsealing a legacy (v1) SNP strict keyslot, derived with KEY_SEL 0 (a VLEK if the \
+                     host installed one); add a current slot with add-slot --for snp:strict and remove \
+                     this one"
+                );
+                Ok(())
+            }
+            SnpBindingPolicy::Strict | SnpBindingPolicy::StrictTcb => Ok(()),
+        }
     }
 }
 
@@ -464,21 +787,26 @@ impl SealingSource for SnpSource {
     }
 
     fn default_binding(&self) -> Vec<u8> {
-        self.policy.binding().encode()
+        self.binding().encode()
     }
 
     fn secret(&self, binding: &[u8]) -> Result<SealingSecret, SealError> {
         let decoded = SnpBinding::decode(binding)?;
+        self.check_legacy(&decoded)?;
         let resp = self
             .device
             .derived_key(&decoded.request().to_bytes())
-            .map_err(|e| SealError::Unavailable {
-                kind: SourceKind::Snp,
-                reason: e.to_string(),
-            })?;
-        let key = parse_response(&resp).map_err(|e| SealError::Unavailable {
-            kind: SourceKind::Snp,
-            reason: e.to_string(),
+            .map_err(unavailable)?;
+        let key = parse_response(&resp).map_err(|e| match e {
+            // A TCB above this platform's committed one: a slot for newer firmware (or another
+            // platform), not a failure of this node.
+            SnpDeviceError::Status(0x16) if decoded.policy == SnpBindingPolicy::StrictTcb => {
+                binding_error(format!(
+                    "the firmware refused TCB version {:#018x} (above this platform's committed TCB?)",
+                    decoded.tcb_version
+                ))
+            }
+            other => unavailable(other),
         })?;
         let hk = Hkdf::<Sha256>::new(None, key);
         let mut info = SECRET_LABEL.to_vec();
@@ -494,13 +822,14 @@ impl SealingSource for SnpSource {
     fn describe(&self) -> String {
         let binds = match self.policy {
             SnpPolicy::Strict => "launch measurement + guest policy".to_owned(),
-            SnpPolicy::Upgradable { min_guest_svn } => {
-                format!("family ID + image ID + guest SVN >= {min_guest_svn} + guest policy")
-            }
+            SnpPolicy::StrictTcb => format!(
+                "launch measurement + guest policy + TCB version {:#018x} (the committed TCB)",
+                self.committed_tcb
+            ),
         };
         format!(
-            "AMD SEV-SNP derived key (VCEK root), policy {}: new keyslots bind to the {binds} \
-             (this source has not yet been run on SEV-SNP hardware)",
+            "AMD SEV-SNP derived key (VCEK root, KEY_SEL VCEK), policy {}: new keyslots bind to the \
+             {binds} (this source has not yet been run on SEV-SNP hardware)",
             self.policy
         )
     }
@@ -510,12 +839,14 @@ impl SealingSource for SnpSource {
 mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
+    use std::sync::Arc;
 
     #[test]
-    fn ioctl_number_is_iowr_s_1_of_the_32_byte_request() {
-        // _IOWR('S', 0x1, struct snp_guest_request_ioctl): dir read|write (3) << 30, size 32 << 16,
-        // type 'S' (0x53) << 8, nr 1.
+    fn ioctl_numbers_are_iowr_s_0_and_1_of_the_32_byte_request() {
+        // _IOWR('S', nr, struct snp_guest_request_ioctl): dir read|write (3) << 30, size 32 << 16,
+        // type 'S' (0x53) << 8, nr 0 (SNP_GET_REPORT) or 1 (SNP_GET_DERIVED_KEY).
         assert_eq!(size_of::<GuestRequestIoctl>(), 32);
+        assert_eq!(SNP_GET_REPORT, 0xC020_5300);
         assert_eq!(SNP_GET_DERIVED_KEY, 0xC020_5301);
     }
 
@@ -525,19 +856,22 @@ mod tests {
         assert_eq!(offset_of!(GuestRequestIoctl, req_data), 8);
         assert_eq!(offset_of!(GuestRequestIoctl, resp_data), 16);
         assert_eq!(offset_of!(GuestRequestIoctl, exitinfo2), 24);
+        // struct snp_report_req: u8 user_data[64], u32 vmpl, u8 rsvd[28].
+        assert_eq!(REPORT_REQUEST_LEN, 64 + 4 + 28);
+        assert_eq!(report_request(), [0u8; 96]);
     }
 
     #[test]
     fn request_encoding_is_byte_exact() {
         let req = DerivedKeyRequest {
-            root_key_select: 0,
+            root_key_select: 0x2,
             guest_field_select: 0x17,
             vmpl: 2,
             guest_svn: 0x0102_0304,
             tcb_version: 0x1122_3344_5566_7788,
         };
         let expected: [u8; 32] = [
-            0, 0, 0, 0, // root_key_select (VCEK)
+            0x02, 0, 0, 0, // ROOT_KEY_SELECT (bit 0) = VCEK root, KEY_SEL (bits 2:1) = 1
             0, 0, 0, 0, // rsvd
             0x17, 0, 0, 0, 0, 0, 0, 0, // guest_field_select
             2, 0, 0, 0, // vmpl
@@ -548,7 +882,26 @@ mod tests {
     }
 
     #[test]
-    fn field_select_bits_and_policies() {
+    fn key_select_is_vcek_root_and_key_sel_vcek() {
+        assert_eq!(key_select::ROOT_KEY_VMRK, 0b001);
+        assert_eq!(key_select::KEY_SEL_VLEK_IF_INSTALLED, 0b000);
+        assert_eq!(key_select::KEY_SEL_VCEK, 0b010);
+        assert_eq!(key_select::KEY_SEL_VLEK, 0b100);
+        for policy in [SnpPolicy::Strict, SnpPolicy::StrictTcb] {
+            let bytes = policy.binding(7).request().to_bytes();
+            let word = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
+            assert_eq!(
+                word & 1,
+                0,
+                "{policy}: ROOT_KEY_SELECT must be the VCEK root"
+            );
+            assert_eq!((word >> 1) & 0b11, 1, "{policy}: KEY_SEL must be VCEK");
+            assert_eq!(word >> 3, 0, "{policy}: reserved bits");
+        }
+    }
+
+    #[test]
+    fn field_select_bits_and_every_policy_binds_the_measurement() {
         assert_eq!(
             [
                 field::GUEST_POLICY,
@@ -561,97 +914,157 @@ mod tests {
             [1, 2, 4, 8, 16, 32]
         );
         assert_eq!(SnpPolicy::Strict.fields(), 0b00_1001);
-        assert_eq!(
-            SnpPolicy::Upgradable { min_guest_svn: 0 }.fields(),
-            0b01_0111
-        );
-        let strict = SnpPolicy::Strict.binding().request();
+        assert_eq!(SnpPolicy::StrictTcb.fields(), 0b10_1001);
+        for policy in [SnpPolicy::Strict, SnpPolicy::StrictTcb] {
+            assert_ne!(policy.fields() & field::MEASUREMENT, 0, "{policy}");
+        }
+        let strict = SnpPolicy::Strict.binding(0x55).request();
         assert_eq!(
             (
-                strict.root_key_select,
+                strict.guest_field_select,
                 strict.vmpl,
                 strict.guest_svn,
                 strict.tcb_version
             ),
-            (0, 0, 0, 0)
+            (0x09, 0, 0, 0),
+            "strict ignores the TCB"
         );
-        let up = SnpPolicy::Upgradable { min_guest_svn: 7 }
-            .binding()
-            .request();
-        assert_eq!((up.guest_field_select, up.guest_svn), (0x17, 7));
+    }
+
+    #[test]
+    fn strict_tcb_sets_bit_5_and_sends_the_committed_tcb() {
+        let tcb = 0xDB00_0000_0000_1703; // microcode 0xDB, SNP 0, TEE 0x17, boot loader 3
+        let device = Arc::new(FakeSnpDevice {
+            launch: b"image-1".to_vec(),
+            committed_tcb: tcb,
+            ..Default::default()
+        });
+        let source =
+            SnpSource::with_device(SnpPolicy::StrictTcb, Box::new(Shared(device.clone()))).unwrap();
+        source.secret(&source.default_binding()).unwrap();
+        let sent = device.requests.lock().unwrap()[0];
+        assert_eq!(u64::from_le_bytes(sent[8..16].try_into().unwrap()), 0x29);
+        assert_eq!(u64::from_le_bytes(sent[24..32].try_into().unwrap()), tcb);
+        assert!(source.describe().contains("0xdb00000000001703"));
     }
 
     #[test]
     fn binding_encoding_is_as_documented_and_round_trips() {
-        let b = SnpPolicy::Upgradable { min_guest_svn: 5 }.binding();
-        let bytes = b.encode();
+        let s = SnpPolicy::Strict.binding(0);
         let mut expected = [0u8; 32];
-        expected[0] = 1;
-        expected[1] = 2;
-        expected[8] = 0x17;
-        expected[16] = 5;
-        assert_eq!(bytes, expected);
-        assert!(bytes.len() <= crate::header::MAX_BINDING_LEN);
-        assert_eq!(SnpBinding::decode(&bytes).unwrap(), b);
-        let s = SnpPolicy::Strict.binding();
-        let mut expected = [0u8; 32];
-        expected[0] = 1;
+        expected[0] = 2;
         expected[1] = 1;
         expected[8] = 0x09;
+        expected[20] = 0x02;
         assert_eq!(s.encode(), expected);
         assert_eq!(SnpBinding::decode(&s.encode()).unwrap(), s);
+        let t = SnpPolicy::StrictTcb.binding(0x0102_0304_0506_0708);
+        let bytes = t.encode();
+        let mut expected = [0u8; 32];
+        expected[0] = 2;
+        expected[1] = 3;
+        expected[8] = 0x29;
+        expected[20] = 0x02;
+        expected[24..32].copy_from_slice(&[8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(bytes, expected);
+        assert!(bytes.len() <= crate::header::MAX_BINDING_LEN);
+        assert_eq!(SnpBinding::decode(&bytes).unwrap(), t);
+    }
+
+    /// The bytes earlier builds wrote: version 1, no key-select word.
+    fn legacy(code: u8, fields: u8, svn: u8) -> Vec<u8> {
+        let mut b = vec![0u8; 32];
+        b[0] = 1;
+        b[1] = code;
+        b[8] = fields;
+        b[16] = svn;
+        b
+    }
+
+    #[test]
+    fn legacy_bindings_still_decode_for_listing() {
+        let strict = SnpBinding::decode(&legacy(1, 0x09, 0)).unwrap();
+        assert_eq!(strict.policy, SnpBindingPolicy::LegacyStrict);
+        assert_eq!(strict.request().root_key_select, 0, "repeated as recorded");
+        assert_eq!(strict.encode(), legacy(1, 0x09, 0));
+        let up = SnpBinding::decode(&legacy(2, 0x17, 5)).unwrap();
+        assert_eq!(
+            up.policy,
+            SnpBindingPolicy::LegacyUpgradable { min_guest_svn: 5 }
+        );
+        assert_eq!(up.encode(), legacy(2, 0x17, 5));
+        let shown = up.policy.to_string();
+        assert!(shown.starts_with("upgradable:svn=5"), "{shown}");
+        assert!(
+            shown.contains("INSECURE") && shown.contains("refused"),
+            "{shown}"
+        );
+        assert!(strict.policy.to_string().contains("legacy"));
     }
 
     #[test]
     fn binding_decode_rejects_weakened_or_unknown_bindings() {
-        let good = SnpPolicy::Strict.binding().encode();
+        let good = SnpPolicy::Strict.binding(0).encode();
         let edit = |at: usize, v: u8| {
             let mut b = good.clone();
             b[at] = v;
             SnpBinding::decode(&b)
         };
-        assert!(edit(0, 2).is_err(), "version");
-        assert!(edit(1, 3).is_err(), "policy code");
+        assert!(edit(0, 3).is_err(), "version");
+        assert!(edit(1, 2).is_err(), "upgradable is not a version 2 policy");
+        assert!(edit(1, 4).is_err(), "policy code");
         assert!(edit(2, 1).is_err(), "reserved");
         assert!(edit(4, 1).is_err(), "vmpl");
         assert!(edit(8, 0x08).is_err(), "measurement without policy");
+        assert!(edit(8, 0x01).is_err(), "policy without measurement");
         assert!(edit(8, 0x00).is_err(), "no fields at all");
-        assert!(edit(8, 0x29).is_err(), "extra TCB bit");
+        assert!(edit(8, 0x29).is_err(), "TCB bit in a strict binding");
         assert!(edit(16, 1).is_err(), "strict with an SVN");
-        assert!(edit(21, 1).is_err(), "reserved");
-        assert!(edit(24, 1).is_err(), "tcb version");
+        assert!(edit(20, 0x00).is_err(), "KEY_SEL 0 in a version 2 binding");
+        assert!(edit(20, 0x03).is_err(), "VMRK root");
+        assert!(edit(20, 0x04).is_err(), "KEY_SEL VLEK");
+        assert!(edit(21, 1).is_err(), "key select reserved bits");
+        assert!(edit(24, 1).is_err(), "tcb version without the TCB bit");
         assert!(SnpBinding::decode(&good[..31]).is_err());
         assert!(SnpBinding::decode(&[]).is_err());
-        let mut upgradable = SnpPolicy::Upgradable { min_guest_svn: 1 }
-            .binding()
-            .encode();
-        upgradable[8] = 0x13; // drop the image ID
-        assert!(SnpBinding::decode(&upgradable).is_err());
+        let mut tcb = SnpPolicy::StrictTcb.binding(9).encode();
+        tcb[8] = 0x21; // drop the measurement
+        assert!(SnpBinding::decode(&tcb).is_err());
+        // Legacy bindings are held to their own layout.
+        assert!(
+            SnpBinding::decode(&legacy(1, 0x09, 1)).is_err(),
+            "strict v1 SVN"
+        );
+        assert!(
+            SnpBinding::decode(&legacy(2, 0x13, 1)).is_err(),
+            "upgradable minus image ID"
+        );
+        assert!(
+            SnpBinding::decode(&legacy(3, 0x29, 0)).is_err(),
+            "strict+tcb is not v1"
+        );
+        let mut v1_with_word = legacy(1, 0x09, 0);
+        v1_with_word[20] = 2;
+        assert!(SnpBinding::decode(&v1_with_word).is_err());
     }
 
     #[test]
-    fn policy_parses_and_prints() {
+    fn policy_parses_strict_and_strict_tcb_and_refuses_upgradable() {
         for (text, policy) in [
             ("strict", SnpPolicy::Strict),
-            ("upgradable", SnpPolicy::Upgradable { min_guest_svn: 0 }),
-            (
-                "upgradable:svn=12",
-                SnpPolicy::Upgradable { min_guest_svn: 12 },
-            ),
+            ("strict+tcb", SnpPolicy::StrictTcb),
         ] {
             assert_eq!(text.parse::<SnpPolicy>().unwrap(), policy);
             assert_eq!(policy.to_string(), text);
         }
-        for bad in [
-            "",
-            "vmrk",
-            "strict:svn=1",
-            "upgradable:svn=",
-            "upgradable:svn=-1",
-            "upgradable:svn=4294967296",
-            "upgradable:tcb=1",
-            "upgradable:svn=1:x",
-        ] {
+        for removed in ["upgradable", "upgradable:svn=12", "upgradable:svn=x"] {
+            let err = removed.parse::<SnpPolicy>().unwrap_err();
+            assert!(
+                err.contains("removed") && err.contains("no signer"),
+                "{err}"
+            );
+        }
+        for bad in ["", "vmrk", "strict:svn=1", "strict+", "tcb", "Strict"] {
             assert!(bad.parse::<SnpPolicy>().is_err(), "{bad:?}");
         }
     }
@@ -663,22 +1076,27 @@ mod tests {
         }
     }
 
+    struct Shared(Arc<FakeSnpDevice>);
+    impl SnpDevice for Shared {
+        fn derived_key(
+            &self,
+            request: &[u8; REQUEST_LEN],
+        ) -> Result<Zeroizing<[u8; RESPONSE_LEN]>, SnpDeviceError> {
+            self.0.derived_key(request)
+        }
+        fn report(&self, request: &[u8; REPORT_REQUEST_LEN]) -> Result<Vec<u8>, SnpDeviceError> {
+            self.0.report(request)
+        }
+    }
+
+    fn source_on(policy: SnpPolicy, device: &Arc<FakeSnpDevice>) -> SnpSource {
+        SnpSource::with_device(policy, Box::new(Shared(device.clone()))).unwrap()
+    }
+
     #[test]
     fn source_sends_the_recorded_request_and_derives_a_stable_secret() {
-        let device = std::sync::Arc::new(fake(b"image-1"));
-        struct Shared(std::sync::Arc<FakeSnpDevice>);
-        impl SnpDevice for Shared {
-            fn derived_key(
-                &self,
-                request: &[u8; REQUEST_LEN],
-            ) -> Result<Zeroizing<[u8; RESPONSE_LEN]>, SnpDeviceError> {
-                self.0.derived_key(request)
-            }
-        }
-        let source = SnpSource::with_device(
-            SnpPolicy::Upgradable { min_guest_svn: 3 },
-            Box::new(Shared(device.clone())),
-        );
+        let device = Arc::new(fake(b"image-1"));
+        let source = source_on(SnpPolicy::Strict, &device);
         let binding = source.default_binding();
         let a = source.secret(&binding).unwrap().digest();
         let b = source.secret(&binding).unwrap().digest();
@@ -686,16 +1104,13 @@ mod tests {
         let requests = device.requests.lock().unwrap().clone();
         assert_eq!(requests.len(), 2);
         let expected = DerivedKeyRequest {
-            root_key_select: 0,
-            guest_field_select: 0x17,
+            root_key_select: key_select::VCEK,
+            guest_field_select: 0x09,
             vmpl: 0,
-            guest_svn: 3,
+            guest_svn: 0,
             tcb_version: 0,
         };
         assert_eq!(requests[0], expected.to_bytes());
-        // A strict slot opens on the same node whatever the node's own policy.
-        let strict = SnpPolicy::Strict.binding().encode();
-        assert_ne!(source.secret(&strict).unwrap().digest(), a);
         // Bindings from elsewhere are binding errors (a slot for someone else), never a request.
         let before = device.requests.lock().unwrap().len();
         assert!(matches!(source.secret(&[]), Err(SealError::Binding { .. })));
@@ -703,9 +1118,125 @@ mod tests {
     }
 
     #[test]
+    fn legacy_upgradable_slot_is_refused_unless_the_operator_opts_in() {
+        let device = Arc::new(fake(b"image-1"));
+        let slot = legacy(2, 0x17, 3);
+        let err = source_on(SnpPolicy::Strict, &device)
+            .secret(&slot)
+            .unwrap_err();
+        assert!(matches!(err, SealError::Binding { .. }), "{err}");
+        assert!(
+            err.to_string().contains("--snp-allow-legacy-upgradable"),
+            "{err}"
+        );
+        assert!(
+            device.requests.lock().unwrap().is_empty(),
+            "refused before asking the firmware"
+        );
+        let trusting = source_on(SnpPolicy::Strict, &device).allow_legacy_upgradable(true);
+        trusting.secret(&slot).unwrap();
+        let sent = device.requests.lock().unwrap()[0];
+        let expected = DerivedKeyRequest {
+            root_key_select: 0,
+            guest_field_select: 0x17,
+            vmpl: 0,
+            guest_svn: 3,
+            tcb_version: 0,
+        };
+        assert_eq!(
+            sent,
+            expected.to_bytes(),
+            "the legacy request, exactly as recorded"
+        );
+    }
+
+    #[test]
+    fn legacy_strict_slot_opens_with_its_recorded_request() {
+        let device = Arc::new(fake(b"image-1"));
+        let source = source_on(SnpPolicy::Strict, &device);
+        let old = legacy(1, 0x09, 0);
+        let secret = source.secret(&old).unwrap().digest();
+        assert_eq!(device.requests.lock().unwrap()[0][0..4], [0, 0, 0, 0]);
+        // A different secret from the current binding: the identity digest changes with the upgrade.
+        assert_ne!(
+            secret,
+            source.secret(&source.default_binding()).unwrap().digest()
+        );
+    }
+
+    #[test]
+    fn strict_tcb_slot_needs_a_committed_tcb_at_least_the_recorded_one() {
+        let with_tcb = |tcb: u64| {
+            Arc::new(FakeSnpDevice {
+                launch: b"image-1".to_vec(),
+                committed_tcb: tcb,
+                ..Default::default()
+            })
+        };
+        let sealed_on = source_on(SnpPolicy::StrictTcb, &with_tcb(0x0800_0000_0000_0305));
+        let binding = sealed_on.default_binding();
+        let digest = sealed_on.secret(&binding).unwrap().digest();
+        // Older firmware (microcode 0x07 < 0x08) is refused by the firmware: a slot for someone else.
+        let older = source_on(SnpPolicy::Strict, &with_tcb(0x0700_0000_0000_0305));
+        assert!(matches!(
+            older.secret(&binding),
+            Err(SealError::Binding { .. })
+        ));
+        // Newer firmware may derive the key of an older TCB (the ABI only bounds TCB_VERSION by the
+        // committed TCB); the fake models that reading of the specification.
+        let newer = source_on(SnpPolicy::Strict, &with_tcb(0x0900_0000_0000_0306));
+        assert_eq!(newer.secret(&binding).unwrap().digest(), digest);
+    }
+
+    #[test]
+    fn strict_tcb_without_a_report_is_unavailable() {
+        let device = FakeSnpDevice {
+            status: 0x16,
+            ..Default::default()
+        };
+        let err = SnpSource::with_device(SnpPolicy::StrictTcb, Box::new(device)).unwrap_err();
+        assert!(matches!(err, SealError::Unavailable { .. }), "{err}");
+        assert!(err.to_string().contains("committed TCB"), "{err}");
+    }
+
+    #[test]
+    fn committed_tcb_is_read_from_report_offset_1e0() {
+        let mut resp = vec![0u8; REPORT_RESPONSE_LEN];
+        resp[4..8].copy_from_slice(&0x4A0u32.to_le_bytes()); // REPORT_SIZE
+        resp[0x20] = 2; // report VERSION
+        resp[0x20 + 0x1E0..0x20 + 0x1E8].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        resp[0x20 + 0x180..0x20 + 0x188].fill(0xEE); // REPORTED_TCB: host-chosen, not used
+        assert_eq!(parse_committed_tcb(&resp).unwrap(), 0x0807_0605_0403_0201);
+        let mut old = resp.clone();
+        old[0x20] = 1;
+        assert!(matches!(
+            parse_committed_tcb(&old),
+            Err(SnpDeviceError::Report(_))
+        ));
+        let mut short = resp.clone();
+        short[4..8].copy_from_slice(&0x100u32.to_le_bytes());
+        assert!(matches!(
+            parse_committed_tcb(&short),
+            Err(SnpDeviceError::Report(_))
+        ));
+        let mut huge = resp.clone();
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            parse_committed_tcb(&huge),
+            Err(SnpDeviceError::Report(_))
+        ));
+        resp[0] = 0x16;
+        assert!(matches!(
+            parse_committed_tcb(&resp),
+            Err(SnpDeviceError::Status(0x16))
+        ));
+        assert!(parse_committed_tcb(&resp[..8]).is_err());
+    }
+
+    #[test]
     fn another_launch_gets_another_secret() {
-        let a = SnpSource::with_device(SnpPolicy::Strict, Box::new(fake(b"image-1")));
-        let b = SnpSource::with_device(SnpPolicy::Strict, Box::new(fake(b"image-2")));
+        let a = SnpSource::with_device(SnpPolicy::Strict, Box::new(fake(b"image-1"))).unwrap();
+        let b = SnpSource::with_device(SnpPolicy::Strict, Box::new(fake(b"image-2"))).unwrap();
         let binding = a.default_binding();
         assert_ne!(
             a.secret(&binding).unwrap().digest(),
@@ -719,8 +1250,9 @@ mod tests {
             status: 0x16,
             ..Default::default()
         };
-        let source = SnpSource::with_device(SnpPolicy::Strict, Box::new(device));
+        let source = SnpSource::with_device(SnpPolicy::Strict, Box::new(device)).unwrap();
         let err = source.secret(&source.default_binding()).unwrap_err();
+        assert!(matches!(err, SealError::Unavailable { .. }), "{err}");
         assert!(err.to_string().contains("0x16"), "{err}");
     }
 
@@ -741,17 +1273,15 @@ mod tests {
     fn missing_device_is_unavailable() {
         let err = SevGuestDevice::open(Path::new("/nonexistent/sev-guest")).unwrap_err();
         assert!(matches!(err, SnpDeviceError::Open { .. }));
-        if !Path::new(SEV_GUEST_DEVICE).exists() {
-            assert!(matches!(
-                SnpSource::open(SnpPolicy::Strict),
-                Err(SealError::Unavailable { .. })
-            ));
-        }
+        assert!(matches!(
+            SnpSource::open_at(Path::new("/nonexistent/sev-guest"), SnpPolicy::Strict),
+            Err(SealError::Unavailable { .. })
+        ));
     }
 
     #[test]
     fn describe_says_untested_on_hardware() {
-        let s = SnpSource::with_device(SnpPolicy::Strict, Box::new(fake(b"x")));
+        let s = SnpSource::with_device(SnpPolicy::Strict, Box::new(fake(b"x"))).unwrap();
         assert!(
             s.describe()
                 .contains("not yet been run on SEV-SNP hardware")
