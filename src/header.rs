@@ -316,7 +316,26 @@ pub struct Header {
     pub fs: FsKind,
     pub data_offset: u64,
     pub created: u64,
+    /// What this volume is bound to (the CSI volume it was made for: [`volume_binding`]), all zero when
+    /// unbound (formatted by the CLI, or by a sealcsi before bindings). Authenticated like every fixed
+    /// field, so the host cannot move a volume to another volume's place undetected.
+    pub volume_binding: [u8; BINDING_DIGEST_LEN],
     pub keyslots: [Option<Keyslot>; KEYSLOTS],
+}
+
+/// Length of [`Header::volume_binding`].
+pub const BINDING_DIGEST_LEN: usize = 32;
+/// Where the volume binding sits in the fixed part (bytes 72..104, reserved before bindings existed).
+const BINDING_AT: usize = 72;
+const VOLUME_BINDING_LABEL: &[u8] = b"sealcsi/v1/volume-binding";
+
+/// The binding of a volume made for the CSI volume `volume_id`: SHA-256 of a label and the id.
+pub fn volume_binding(volume_id: &str) -> [u8; BINDING_DIGEST_LEN] {
+    Sha256::new()
+        .chain_update(VOLUME_BINDING_LABEL)
+        .chain_update(volume_id.as_bytes())
+        .finalize()
+        .into()
 }
 
 fn put_u16(buf: &mut [u8], at: usize, v: u16) {
@@ -359,8 +378,14 @@ impl Header {
             fs,
             data_offset: DATA_OFFSET,
             created,
+            volume_binding: [0; BINDING_DIGEST_LEN],
             keyslots: Default::default(),
         }
+    }
+
+    /// Whether the volume was bound to a CSI volume at format.
+    pub fn is_bound(&self) -> bool {
+        self.volume_binding != [0; BINDING_DIGEST_LEN]
     }
 
     pub fn uuid_string(&self) -> String {
@@ -391,6 +416,7 @@ impl Header {
         put_u32(out, 48, self.profile.sector_size());
         put_u64(out, 56, self.data_offset);
         put_u64(out, 64, self.created);
+        out[BINDING_AT..BINDING_AT + BINDING_DIGEST_LEN].copy_from_slice(&self.volume_binding);
     }
 
     /// The additional authenticated data of a keyslot's wrap: a label, the header's fixed fields except the
@@ -463,7 +489,10 @@ impl Header {
                 format!("{data_offset} (expected {DATA_OFFSET})"),
             ));
         }
-        require_zero(&buf[72..FIXED_LEN], "reserved@72")?;
+        require_zero(
+            &buf[BINDING_AT + BINDING_DIGEST_LEN..FIXED_LEN],
+            "reserved@104",
+        )?;
         require_zero(&buf[SLOTS_END..CHECKSUM_AT], "reserved@slots-end")?;
         let mut keyslots: [Option<Keyslot>; KEYSLOTS] = Default::default();
         for (i, slot) in keyslots.iter_mut().enumerate() {
@@ -477,6 +506,7 @@ impl Header {
             fs: FsKind::from_code(buf[43])?,
             data_offset,
             created: get_u64(buf, 64),
+            volume_binding: array(buf, BINDING_AT),
             keyslots,
         })
     }
@@ -677,6 +707,22 @@ mod tests {
     }
 
     #[test]
+    fn the_volume_binding_is_stored_at_72_and_authenticated() {
+        let mut h = sample();
+        assert!(!h.is_bound());
+        h.volume_binding = volume_binding("sv-0123");
+        assert!(h.is_bound());
+        assert_ne!(volume_binding("sv-0123"), volume_binding("sv-0124"));
+        let buf = h.encode();
+        assert_eq!(&buf[72..104], &volume_binding("sv-0123"));
+        assert_eq!(Header::decode(&buf).unwrap(), h);
+        let slot = h.keyslots[0].clone().unwrap();
+        let mut other = h.clone();
+        other.volume_binding = volume_binding("sv-0124");
+        assert_ne!(h.keyslot_aad(&slot), other.keyslot_aad(&slot));
+    }
+
+    #[test]
     fn layout_is_as_documented() {
         let buf = sample().encode();
         assert_eq!(&buf[0..8], b"SEALCSI\0");
@@ -783,9 +829,9 @@ mod tests {
             })
         ));
         assert!(matches!(
-            mutated(80, 1),
+            mutated(110, 1),
             Err(HeaderError::Invalid {
-                field: "reserved@72",
+                field: "reserved@104",
                 ..
             })
         ));

@@ -1910,3 +1910,43 @@ async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
     ));
     served.stop().await.unwrap();
 }
+
+/// CSI AccessMode SINGLE_NODE_SINGLE_WRITER: one read-write publish at a time (a second target path is
+/// FAILED_PRECONDITION, a read-only one is allowed); SINGLE_NODE_MULTI_WRITER allows several writers.
+#[tokio::test]
+async fn single_writer_volumes_are_published_read_write_once() {
+    let p = Plugin::start().await;
+    for (mode, second_writer_ok) in [
+        (Mode::SingleNodeSingleWriter, false),
+        (Mode::SingleNodeMultiWriter, true),
+    ] {
+        let v = p.create(&format!("v-{mode:?}"), 64 * MIB, &[]).await;
+        let id = v.volume_id.clone();
+        let staging = p.path(&format!("staging-{mode:?}"));
+        let cap = || mount_cap(mode, "");
+        p.stage(&id, &staging, cap()).await.unwrap();
+        let (t1, t2, t3) = (
+            p.path(&format!("t1-{mode:?}")),
+            p.path(&format!("t2-{mode:?}")),
+            p.path(&format!("t3-{mode:?}")),
+        );
+        p.publish(&id, &staging, &t1, cap(), false).await.unwrap();
+        // The same publish again is idempotent.
+        p.publish(&id, &staging, &t1, cap(), false).await.unwrap();
+        let second = p.publish(&id, &staging, &t2, cap(), false).await;
+        if second_writer_ok {
+            second.unwrap();
+        } else {
+            assert_eq!(code(second), Code::FailedPrecondition, "{mode:?}");
+        }
+        p.publish(&id, &staging, &t3, cap(), true).await.unwrap();
+        // Once the writer is gone, another target may write.
+        p.unpublish(&id, &t1).await.unwrap();
+        p.publish(&id, &staging, &t2, cap(), false).await.unwrap();
+        for t in [&t2, &t3] {
+            p.unpublish(&id, t).await.unwrap();
+        }
+        p.unstage(&id, &staging).await.unwrap();
+    }
+    p.stop().await.unwrap();
+}

@@ -657,3 +657,57 @@ async fn guest_csi_flipped_header_byte_is_abnormal_and_other_identity_cannot_sta
     assert!(!backing.exists());
     p.stop().await;
 }
+
+/// The host swaps two tenants' backing files (header and data): each volume's header unseals on this
+/// node (same node identity), but its authenticated binding names the other volume id, so both stages
+/// are refused and neither file changes by a byte.
+#[tokio::test]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+async fn guest_csi_swapped_backing_files_are_refused_and_left_unchanged() {
+    let dir = scratch("swap");
+    let state = dir.join("state");
+    let p = Plugin::start(&dir, &state, "node-a").await;
+    let mut ids = Vec::new();
+    for name in ["pvc-tenant-a", "pvc-tenant-b"] {
+        let id = p.create(name, 128 * MIB, mount_cap("")).await.volume_id;
+        let staging = dir.join(format!("staging-{name}"));
+        p.stage(&id, &staging, mount_cap("")).await.unwrap();
+        p.unstage(&id, &staging).await;
+        ids.push(id);
+    }
+    let (a, b) = (p.backing(&ids[0]), p.backing(&ids[1]));
+    let parked = dir.join("parked.img");
+    fs::rename(&a, &parked).unwrap();
+    fs::rename(&b, &a).unwrap();
+    fs::rename(&parked, &b).unwrap();
+    let digest = |path: &Path| Sha256::digest(fs::read(path).unwrap()).to_vec();
+    let before = [digest(&a), digest(&b)];
+    for id in &ids {
+        let err = p
+            .stage(id, &dir.join(format!("restage-{id}")), mount_cap(""))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(
+            err.message().contains("made for another volume"),
+            "{}",
+            err.message()
+        );
+    }
+    assert_eq!(
+        [digest(&a), digest(&b)],
+        before,
+        "both files byte-identical"
+    );
+    // Swapped back, both open again.
+    fs::rename(&a, &parked).unwrap();
+    fs::rename(&b, &a).unwrap();
+    fs::rename(&parked, &b).unwrap();
+    for id in &ids {
+        let staging = dir.join(format!("back-{id}"));
+        p.stage(id, &staging, mount_cap("")).await.unwrap();
+        p.unstage(id, &staging).await;
+        p.delete(id).await;
+    }
+    p.stop().await;
+}

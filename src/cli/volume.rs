@@ -7,7 +7,7 @@ use clap::Subcommand;
 
 use super::keyslots::KeyslotCommand;
 use super::{Global, kernel_dm, open_source, print_json};
-use sealcsi::header::{FsKind, Integrity, Journal, Profile};
+use sealcsi::header::{self, FsKind, Integrity, Journal, Profile};
 use sealcsi::sealing;
 use sealcsi::volume::init::InitMode;
 use sealcsi::volume::{self, FormatOptions, VolumeError, Volumes};
@@ -29,6 +29,10 @@ pub(crate) enum VolumeCommand {
         /// Destroy whatever the device holds.
         #[arg(long)]
         force: bool,
+        /// Bind the volume to this CSI volume id: a sealcsi node stages only volumes bound to the id it
+        /// stages (e.g. when preparing a volume for a static PersistentVolume).
+        #[arg(long, value_name = "CSI_VOLUME_ID")]
+        volume_id: Option<String>,
     },
     /// Unseal and open a volume as /dev/mapper/<name>; prints {"device": ...}.
     Open {
@@ -58,8 +62,12 @@ pub(crate) fn run(global: &Global, command: VolumeCommand) -> anyhow::Result<()>
             fs,
             init,
             force,
+            volume_id,
         } => {
-            let opts = format_options(integrity, journal, fs, init, force);
+            let mut opts = format_options(integrity, journal, fs, init, force);
+            if let Some(id) = &volume_id {
+                opts.volume_binding = header::volume_binding(id);
+            }
             let source = open_source(global)?;
             let dm = kernel_dm()?;
             let report = Volumes::new(&dm, source.as_ref())
@@ -119,5 +127,6 @@ fn format_options(
         fs,
         init,
         force,
+        volume_binding: [0; header::BINDING_DIGEST_LEN],
     }
 }

@@ -186,7 +186,8 @@ impl VolumeEngine for KernelEngine {
                 mkfs_seconds: report.mkfs_seconds,
             });
         }
-        let report = self.volumes().open(backing, dm_name)?;
+        let expected = (dm_name, &format.volume_binding);
+        let report = self.volumes().open_as(backing, dm_name, Some(expected))?;
         // The header open authenticated, never a second read the host could answer differently.
         Ok(StagedDevice {
             device: report.device,

@@ -26,7 +26,7 @@ use crate::header::FsKind;
 use crate::store::{Store, StoreError, VolumeId, VolumeInfo};
 use crate::volume::init::InitMode;
 use crate::volume::{Condition, FormatOptions};
-use capability::{AccessType, Capability};
+use capability::{AccessMode, AccessType, Capability};
 pub use engine::{EngineError, KernelEngine, StagedDevice, VolumeEngine};
 pub use memory::MemoryEngine;
 pub use mount::{MemoryMounter, MountError, MountInfo, Mounter, SystemMounter};
@@ -212,18 +212,22 @@ impl NodeCore {
             )));
         }
         let params = vol.record.parameters;
+        // Bound at format and checked at every open: another volume's file in this one's place is refused.
+        let volume_binding = crate::header::volume_binding(volume_id.as_str());
         let format = match &cap.access {
             AccessType::Block => FormatOptions {
                 profile: params.profile(),
                 fs: FsKind::None,
                 init: InitMode::Full,
                 force: false,
+                volume_binding,
             },
             AccessType::Mount { fs, .. } => FormatOptions {
                 profile: params.profile(),
                 fs: fs.unwrap_or(FsKind::Ext4),
                 init: params.init,
                 force: false,
+                volume_binding,
             },
         };
         let was_open = self.engine.open_device(&dm)?.is_some();
@@ -356,6 +360,9 @@ impl NodeCore {
                         }
                     )));
                 }
+                if cap.mode == AccessMode::SingleNodeSingleWriter && !ro {
+                    self.refuse_second_writer(volume_id, &staged, staging, target)?;
+                }
                 fs::create_dir_all(target)
                     .map_err(io_err(format!("creating {}", target.display())))?;
                 self.mounter.bind(staging, target, ro)?;
@@ -395,6 +402,35 @@ impl NodeCore {
                     .open(target)
                     .map_err(io_err(format!("creating {}", target.display())))?;
                 self.mounter.bind(&device, target, ro)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// SINGLE_NODE_SINGLE_WRITER: a volume is published read-write at one target path at a time (CSI
+    /// spec, AccessMode); a second read-write publish elsewhere is FAILED_PRECONDITION. Read-only
+    /// publishes add no writer and stay allowed.
+    fn refuse_second_writer(
+        &self,
+        volume_id: &VolumeId,
+        staged: &MountInfo,
+        staging: &Path,
+        target: &Path,
+    ) -> Result<(), NodeError> {
+        for point in self.mounter.mount_points_of(staged)? {
+            if point == staging || point == target {
+                continue;
+            }
+            let writable = self
+                .mounter
+                .mounted_at(&point)?
+                .is_some_and(|m| !m.read_only());
+            if writable {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "volume {volume_id} has the access mode SINGLE_NODE_SINGLE_WRITER and is already \
+                     published read-write at {}",
+                    point.display()
+                )));
             }
         }
         Ok(())

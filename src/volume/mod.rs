@@ -35,7 +35,9 @@ use crate::clock::now_unix;
 use crate::devio;
 use crate::dm::{DeviceMapper, DmError};
 use crate::error::{Classify, Kind};
-use crate::header::{DATA_OFFSET, FsKind, Header, HeaderError, Keyslot, Profile};
+use crate::header::{
+    BINDING_DIGEST_LEN, DATA_OFFSET, FsKind, Header, HeaderError, Keyslot, Profile,
+};
 use crate::keys::{KeyError, VolumeKey};
 use crate::sealing::{SealError, SealingSource};
 use init::{InitError, InitMode};
@@ -98,6 +100,13 @@ pub enum VolumeError {
     Init(#[from] InitError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The device holds a sealcsi volume, but not the one asked for.
+    #[error("refusing to open {device} as volume {expected}: {why}")]
+    WrongVolume {
+        device: String,
+        expected: String,
+        why: &'static str,
+    },
     /// The stored sequence number is at its maximum: no update could win (a host-chosen value).
     #[error(
         "the header's sequence number is at its maximum, so no update can win: the header was altered"
@@ -118,6 +127,7 @@ impl Classify for VolumeError {
             VolumeError::WrongIdentity { .. } | VolumeError::NoKeyslots => Kind::WrongIdentity,
             VolumeError::Header { .. }
             | VolumeError::HeaderAuthentication { .. }
+            | VolumeError::WrongVolume { .. }
             | VolumeError::SeqnoExhausted => Kind::InvalidHeader,
             VolumeError::Refused { .. } => Kind::Refused,
             VolumeError::Busy(_) => Kind::Busy,
@@ -144,6 +154,8 @@ pub struct FormatOptions {
     pub fs: FsKind,
     pub init: InitMode,
     pub force: bool,
+    /// What the volume is bound to ([`crate::header::volume_binding`]); all zero for none.
+    pub volume_binding: [u8; BINDING_DIGEST_LEN],
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -212,6 +224,7 @@ impl<'a> Volumes<'a> {
 
         let uuid = *uuid::Uuid::new_v4().as_bytes();
         let mut header = Header::new(uuid, opts.profile, opts.fs, now_unix());
+        header.volume_binding = opts.volume_binding;
         let key = VolumeKey::generate(opts.profile.key_len())?;
         // Zero the header region and the first block of the integrity area, so the kernel formats a fresh
         // integrity device (and nothing of an older volume survives at the front).
@@ -317,10 +330,25 @@ impl<'a> Volumes<'a> {
     /// Opens the volume on `path` as /dev/mapper/`name`. Idempotent: an identical open stack is success,
     /// a stale half-made one is cleaned up first.
     pub fn open(&self, path: &Path, name: &str) -> Result<OpenReport, VolumeError> {
+        self.open_as(path, name, None)
+    }
+
+    /// [`Self::open`] of the volume made for `expected` (`volume_id`, its binding): a device holding any
+    /// other volume, or an unbound one, is refused after the unseal (which authenticates the binding)
+    /// and before anything is built or written.
+    pub fn open_as(
+        &self,
+        path: &Path,
+        name: &str,
+        expected: Option<(&str, &[u8; BINDING_DIGEST_LEN])>,
+    ) -> Result<OpenReport, VolumeError> {
         let names = StackNames::new(name)?;
         let dev = BlockDevice::open_path(path)?;
         let header = read_header(dev.path())?.header;
         let (slot, key) = self.unseal(&header)?;
+        if let Some((volume_id, binding)) = expected {
+            check_binding(&header, volume_id, binding, path)?;
+        }
         tracing::debug!(volume.uuid = %header.uuid_string(), keyslot = slot, "unsealed the volume key");
         let data_sectors = match header.profile {
             Profile::AeadHmacSha256 { .. } => {
@@ -342,6 +370,29 @@ impl<'a> Volumes<'a> {
             header,
         })
     }
+}
+
+/// Refuses a volume whose (authenticated) binding is not `binding`.
+fn check_binding(
+    header: &Header,
+    volume_id: &str,
+    binding: &[u8; BINDING_DIGEST_LEN],
+    device: &Path,
+) -> Result<(), VolumeError> {
+    let why = if !header.is_bound() {
+        "it is bound to no CSI volume (formatted by the CLI, or by a sealcsi from before volume bindings); \
+         the node opens only volumes made for the volume id it stages"
+    } else if header.volume_binding != *binding {
+        "it was made for another volume: its authenticated binding names a different volume id (the \
+         host may have swapped or copied backing files)"
+    } else {
+        return Ok(());
+    };
+    Err(VolumeError::WrongVolume {
+        device: device.display().to_string(),
+        expected: volume_id.to_string(),
+        why,
+    })
 }
 
 /// The device-mapper name a volume gets when the operator names none: derived from its UUID, so the
@@ -496,10 +547,26 @@ mod tests {
             fs: FsKind::None,
             init: InitMode::Fast,
             force: false,
+            volume_binding: [0; BINDING_DIGEST_LEN],
         };
         let err = Volumes::new(&dm, &source)
             .format(Path::new("/nonexistent"), &opts, &mut |_, _| {})
             .unwrap_err();
         assert_eq!(err.kind(), Kind::InvalidArgument);
+    }
+
+    #[test]
+    fn only_a_volume_bound_to_the_staged_id_opens() {
+        let mut header = Header::new([7; 16], aead(), FsKind::Ext4, 1);
+        let mine = crate::header::volume_binding("sv-a");
+        let dev = Path::new("/dev/x");
+        let err = check_binding(&header, "sv-a", &mine, dev).unwrap_err();
+        assert!(err.to_string().contains("bound to no CSI volume"), "{err}");
+        header.volume_binding = crate::header::volume_binding("sv-b");
+        let err = check_binding(&header, "sv-a", &mine, dev).unwrap_err();
+        assert!(err.to_string().contains("made for another volume"), "{err}");
+        assert_eq!(err.kind(), Kind::InvalidHeader);
+        header.volume_binding = mine;
+        check_binding(&header, "sv-a", &mine, dev).unwrap();
     }
 }
