@@ -1950,3 +1950,42 @@ async fn single_writer_volumes_are_published_read_write_once() {
     }
     p.stop().await.unwrap();
 }
+
+/// Issue 10, item 3: once a volume was formatted its record says so (with the UUID), and a header the
+/// host blanked afterwards is never a reason to format again: the stage fails and nothing is written.
+#[tokio::test]
+async fn a_blanked_header_is_never_formatted_again() {
+    let p = Plugin::start().await;
+    let v = p.create("v-blank", 64 * MIB, &[]).await;
+    let id = v.volume_id.clone();
+    let staging = p.path("staging-blank");
+    let cap = || mount_cap(Mode::SingleNodeWriter, "");
+    p.stage(&id, &staging, cap()).await.unwrap();
+    p.unstage(&id, &staging).await.unwrap();
+    let backing = p.backing(&id);
+    let record =
+        std::fs::read_to_string(p.state.join("volumes").join(format!("{id}.json"))).unwrap();
+    assert!(record.contains("formatted_uuid"), "{record}");
+    // The host zeroes both header copies.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&backing)
+        .unwrap()
+        .write_all_at(&[0u8; 8192], 0)
+        .unwrap();
+    let before = std::fs::read(&backing).unwrap();
+    let err = p.stage(&id, &staging, cap()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("refusing to format it again"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(std::fs::read(&backing).unwrap(), before, "nothing written");
+    assert_eq!(
+        p.engine.formats().len(),
+        1,
+        "formatted once, at the first stage only"
+    );
+    p.stop().await.unwrap();
+}

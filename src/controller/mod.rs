@@ -178,6 +178,7 @@ impl Provisioner {
             capacity_bytes: size,
             parameters: params,
             created: now_unix(),
+            formatted_uuid: None,
         };
         self.store.write_record(&record)?;
         tracing::info!(volume.id = %id, bytes = size, "created volume");

@@ -31,6 +31,14 @@ pub enum EngineError {
     Backend(#[from] BackendError),
     #[error(transparent)]
     Fs(#[from] FsError),
+    /// The record says the volume was formatted, and its header is gone: formatting again would hand the
+    /// tenant an empty volume in place of its data.
+    #[error(
+        "volume was formatted (UUID {uuid}) but its device holds no sealcsi header any more: the header \
+         was erased or the device replaced; refusing to format it again (its data would be lost). Restore \
+         the header (a recovery copy) or delete the volume"
+    )]
+    HeaderGone { uuid: String },
     /// The operation needs the volume open on this node and it is not.
     #[error("volume device {0} is not open on this node (not staged)")]
     NotOpen(String),
@@ -52,6 +60,7 @@ impl Classify for EngineError {
             EngineError::NotOpen(_) | EngineError::Fs(FsError::NoFilesystem(_)) => {
                 Kind::FailedPrecondition
             }
+            EngineError::HeaderGone { .. } => Kind::InvalidHeader,
             _ => Kind::Internal,
         }
     }
@@ -60,6 +69,8 @@ impl Classify for EngineError {
 /// What staging the device produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StagedDevice {
+    /// The volume's UUID (from the authenticated header).
+    pub uuid: [u8; 16],
     /// The top device node (`/dev/mapper/<dm name>`).
     pub device: PathBuf,
     /// The filesystem the header records (what was made at format time).
@@ -81,13 +92,16 @@ pub struct InitTiming {
 /// The sealed-volume operations of the node core.
 pub trait VolumeEngine: Send + Sync {
     /// Opens the sealed volume in `backing` as `dm_name`. A device without a sealcsi header and without
-    /// any other signature is formatted first with `format` (never forced); a device whose header does
-    /// not unseal here is an error, never a reason to format. Idempotent: an open volume is success.
+    /// any other signature is formatted first with `format` (never forced), unless `formatted` says the
+    /// volume was formatted already (with that UUID): then a missing header is an error, never a reason to
+    /// format, and a header with another UUID is refused. A header that does not unseal here is an error
+    /// too. Idempotent: an open volume is success.
     fn stage_device(
         &self,
         backing: &Path,
         dm_name: &str,
         format: &FormatOptions,
+        formatted: Option<[u8; 16]>,
     ) -> Result<StagedDevice, EngineError>;
     /// The top device node if `dm_name` is open.
     fn open_device(&self, dm_name: &str) -> Result<Option<PathBuf>, EngineError>;
@@ -169,10 +183,16 @@ impl VolumeEngine for KernelEngine {
         backing: &Path,
         dm_name: &str,
         format: &FormatOptions,
+        formatted: Option<[u8; 16]>,
     ) -> Result<StagedDevice, EngineError> {
         let names = StackNames::new(dm_name)?;
         let mut init = None;
         if self.dm.info(&names.crypt)?.is_none() && !header::has_magic(&read_region(backing)?) {
+            if let Some(uuid) = formatted {
+                return Err(EngineError::HeaderGone {
+                    uuid: uuid::Uuid::from_bytes(uuid).to_string(),
+                });
+            }
             // Never a sealcsi volume. Format refuses (force is never set here) if anything else is there.
             let opts = FormatOptions {
                 force: false,
@@ -186,10 +206,15 @@ impl VolumeEngine for KernelEngine {
                 mkfs_seconds: report.mkfs_seconds,
             });
         }
-        let expected = (dm_name, &format.volume_binding);
+        let expected = volume::Expected {
+            name: dm_name,
+            binding: &format.volume_binding,
+            uuid: formatted,
+        };
         let report = self.volumes().open_as(backing, dm_name, Some(expected))?;
         // The header open authenticated, never a second read the host could answer differently.
         Ok(StagedDevice {
+            uuid: report.header.uuid,
             device: report.device,
             fs: report.header.fs,
             formatted: init.is_some(),

@@ -281,13 +281,23 @@ impl VolumeEngine for MemoryEngine {
         backing: &Path,
         dm_name: &str,
         format: &FormatOptions,
+        known_uuid: Option<[u8; 16]>,
     ) -> Result<StagedDevice, EngineError> {
         let names = StackNames::new(dm_name)?;
         let delay = *self.stage_delay.lock().unwrap_or_else(|e| e.into_inner());
         std::thread::sleep(delay);
         let mut region = read_region(backing)?;
         let mut formatted = false;
+        // The marker has no UUID of its own: one derived from the backing file stands in for it.
+        let volume_uuid: [u8; 16] = Sha256::digest(backing.as_os_str().as_encoded_bytes())[..16]
+            .try_into()
+            .expect("16 bytes");
         if !has_marker_magic(&region) {
+            if known_uuid.is_some() {
+                return Err(EngineError::HeaderGone {
+                    uuid: hex::encode(volume_uuid),
+                });
+            }
             if region.iter().any(|&b| b != 0) {
                 return Err(EngineError::Volume(VolumeError::Refused {
                     device: backing.display().to_string(),
@@ -318,6 +328,7 @@ impl VolumeEngine for MemoryEngine {
         }
         if let Some(info) = self.dm.info(&names.crypt)? {
             return Ok(StagedDevice {
+                uuid: volume_uuid,
                 device: info.node,
                 fs: marker.fs,
                 formatted,
@@ -340,6 +351,7 @@ impl VolumeEngine for MemoryEngine {
             .dm
             .create(&names.crypt, &stack::dm_uuid(&uuid, "crypt"), &[crypt])?;
         Ok(StagedDevice {
+            uuid: volume_uuid,
             device: info.node,
             fs: marker.fs,
             formatted,

@@ -231,9 +231,14 @@ impl NodeCore {
             },
         };
         let was_open = self.engine.open_device(&dm)?.is_some();
-        let staged = self.engine.stage_device(&vol.backing, &dm, &format);
+        let staged = self
+            .engine
+            .stage_device(&vol.backing, &dm, &format, vol.record.formatted());
         self.record_stage(&staged);
         let staged = staged?;
+        if vol.record.formatted_uuid.is_none() {
+            self.record_formatted(&vol, staged.uuid)?;
+        }
         tracing::info!(volume.id = %volume_id, device = %staged.device.display(), formatted = staged.formatted, "volume open");
         if let Err(e) = self.finish_pending_init(volume_id, &dm) {
             if !was_open {
@@ -271,6 +276,13 @@ impl NodeCore {
         self.mounter
             .mount(&staged.device, staging, staged.fs.name(), &options)?;
         Ok(())
+    }
+
+    /// Records that the volume holds a sealcsi volume with `uuid`: never formatted again.
+    fn record_formatted(&self, vol: &VolumeInfo, uuid: [u8; 16]) -> Result<(), NodeError> {
+        let mut record = vol.record.clone();
+        record.formatted_uuid = Some(uuid::Uuid::from_bytes(uuid).to_string());
+        Ok(self.store.write_record(&record)?)
     }
 
     fn close_quietly(&self, volume_id: &VolumeId, dm: &str) {

@@ -78,6 +78,20 @@ pub struct VolumeRecord {
     pub parameters: VolumeParams,
     /// Unix seconds.
     pub created: u64,
+    /// The UUID of the volume's header, recorded by the node once the volume was formatted (or first
+    /// opened). From then on the node never formats it again, and opens only a header with this UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formatted_uuid: Option<String>,
+}
+
+impl VolumeRecord {
+    /// [`Self::formatted_uuid`] as bytes; a value that does not parse counts as formatted with an
+    /// unknown UUID (never a reason to format).
+    pub fn formatted(&self) -> Option<[u8; 16]> {
+        self.formatted_uuid
+            .as_deref()
+            .map(|u| uuid::Uuid::parse_str(u).map_or([0xff; 16], |u| *u.as_bytes()))
+    }
 }
 
 /// The content of `<id>.grow`: see [`Store::set_pending_init`].
@@ -368,6 +382,7 @@ mod tests {
                 capacity_bytes: 64 << 20,
                 parameters: VolumeParams::default(),
                 created: 1,
+                formatted_uuid: None,
             })
             .unwrap();
         (dir, store, id)

@@ -340,14 +340,14 @@ impl<'a> Volumes<'a> {
         &self,
         path: &Path,
         name: &str,
-        expected: Option<(&str, &[u8; BINDING_DIGEST_LEN])>,
+        expected: Option<Expected<'_>>,
     ) -> Result<OpenReport, VolumeError> {
         let names = StackNames::new(name)?;
         let dev = BlockDevice::open_path(path)?;
         let header = read_header(dev.path())?.header;
         let (slot, key) = self.unseal(&header)?;
-        if let Some((volume_id, binding)) = expected {
-            check_binding(&header, volume_id, binding, path)?;
+        if let Some(expected) = expected {
+            expected.check(&header, path)?;
         }
         tracing::debug!(volume.uuid = %header.uuid_string(), keyslot = slot, "unsealed the volume key");
         let data_sectors = match header.profile {
@@ -369,6 +369,32 @@ impl<'a> Volumes<'a> {
             already_open: matches!(outcome, OpenOutcome::AlreadyOpen(_)),
             header,
         })
+    }
+}
+
+/// Which volume an open must find (the node stages one volume id, never whatever the device holds).
+#[derive(Debug, Clone, Copy)]
+pub struct Expected<'a> {
+    /// The name it is staged as (for messages).
+    pub name: &'a str,
+    /// Its binding ([`crate::header::volume_binding`] of its CSI volume id).
+    pub binding: &'a [u8; BINDING_DIGEST_LEN],
+    /// The UUID recorded when it was formatted, once it was.
+    pub uuid: Option<[u8; 16]>,
+}
+
+impl Expected<'_> {
+    /// Checks the authenticated `header` against what is expected.
+    fn check(&self, header: &Header, device: &Path) -> Result<(), VolumeError> {
+        check_binding(header, self.name, self.binding, device)?;
+        match self.uuid {
+            Some(uuid) if uuid != header.uuid => Err(VolumeError::WrongVolume {
+                device: device.display().to_string(),
+                expected: self.name.to_string(),
+                why: "its UUID is not the one recorded when this volume was formatted",
+            }),
+            _ => Ok(()),
+        }
     }
 }
 
