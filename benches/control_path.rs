@@ -60,12 +60,14 @@ impl Plugin {
             engine: Arc::new(MemoryEngine::new(dm, "bench-identity")),
             mounter: Arc::new(MemoryMounter::new()),
         };
-        let config = PluginConfig::new(
+        let mut config = PluginConfig::new(
             format!("unix://{}", socket.display()),
             "node-bench",
             PluginMode::All,
             &state,
         );
+        // Thousands of sparse 64 MiB volumes that never hold data: promise far more than the disk.
+        config.overcommit_ratio = 1e6;
         Plugin {
             _dir: dir,
             work,

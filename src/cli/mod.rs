@@ -125,6 +125,10 @@ struct PluginArgs {
     /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9809); off by default.
     #[arg(long, env = "SEALCSI_METRICS_ADDRESS")]
     metrics_address: Option<std::net::SocketAddr>,
+    /// How many times the state directory's disk the (sparse) volumes may be promised: CreateVolume and
+    /// expansions beyond it are RESOURCE_EXHAUSTED, and GetCapacity reports what is left.
+    #[arg(long, env = "SEALCSI_OVERCOMMIT_RATIO", default_value_t = 1.0)]
+    overcommit_ratio: f64,
 }
 
 /// Runs the command line and returns the process's exit code.
@@ -228,6 +232,7 @@ fn run_plugin(global: &Global, args: PluginArgs) -> anyhow::Result<()> {
         sealcsi::csi::PluginConfig::new(args.endpoint, args.node_id, args.mode, &global.state_dir);
     config.driver_name = args.driver_name;
     config.metrics_address = args.metrics_address;
+    config.overcommit_ratio = args.overcommit_ratio;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -15,9 +15,7 @@ use crate::dm::{DeviceMapper, DmError};
 use crate::error::{Classify, Kind};
 use crate::header::FsKind;
 use crate::store::sizing::{MIN_VOLUME_BYTES, min_volume_bytes, size_for_range_min};
-use crate::store::{
-    Store, StoreError, VolumeId, VolumeInfo, VolumeParams, VolumeRecord, free_bytes,
-};
+use crate::store::{Store, StoreError, VolumeId, VolumeInfo, VolumeParams, VolumeRecord};
 use crate::volume::health::{self, Check, Condition};
 use crate::volume::{VolumeError, header_io};
 pub use list::Page;
@@ -160,14 +158,8 @@ impl Provisioner {
             "a sealcsi volume".to_string()
         };
         let size = size_for_range_min(required, limit, min, &what)?;
-        let free = free_bytes(self.store.dir())?;
-        if size > free {
-            return Err(StoreError::ResourceExhausted(format!(
-                "volume of {size} bytes does not fit: {free} bytes free in {}",
-                self.store.dir().display()
-            ))
-            .into());
-        }
+        self.store
+            .reserve(size, || format!("a volume of {size} bytes"))?;
         // A backing file without a record is the leftover of an interrupted create: nobody can have
         // staged it (staging needs the record), so it is emptied and reused.
         self.store.create_backing(&id, size)?;
@@ -217,9 +209,9 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Free bytes in the state directory's filesystem.
+    /// Bytes a new volume may still take (GetCapacity): the store's budget, so CreateVolume agrees.
     pub fn capacity(&self) -> Result<u64, ControllerError> {
-        Ok(free_bytes(self.store.dir())?)
+        Ok(self.store.budget()?.available())
     }
 
     /// Grows the backing file of `id` to fit the range; never shrinks. Returns the new size. The open

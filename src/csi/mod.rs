@@ -102,7 +102,7 @@ impl Mode {
 }
 
 /// What the plugin serves, where, and as whom.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PluginConfig {
     /// `unix:///path/to/csi.sock` (a bare absolute path is accepted too).
     pub endpoint: String,
@@ -114,6 +114,9 @@ pub struct PluginConfig {
     pub state_dir: PathBuf,
     /// Where to serve Prometheus metrics (`GET /metrics`); off when `None`.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// How many times the state directory's disk the sparse volumes may be promised (1.0: never more
+    /// than the disk holds).
+    pub overcommit_ratio: f64,
 }
 
 impl PluginConfig {
@@ -131,6 +134,7 @@ impl PluginConfig {
             mode,
             state_dir: state_dir.into(),
             metrics_address: None,
+            overcommit_ratio: 1.0,
         }
     }
 }

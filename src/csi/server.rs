@@ -102,7 +102,7 @@ pub async fn serve_until(
         return Err(CsiError::Config("driver name is empty".into()));
     }
     let path = socket_path(&config.endpoint)?;
-    let store = Store::open(&config.state_dir)?;
+    let store = Store::open(&config.state_dir)?.with_overcommit(config.overcommit_ratio)?;
     // Always collected (cheap); served only when an address is configured.
     let metrics = crate::metrics::Metrics::new(Some(deps.dm.clone()));
     let shared = Arc::new(Shared {

@@ -127,6 +127,41 @@ pub fn free_bytes(path: &Path) -> Result<u64, StoreError> {
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
+    overcommit: f64,
+}
+
+/// What the store may still promise, and why.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    /// Free bytes of the state directory's filesystem.
+    pub free: u64,
+    /// Bytes the backing files occupy on disk today.
+    pub allocated: u64,
+    /// Bytes promised: the sum of the backing files' sizes.
+    pub committed: u64,
+    pub overcommit: f64,
+}
+
+impl Budget {
+    /// Bytes a new volume (or a growth) may still take: (free + allocated) × overcommit − committed.
+    /// Backing files are sparse, so what they were promised is not yet taken from `free`; counting it
+    /// keeps tenants from promising more than the disk holds (at the default ratio of 1.0).
+    pub fn available(&self) -> u64 {
+        let capacity = (self.free.saturating_add(self.allocated)) as f64 * self.overcommit;
+        (capacity as u64).saturating_sub(self.committed)
+    }
+
+    fn refuse(&self, what: String, dir: &Path) -> StoreError {
+        StoreError::ResourceExhausted(format!(
+            "{what} does not fit: {} bytes left to promise in {} ({} free, {} promised to existing \
+             volumes, overcommit ratio {})",
+            self.available(),
+            dir.display(),
+            self.free,
+            self.committed,
+            self.overcommit
+        ))
+    }
 }
 
 impl Store {
@@ -134,7 +169,55 @@ impl Store {
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
         let dir = state_dir.join("volumes");
         fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            overcommit: 1.0,
+        })
+    }
+
+    /// How many times the disk the volumes may be promised (sparse files; default 1.0: never more than
+    /// the disk holds). Values below or at zero, or not finite, are an invalid argument.
+    pub fn with_overcommit(mut self, ratio: f64) -> Result<Self, StoreError> {
+        if !ratio.is_finite() || ratio <= 0.0 {
+            return Err(StoreError::InvalidArgument(format!(
+                "overcommit ratio {ratio} is not a positive number"
+            )));
+        }
+        self.overcommit = ratio;
+        Ok(self)
+    }
+
+    /// What the store has promised and may still promise: one pass over the backing files.
+    pub fn budget(&self) -> Result<Budget, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let mut budget = Budget {
+            free: free_bytes(&self.dir)?,
+            allocated: 0,
+            committed: 0,
+            overcommit: self.overcommit,
+        };
+        let entries =
+            fs::read_dir(&self.dir).map_err(io_err(format!("listing {}", self.dir.display())))?;
+        for entry in entries.filter_map(Result::ok) {
+            let is_backing = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.ends_with(".img"));
+            if let (true, Ok(meta)) = (is_backing, entry.metadata()) {
+                budget.committed += meta.len();
+                budget.allocated += meta.blocks() * 512;
+            }
+        }
+        Ok(budget)
+    }
+
+    /// Refuses to promise `bytes` more than the budget allows (`what` names them in the error).
+    pub fn reserve(&self, bytes: u64, what: impl FnOnce() -> String) -> Result<(), StoreError> {
+        let budget = self.budget()?;
+        if bytes > budget.available() {
+            return Err(budget.refuse(what(), &self.dir));
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -305,13 +388,7 @@ impl Store {
         }
         let size = sizing::size_for_range(required, limit)?;
         let grow = size - info.capacity_bytes;
-        let free = free_bytes(&self.dir)?;
-        if grow > free {
-            return Err(StoreError::ResourceExhausted(format!(
-                "growing by {grow} bytes does not fit: {free} bytes free in {}",
-                self.dir.display()
-            )));
-        }
+        self.reserve(grow, || format!("growing by {grow} bytes"))?;
         let ctx = format!("growing {}", info.backing.display());
         let f = OpenOptions::new()
             .write(true)
@@ -414,6 +491,32 @@ mod tests {
             s.grow_backing(&id, 64 << 20, 80 << 20).unwrap_err().kind(),
             Kind::OutOfRange
         );
+    }
+
+    #[test]
+    fn promises_never_exceed_the_disk_times_the_overcommit_ratio() {
+        let (_d, s, id) = store();
+        let budget = s.budget().unwrap();
+        assert_eq!(
+            budget.committed,
+            64 << 20,
+            "the sparse 64 MiB backing file is promised"
+        );
+        assert!(budget.available() + (64 << 20) <= budget.free + budget.allocated);
+        // A ratio that leaves room for exactly 32 MiB more than is promised.
+        let room = (budget.committed + (32 << 20)) as f64 / (budget.free + budget.allocated) as f64;
+        let tight = s.clone().with_overcommit(room).unwrap();
+        let err = tight.grow_backing(&id, 128 << 20, 0).unwrap_err();
+        assert_eq!(err.kind(), Kind::ResourceExhausted, "{err}");
+        assert!(err.to_string().contains("overcommit ratio"), "{err}");
+        assert_eq!(
+            tight.get(&id).unwrap().capacity_bytes,
+            64 << 20,
+            "nothing grew"
+        );
+        assert_eq!(tight.grow_backing(&id, 80 << 20, 0).unwrap(), 80 << 20);
+        assert!(s.clone().with_overcommit(0.0).is_err());
+        assert!(s.clone().with_overcommit(f64::NAN).is_err());
     }
 
     #[test]
