@@ -7,6 +7,7 @@
 //! (sealcsi takes no secrets), and the request types that carry secrets have a `Debug` that prints no
 //! field (see build.rs).
 
+pub mod authority;
 pub mod controller;
 pub mod convert;
 pub mod guard;
@@ -61,6 +62,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::Status;
 
@@ -356,7 +358,10 @@ pub async fn serve_until(
         shutdown.await;
         let _ = stopping_tx.send(());
     };
-    let serving = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+    // Any `:authority` is accepted on the socket (gRPC C-core sends the socket path): see `authority`.
+    let incoming =
+        UnixListenerStream::new(listener).map(|conn| conn.map(authority::AuthorityFix::new));
+    let serving = router.serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(serving);
     let result = tokio::select! {
         r = &mut serving => r.map_err(CsiError::from),
