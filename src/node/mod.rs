@@ -29,7 +29,7 @@ use crate::provision::{
 use crate::volume::FormatOptions;
 pub use engine::{EngineError, KernelEngine, StagedDevice, VolumeEngine};
 pub use memory::MemoryEngine;
-pub use mount::{MemoryMounter, MountError, MountInfo, Mounter, SystemMounter};
+pub use mount::{BindFlags, MemoryMounter, MountError, MountInfo, Mounter, SystemMounter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -257,7 +257,8 @@ impl NodeCore {
             )));
         }
         fs::create_dir_all(staging).map_err(io_err(format!("creating {}", staging.display())))?;
-        let mut options = flags.clone();
+        // nosuid,nodev unless the CO's mount_flags say suid/dev (mount::secure_options).
+        let mut options = mount::secure_options(flags);
         if cap.mode.read_only() {
             options.push("ro".into());
         }
@@ -332,7 +333,8 @@ impl NodeCore {
         let node = device_node(volume_id)?;
         let ro = readonly || cap.mode.read_only();
         match &cap.access {
-            AccessType::Mount { .. } => {
+            AccessType::Mount { flags, .. } => {
+                let bind_flags = mount::BindFlags::filesystem(flags, ro)?;
                 let staged = self
                     .mounter
                     .mounted_at(staging)?
@@ -360,7 +362,7 @@ impl NodeCore {
                 }
                 fs::create_dir_all(target)
                     .map_err(io_err(format!("creating {}", target.display())))?;
-                self.mounter.bind(staging, target, ro)?;
+                self.mounter.bind(staging, target, bind_flags)?;
             }
             AccessType::Block => {
                 let device = self
@@ -396,7 +398,8 @@ impl NodeCore {
                     .truncate(false)
                     .open(target)
                     .map_err(io_err(format!("creating {}", target.display())))?;
-                self.mounter.bind(&device, target, ro)?;
+                self.mounter
+                    .bind(&device, target, mount::BindFlags::block(ro))?;
             }
         }
         Ok(())
