@@ -68,15 +68,8 @@ pub fn is_hardened() -> bool {
     r == 0 && limit.rlim_cur == 0 && nix::sys::prctl::get_dumpable().is_ok_and(|d| !d)
 }
 
-/// Whether some `mlock` of a secret failed (logged once by the caller that notices, see
-/// [`take_lock_failure`]).
+/// Whether an `mlock` of a secret has failed (warned about once per process).
 static LOCK_FAILED: AtomicBool = AtomicBool::new(false);
-
-/// True once, after the first secret that could not be locked in memory: lets `main` or a log line say
-/// so without every key allocation logging.
-pub fn take_lock_failure() -> bool {
-    LOCK_FAILED.swap(false, Ordering::Relaxed)
-}
 
 fn page_size() -> usize {
     // SAFETY: sysconf takes an integer and reads no memory.
@@ -138,8 +131,12 @@ impl SecretBuf {
         // SAFETY: as above; mlock pins our own mapping's pages. It fails (EPERM/ENOMEM) past
         // RLIMIT_MEMLOCK without CAP_IPC_LOCK: then the pages stay swappable, which is recorded.
         let locked = unsafe { libc::mlock(p, map_len) } == 0;
-        if !locked {
-            LOCK_FAILED.store(true, Ordering::Relaxed);
+        if !locked && !LOCK_FAILED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "cannot lock key material in memory (RLIMIT_MEMLOCK); it may be swapped out, though \
+                 never dumped"
+            );
         }
         Ok(Self {
             ptr,
