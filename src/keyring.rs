@@ -117,6 +117,19 @@ pub fn available() -> bool {
     }
 }
 
+/// Fails unless the kernel keyring is usable ([`available`]), with a message that says what to fix.
+/// sealcsi loads volume keys only through the keyring, so without one no volume can be opened.
+pub fn require() -> Result<(), KeyringError> {
+    if available() {
+        return Ok(());
+    }
+    Err(KeyringError::Unavailable(std::io::Error::other(
+        "cannot add a logon key to the process keyring; sealcsi never puts a volume key into a \
+         device-mapper table, so it cannot open volumes here: enable CONFIG_KEYS in the kernel and \
+         allow the add_key and keyctl system calls (seccomp profile of the container)",
+    )))
+}
+
 /// A `logon` key in the process keyring. Dropping it invalidates the key (the kernel then
 /// garbage-collects it; a mapping that already loaded it keeps its own copy).
 pub struct LogonKey {

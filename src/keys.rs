@@ -2,6 +2,8 @@
 //!
 //! docs/keys.md describes it for people; this module is its only implementation. Every secret type here
 //! zeroizes on drop and prints as `<redacted>`, so a stray `{:?}` or a tracing field can never leak key bytes.
+//! Their bytes live in [`SecretBuf`]s (their own pages: left out of core dumps, locked against swap where
+//! the memlock limit allows; see `hardening`), and HKDF's pseudorandom key is zeroized after use.
 
 use std::fmt;
 
@@ -9,7 +11,9 @@ use aes_gcm_siv::aead::{AeadInOut, KeyInit};
 use aes_gcm_siv::{Aes256GcmSiv, Nonce, Tag};
 use hkdf::Hkdf;
 use sha2::Sha256;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::hardening::SecretBuf;
 
 /// Length of a sealing secret and of a key-encryption key.
 pub const SECRET_LEN: usize = 32;
@@ -35,6 +39,9 @@ pub enum KeyError {
     /// The wrapped key did not authenticate: wrong key-encryption key, or the header was altered.
     #[error("the wrapped volume key does not authenticate")]
     Unwrap,
+    /// No memory could be mapped for key material.
+    #[error("{0}")]
+    Memory(String),
     /// A key of the wrong length was handed in; the message names lengths only.
     #[error("key length {actual} does not match the expected {expected}")]
     Length { expected: usize, actual: usize },
@@ -45,27 +52,45 @@ pub fn random_bytes(buf: &mut [u8]) -> Result<(), KeyError> {
     getrandom::fill(buf).map_err(|e| KeyError::Random(e.to_string()))
 }
 
+/// A [`SecretBuf`] holding a copy of `bytes`. Key material cannot be kept if its pages cannot even be
+/// mapped (out of memory): that is fatal, like any allocation failure.
+fn secret_copy(bytes: &[u8]) -> SecretBuf {
+    SecretBuf::copy_from(bytes).expect("mapping a page for key material")
+}
+
+/// HKDF-SHA256 extract then expand into `out`. The PRK that extract returns is zeroized here at once;
+/// the HMAC state that holds it inside `Hkdf` is zeroized when `hk` drops (sha2's `zeroize` feature).
+/// What this cannot reach: copies of the 32-byte PRK left on the stack by moves inside the hkdf crate.
+fn hkdf_sha256(salt: Option<&[u8]>, ikm: &[u8], info: &[u8], out: &mut [u8]) {
+    let (mut prk, hk) = Hkdf::<Sha256>::extract(salt, ikm);
+    prk.as_mut_slice().zeroize();
+    hk.expand(info, out)
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+}
+
 /// A 32-byte secret bound to a TEE identity, produced by a sealing source.
-pub struct SealingSecret(Zeroizing<[u8; SECRET_LEN]>);
+pub struct SealingSecret(SecretBuf);
 
 impl SealingSecret {
-    pub fn new(bytes: [u8; SECRET_LEN]) -> Self {
-        Self(Zeroizing::new(bytes))
+    /// Takes the secret; the caller's array is a copy the compiler may have left elsewhere, so pass
+    /// it straight from the source and let it go out of scope.
+    pub fn new(mut bytes: [u8; SECRET_LEN]) -> Self {
+        let s = Self(secret_copy(&bytes));
+        bytes.zeroize();
+        s
     }
 
     /// The public digest that names this secret in a keyslot: HKDF-Expand of the secret under a fixed label.
     /// Two nodes share a digest exactly when they share the secret, so a slot whose digest matches but whose
     /// key does not unwrap was altered, not merely sealed to someone else.
     pub fn digest(&self) -> [u8; DIGEST_LEN] {
-        let hk = Hkdf::<Sha256>::new(None, self.0.as_slice());
         let mut out = [0u8; DIGEST_LEN];
-        hk.expand(DIGEST_LABEL, &mut out)
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        hkdf_sha256(None, self.as_bytes(), DIGEST_LABEL, &mut out);
         out
     }
 
     fn as_bytes(&self) -> &[u8] {
-        self.0.as_slice()
+        &self.0
     }
 }
 
@@ -76,18 +101,24 @@ impl fmt::Debug for SealingSecret {
 }
 
 /// The key that the device-mapper stack uses: 96 bytes (XTS + HMAC) or 64 bytes (XTS only).
-pub struct VolumeKey(Zeroizing<Vec<u8>>);
+pub struct VolumeKey(SecretBuf);
 
 impl VolumeKey {
-    /// A fresh random key of `len` bytes.
+    /// A fresh random key of `len` bytes, generated in place in its locked buffer.
     pub fn generate(len: usize) -> Result<Self, KeyError> {
-        let mut key = Zeroizing::new(vec![0u8; len]);
+        let mut key = SecretBuf::zeroed(len).map_err(|e| KeyError::Memory(e.to_string()))?;
         random_bytes(&mut key)?;
         Ok(Self(key))
     }
 
+    /// Copies `bytes` into a locked buffer; `bytes` is zeroized when the caller's value drops.
     pub fn from_bytes(bytes: Zeroizing<Vec<u8>>) -> Self {
-        Self(bytes)
+        Self(secret_copy(&bytes))
+    }
+
+    /// Whether the key's pages are locked against swap (best effort, see `hardening`).
+    pub fn is_locked(&self) -> bool {
+        self.0.is_locked()
     }
 
     pub fn len(&self) -> usize {
@@ -111,7 +142,7 @@ impl fmt::Debug for VolumeKey {
 }
 
 /// The per-keyslot key-encryption key.
-pub struct Kek(Zeroizing<[u8; SECRET_LEN]>);
+pub struct Kek(SecretBuf);
 
 impl fmt::Debug for Kek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -128,19 +159,18 @@ impl Kek {
         volume_uuid: &[u8; 16],
         identity_digest: &[u8; DIGEST_LEN],
     ) -> Self {
-        let hk = Hkdf::<Sha256>::new(Some(salt), secret.as_bytes());
         let mut info = Vec::with_capacity(KEK_LABEL.len() + 16 + DIGEST_LEN);
         info.extend_from_slice(KEK_LABEL);
         info.extend_from_slice(volume_uuid);
         info.extend_from_slice(identity_digest);
-        let mut kek = Zeroizing::new([0u8; SECRET_LEN]);
-        hk.expand(&info, kek.as_mut_slice())
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        let mut kek = secret_copy(&[0u8; SECRET_LEN]);
+        hkdf_sha256(Some(salt), secret.as_bytes(), &info, &mut kek);
         Self(kek)
     }
 
     fn cipher(&self) -> Aes256GcmSiv {
-        Aes256GcmSiv::new_from_slice(self.0.as_slice()).expect("KEK is 32 bytes")
+        // The cipher's key schedule is zeroized when it drops (the `zeroize` features in Cargo.toml).
+        Aes256GcmSiv::new_from_slice(&self.0).expect("KEK is 32 bytes")
     }
 
     /// Wraps the volume key: AES-256-GCM-SIV, returning ciphertext || 16-byte tag.
@@ -167,9 +197,10 @@ impl Kek {
             .ok_or(KeyError::Unwrap)?;
         let (body, tag) = wrapped.split_at(body_len);
         let tag = Tag::try_from(tag).map_err(|_| KeyError::Unwrap)?;
-        let mut buf = Zeroizing::new(body.to_vec());
+        // Decrypted in place in the locked buffer: the plaintext key never lands on the ordinary heap.
+        let mut buf = SecretBuf::copy_from(body).map_err(|e| KeyError::Memory(e.to_string()))?;
         self.cipher()
-            .decrypt_inout_detached(&Nonce::from(*nonce), aad, buf.as_mut_slice().into(), &tag)
+            .decrypt_inout_detached(&Nonce::from(*nonce), aad, (&mut *buf).into(), &tag)
             .map_err(|_| KeyError::Unwrap)?;
         Ok(VolumeKey(buf))
     }
@@ -206,7 +237,7 @@ mod tests {
 
     #[test]
     fn kek_known_answer() {
-        assert_eq!(hex::encode(kat_kek().0.as_slice()), KEK_KAT);
+        assert_eq!(hex::encode(&*kat_kek().0), KEK_KAT);
     }
 
     #[test]
@@ -266,6 +297,33 @@ mod tests {
             *base,
             *Kek::derive(&secret, &[0; SALT_LEN], &[0; 16], &[9; DIGEST_LEN]).0
         );
+    }
+
+    #[test]
+    fn key_material_lives_in_pages_left_out_of_core_dumps() {
+        // VolumeKey from both constructors, an unwrapped one, the KEK and the sealing secret: each in
+        // its own MADV_DONTDUMP mapping (`dd` in /proc/self/smaps), not on the ordinary heap.
+        let generated = VolumeKey::generate(96).unwrap();
+        let copied = VolumeKey::from_bytes(Zeroizing::new(vec![3; 64]));
+        let kek = kat_kek();
+        let unwrapped = kek
+            .unwrap(
+                &[1; NONCE_LEN],
+                b"",
+                &kek.wrap(&[1; NONCE_LEN], b"", &generated),
+            )
+            .unwrap();
+        let secret = fixed_secret();
+        for (what, buf) in [
+            ("generated volume key", &generated.0),
+            ("copied volume key", &copied.0),
+            ("unwrapped volume key", &unwrapped.0),
+            ("kek", &kek.0),
+            ("sealing secret", &secret.0),
+        ] {
+            assert!(buf.is_excluded_from_dumps(), "{what} is not MADV_DONTDUMP");
+        }
+        assert_eq!(unwrapped.expose(), generated.expose());
     }
 
     #[test]

@@ -1989,3 +1989,61 @@ async fn a_blanked_header_is_never_formatted_again() {
     );
     p.stop().await.unwrap();
 }
+
+fn mount_cap_with_flags(mode: Mode, flags: &[&str]) -> VolumeCapability {
+    let mut cap = mount_cap(mode, "");
+    if let Some(AccessType::Mount(m)) = &mut cap.access_type {
+        m.mount_flags = flags.iter().map(|f| f.to_string()).collect();
+    }
+    cap
+}
+
+#[tokio::test]
+async fn mounts_are_nosuid_nodev_unless_the_co_asks_for_suid_or_dev() {
+    let p = Plugin::start().await;
+    let opts = |path: &Path| p.mounter.mounted_at(path).unwrap().unwrap().options;
+    // Default: the staging mount and the publish bind are both nosuid,nodev.
+    let v = p.create("pvc-nosuid", 64 * MIB, &[]).await;
+    let (staging, target) = (p.path("s"), p.path("t"));
+    let cap = || mount_cap_with_flags(Mode::SingleNodeWriter, &["noatime"]);
+    p.stage(&v.volume_id, &staging, cap()).await.unwrap();
+    p.publish(&v.volume_id, &staging, &target, cap(), false)
+        .await
+        .unwrap();
+    for path in [&staging, &target] {
+        let o = opts(path);
+        assert!(
+            o.contains(&"nosuid".to_string()) && o.contains(&"nodev".to_string()),
+            "{}: {o:?}",
+            path.display()
+        );
+    }
+    // A read-only publish keeps them (a remount,bind,ro without them would clear them).
+    let ro = p.path("t-ro");
+    p.publish(&v.volume_id, &staging, &ro, cap(), true)
+        .await
+        .unwrap();
+    assert_eq!(opts(&ro), ["ro", "nosuid", "nodev"]);
+    // The CO asks for suid and dev explicitly: then neither is added.
+    let w = p.create("pvc-suid", 64 * MIB, &[]).await;
+    let (staging2, target2) = (p.path("s2"), p.path("t2"));
+    let cap2 = || mount_cap_with_flags(Mode::SingleNodeWriter, &["suid", "dev"]);
+    p.stage(&w.volume_id, &staging2, cap2()).await.unwrap();
+    p.publish(&w.volume_id, &staging2, &target2, cap2(), false)
+        .await
+        .unwrap();
+    assert_eq!(opts(&staging2), ["rw"]);
+    assert_eq!(opts(&target2), ["rw"]);
+    // A raw block device node: nosuid, but never nodev (the node must stay openable).
+    let b = p
+        .create("pvc-blk-flags", 64 * MIB, &[("init", "fast")])
+        .await;
+    let blk = p.path("pods/pod/dev/vol");
+    let bcap = || block_cap(Mode::SingleNodeWriter);
+    p.stage(&b.volume_id, &p.path("sb"), bcap()).await.unwrap();
+    p.publish(&b.volume_id, &p.path("sb"), &blk, bcap(), false)
+        .await
+        .unwrap();
+    assert_eq!(opts(&blk), ["rw", "nosuid"]);
+    p.stop().await.unwrap();
+}

@@ -25,6 +25,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# tests/grpc_clients.rs runs a gRPC C-core client (PyPI grpcio) against the plugin.
+if ! python3 -c 'import grpc, grpc_tools' 2>/dev/null; then
+    echo "install-deps: pip install grpcio grpcio-tools"
+    python3 -m pip install --quiet grpcio grpcio-tools || python3 -m pip install --quiet --break-system-packages grpcio grpcio-tools
+fi
+
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 if [ "${SEALCSI_WITH_FUZZ:-1}" = 1 ] && ! command -v cargo-fuzz >/dev/null; then
     cargo install --locked cargo-fuzz

@@ -133,6 +133,12 @@ struct PluginArgs {
 
 /// Runs the command line and returns the process's exit code.
 pub fn main() -> ExitCode {
+    // First, before any key exists: no core dumps (src/hardening.rs). Failing closed: a process that
+    // could dump its keys to the host's disk does not run.
+    if let Err(e) = sealcsi::hardening::harden_process() {
+        eprintln!("sealcsi: error: {e}");
+        return ExitCode::from(exit::INTERNAL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -146,9 +152,10 @@ pub fn main() -> ExitCode {
     };
     init_logging(&cli.global.log, cli.global.log_format);
     // Threads share the process keyring only if it exists before they are spawned (dm-crypt looks the
-    // volume key up there at table load). A node without a keyring falls back to secure hex tables.
+    // volume key up there at table load). There is no fallback: without a keyring no volume opens
+    // (a key is never put into a table), which the commands that open volumes report.
     if let Err(e) = sealcsi::keyring::ensure_process_keyring() {
-        tracing::info!(error = %e, "kernel keyring unavailable; keys will be loaded in secure tables");
+        tracing::warn!(error = %e, "kernel keyring unavailable: volumes cannot be opened on this node");
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,17 +167,8 @@ pub fn main() -> ExitCode {
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
-    // The devicemapper crate logs whole tables at trace level; a table may hold a hex key, so that
-    // target is capped whatever the operator asks for.
-    let filter = tracing_subscriber::EnvFilter::try_new(format!("{filter},devicemapper=info"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().with_current_span(true).init(),
-    }
+    // The devicemapper crate's verbose records are dropped whatever the filter says (src/logging.rs).
+    sealcsi::logging::init(filter, matches!(format, LogFormat::Json));
 }
 
 /// The error and its causes on one line. Many library errors already quote their cause in their own
@@ -226,6 +224,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn run_plugin(global: &Global, args: PluginArgs) -> anyhow::Result<()> {
+    if args.mode.node() {
+        // Fail at start, not at the first NodeStageVolume: volume keys go only through the keyring.
+        sealcsi::keyring::require().context("the node service cannot serve")?;
+    }
     let source = open_source(global)?;
     let deps = sealcsi::csi::PluginDeps::kernel(source)?;
     let mut config =

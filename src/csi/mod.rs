@@ -7,6 +7,7 @@
 //! (sealcsi takes no secrets), and the request types that carry secrets have a `Debug` that prints no
 //! field (see build.rs).
 
+pub mod authority;
 pub mod controller;
 pub mod convert;
 pub mod guard;

@@ -7,6 +7,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use super::{
@@ -165,12 +166,16 @@ pub async fn serve_until(
         .add_optional_service(controller)
         .add_optional_service(node);
 
+    // Every connection goes through the authority fix: gRPC C-core clients send the socket path as
+    // `:authority`, which h2 refuses (see `authority`).
+    let incoming =
+        UnixListenerStream::new(listener).map(|conn| conn.map(super::authority::AuthorityFix::new));
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
         let _ = stopping_tx.send(());
     };
-    let serving = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+    let serving = router.serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(serving);
     let result = tokio::select! {
         r = &mut serving => r.map_err(CsiError::from),

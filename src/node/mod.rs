@@ -29,7 +29,7 @@ use crate::volume::{Condition, FormatOptions};
 use capability::{AccessMode, AccessType, Capability};
 pub use engine::{EngineError, KernelEngine, StagedDevice, VolumeEngine};
 pub use memory::MemoryEngine;
-pub use mount::{MemoryMounter, MountError, MountInfo, Mounter, SystemMounter};
+pub use mount::{BindFlags, MemoryMounter, MountError, MountInfo, Mounter, SystemMounter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -269,7 +269,8 @@ impl NodeCore {
             )));
         }
         fs::create_dir_all(staging).map_err(io_err(format!("creating {}", staging.display())))?;
-        let mut options = flags.clone();
+        // nosuid,nodev unless the CO's mount_flags say suid/dev (mount::secure_options).
+        let mut options = mount::secure_options(flags);
         if cap.mode.read_only() {
             options.push("ro".into());
         }
@@ -346,7 +347,8 @@ impl NodeCore {
         let node = volume_id.device_node();
         let ro = readonly || cap.mode.read_only();
         match &cap.access {
-            AccessType::Mount { .. } => {
+            AccessType::Mount { flags, .. } => {
+                let bind_flags = mount::BindFlags::filesystem(flags, ro)?;
                 let staged = self
                     .mounter
                     .mounted_at(staging)?
@@ -377,7 +379,7 @@ impl NodeCore {
                 }
                 fs::create_dir_all(target)
                     .map_err(io_err(format!("creating {}", target.display())))?;
-                self.mounter.bind(staging, target, ro)?;
+                self.mounter.bind(staging, target, bind_flags)?;
             }
             AccessType::Block => {
                 let device = self
@@ -413,7 +415,8 @@ impl NodeCore {
                     .truncate(false)
                     .open(target)
                     .map_err(io_err(format!("creating {}", target.display())))?;
-                self.mounter.bind(&device, target, ro)?;
+                self.mounter
+                    .bind(&device, target, mount::BindFlags::block(ro))?;
             }
         }
         Ok(())

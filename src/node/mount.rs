@@ -129,7 +129,8 @@ fn parse_line(line: &str) -> Option<MountInfo> {
     })
 }
 
-/// Mount options split into flags and the filesystem-specific data string.
+/// Mount options split into flags and the filesystem-specific data string. Options apply in order, as
+/// with mount(8): a later `suid`, `dev` or `exec` clears an earlier `nosuid`, `nodev` or `noexec`.
 pub fn split_options(options: &[String]) -> Result<(MsFlags, String), MountError> {
     let mut flags = MsFlags::empty();
     let mut data = Vec::new();
@@ -144,6 +145,14 @@ pub fn split_options(options: &[String]) -> Result<(MsFlags, String), MountError
             "nosuid" => Some(MsFlags::MS_NOSUID),
             "nodev" => Some(MsFlags::MS_NODEV),
             "noexec" => Some(MsFlags::MS_NOEXEC),
+            "suid" | "dev" | "exec" => {
+                flags.remove(match opt {
+                    "suid" => MsFlags::MS_NOSUID,
+                    "dev" => MsFlags::MS_NODEV,
+                    _ => MsFlags::MS_NOEXEC,
+                });
+                Some(MsFlags::empty())
+            }
             "sync" => Some(MsFlags::MS_SYNCHRONOUS),
             "dirsync" => Some(MsFlags::MS_DIRSYNC),
             "noatime" => Some(MsFlags::MS_NOATIME),
@@ -172,6 +181,84 @@ pub fn split_options(options: &[String]) -> Result<(MsFlags, String), MountError
     Ok((flags, data.join(",")))
 }
 
+/// The options of a filesystem mount sealcsi makes: `nosuid,nodev` first, then the CO's `mount_flags`
+/// (a volume's files are the tenant's, and a set-uid binary or a device node on it must not grant
+/// anything on the node). An explicit `suid` or `dev` from the CO comes later and so wins.
+pub fn secure_options(requested: &[String]) -> Vec<String> {
+    let mut options = vec!["nosuid".to_string(), "nodev".to_string()];
+    options.extend(requested.iter().cloned());
+    options
+}
+
+/// The per-mount flags of a bind mount (a bind ignores flags on its first mount(2) call; they are set
+/// by a `remount,bind` that replaces them all, so every one that should hold is listed here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BindFlags {
+    pub readonly: bool,
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
+}
+
+impl BindFlags {
+    /// A published filesystem: [`secure_options`] over the CO's mount flags, read-only if asked.
+    pub fn filesystem(mount_flags: &[String], readonly: bool) -> Result<Self, MountError> {
+        let (flags, _) = split_options(&secure_options(mount_flags))?;
+        Ok(Self {
+            readonly: readonly || flags.contains(MsFlags::MS_RDONLY),
+            nosuid: flags.contains(MsFlags::MS_NOSUID),
+            nodev: flags.contains(MsFlags::MS_NODEV),
+            noexec: flags.contains(MsFlags::MS_NOEXEC),
+        })
+    }
+
+    /// A published raw block device node: `nosuid`, but not `nodev`, which would make the device node
+    /// itself unopenable through the bind.
+    pub fn block(readonly: bool) -> Self {
+        Self {
+            readonly,
+            nosuid: true,
+            nodev: false,
+            noexec: false,
+        }
+    }
+
+    pub fn ms_flags(&self) -> MsFlags {
+        let mut f = MsFlags::empty();
+        f.set(MsFlags::MS_RDONLY, self.readonly);
+        f.set(MsFlags::MS_NOSUID, self.nosuid);
+        f.set(MsFlags::MS_NODEV, self.nodev);
+        f.set(MsFlags::MS_NOEXEC, self.noexec);
+        f
+    }
+
+    /// As mountinfo shows them (`rw`/`ro` first).
+    fn option_names(&self) -> Vec<String> {
+        let mut o = vec![if self.readonly { "ro" } else { "rw" }.to_string()];
+        for (on, name) in [
+            (self.nosuid, "nosuid"),
+            (self.nodev, "nodev"),
+            (self.noexec, "noexec"),
+        ] {
+            if on {
+                o.push(name.to_string());
+            }
+        }
+        o
+    }
+}
+
+/// Per-mount option names mountinfo would show for `flags`.
+fn flag_names(flags: MsFlags) -> Vec<String> {
+    BindFlags {
+        readonly: flags.contains(MsFlags::MS_RDONLY),
+        nosuid: flags.contains(MsFlags::MS_NOSUID),
+        nodev: flags.contains(MsFlags::MS_NODEV),
+        noexec: flags.contains(MsFlags::MS_NOEXEC),
+    }
+    .option_names()
+}
+
 /// The mount operations the node core needs.
 pub trait Mounter: Send + Sync {
     /// Mounts filesystem `fs_type` on `source` at `target` with `options` (flags and data).
@@ -182,9 +269,9 @@ pub trait Mounter: Send + Sync {
         fs_type: &str,
         options: &[String],
     ) -> Result<(), MountError>;
-    /// Bind-mounts `source` (a directory or a device node) on `target`; read-only through a
-    /// `remount,bind,ro` when `readonly` (a bind mount ignores MS_RDONLY on its first call).
-    fn bind(&self, source: &Path, target: &Path, readonly: bool) -> Result<(), MountError>;
+    /// Bind-mounts `source` (a directory or a device node) on `target` with the per-mount `flags`
+    /// (through a `remount,bind`: a bind mount ignores flags on its first call).
+    fn bind(&self, source: &Path, target: &Path, flags: BindFlags) -> Result<(), MountError>;
     /// Unmounts the topmost mount at `target`.
     fn umount(&self, target: &Path) -> Result<(), MountError>;
     /// The topmost mount whose mount point is `path`, if any.
@@ -216,7 +303,7 @@ impl Mounter for SystemMounter {
             .map_err(|e| MountError::sys("mount", target, e))
     }
 
-    fn bind(&self, source: &Path, target: &Path, readonly: bool) -> Result<(), MountError> {
+    fn bind(&self, source: &Path, target: &Path, flags: BindFlags) -> Result<(), MountError> {
         nix::mount::mount(
             Some(source),
             target,
@@ -225,15 +312,14 @@ impl Mounter for SystemMounter {
             None::<&str>,
         )
         .map_err(|e| MountError::sys("bind mount", target, e))?;
-        if readonly {
-            let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            if let Err(e) =
-                nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
-            {
-                // Never leave a writable mount where a read-only one was asked for.
-                let _ = nix::mount::umount2(target, MntFlags::empty());
-                return Err(MountError::sys("remount read-only", target, e));
-            }
+        // Always remounted: the remount sets exactly these per-mount flags (a bind of the staging
+        // mount would inherit its nosuid,nodev, but a `remount,bind,ro` without them clears them).
+        let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags.ms_flags();
+        if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, remount, None::<&str>)
+        {
+            // Never leave a mount with weaker flags than asked for (writable, suid, dev).
+            let _ = nix::mount::umount2(target, MntFlags::empty());
+            return Err(MountError::sys("remount bind with flags", target, e));
         }
         Ok(())
     }
@@ -345,7 +431,6 @@ impl Mounter for MemoryMounter {
         let (flags, data) = split_options(options)?;
         Self::exists(target)?;
         let (major, minor) = Self::fake_dev(source);
-        let ro = flags.contains(MsFlags::MS_RDONLY);
         self.push(MountInfo {
             mount_id: self.id(),
             parent_id: 1,
@@ -353,7 +438,7 @@ impl Mounter for MemoryMounter {
             minor,
             root: "/".into(),
             mount_point: target.to_owned(),
-            options: vec![if ro { "ro" } else { "rw" }.to_string()],
+            options: flag_names(flags),
             fs_type: fs_type.to_string(),
             source: source.display().to_string(),
             super_options: data
@@ -365,7 +450,7 @@ impl Mounter for MemoryMounter {
         Ok(())
     }
 
-    fn bind(&self, source: &Path, target: &Path, readonly: bool) -> Result<(), MountError> {
+    fn bind(&self, source: &Path, target: &Path, flags: BindFlags) -> Result<(), MountError> {
         Self::exists(target)?;
         let base = self.mounted_at(source)?;
         let (major, minor, fs_type, src) = match &base {
@@ -386,7 +471,7 @@ impl Mounter for MemoryMounter {
                 source.display().to_string()
             },
             mount_point: target.to_owned(),
-            options: vec![if readonly { "ro" } else { "rw" }.to_string()],
+            options: flags.option_names(),
             fs_type,
             source: src,
             super_options: Vec::new(),
@@ -476,6 +561,49 @@ bad line
     }
 
     #[test]
+    fn filesystem_mounts_are_nosuid_nodev_unless_the_co_asks_otherwise() {
+        let opts = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
+        // Stage: no flags from the CO.
+        let (f, d) = split_options(&secure_options(&[])).unwrap();
+        assert_eq!(f, MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
+        assert_eq!(d, "");
+        // The CO's flags are kept, and nosuid,nodev added.
+        let (f, d) = split_options(&secure_options(&opts(&["noatime", "discard"]))).unwrap();
+        assert_eq!(
+            f,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME
+        );
+        assert_eq!(
+            d, "discard",
+            "suid/dev never reach the filesystem's data string"
+        );
+        // An explicit suid or dev wins, each on its own.
+        let (f, _) = split_options(&secure_options(&opts(&["suid"]))).unwrap();
+        assert_eq!(f, MsFlags::MS_NODEV);
+        let (f, _) = split_options(&secure_options(&opts(&["dev"]))).unwrap();
+        assert_eq!(f, MsFlags::MS_NOSUID);
+        let (f, d) = split_options(&secure_options(&opts(&["suid,dev"]))).unwrap();
+        assert_eq!((f, d.as_str()), (MsFlags::empty(), ""));
+        // In order, as mount(8): a later nosuid after suid is nosuid again.
+        let (f, _) = split_options(&opts(&["suid", "nosuid"])).unwrap();
+        assert_eq!(f, MsFlags::MS_NOSUID);
+        // Publish binds of a filesystem carry the same flags, plus read-only and noexec if asked.
+        let b = BindFlags::filesystem(&opts(&["noexec"]), true).unwrap();
+        assert_eq!(
+            b.ms_flags(),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC
+        );
+        let b = BindFlags::filesystem(&opts(&["dev", "ro"]), false).unwrap();
+        assert_eq!(b.ms_flags(), MsFlags::MS_RDONLY | MsFlags::MS_NOSUID);
+        // A raw block device node must stay openable: nosuid only.
+        assert_eq!(BindFlags::block(false).ms_flags(), MsFlags::MS_NOSUID);
+        assert_eq!(
+            BindFlags::block(true).ms_flags(),
+            MsFlags::MS_NOSUID | MsFlags::MS_RDONLY
+        );
+    }
+
+    #[test]
     fn memory_mounter_tracks_binds() {
         let d = tempfile::tempdir().unwrap();
         let (stage, target) = (d.path().join("s"), d.path().join("t"));
@@ -484,7 +612,8 @@ bad line
         let m = MemoryMounter::new();
         m.mount(Path::new("/dev/mapper/x"), &stage, "ext4", &[])
             .unwrap();
-        m.bind(&stage, &target, true).unwrap();
+        m.bind(&stage, &target, BindFlags::filesystem(&[], true).unwrap())
+            .unwrap();
         let (s, t) = (
             m.mounted_at(&stage).unwrap().unwrap(),
             m.mounted_at(&target).unwrap().unwrap(),
@@ -496,7 +625,8 @@ bad line
         assert!(m.umount(&target).is_err());
         let f = d.path().join("blk");
         fs::write(&f, b"").unwrap();
-        m.bind(Path::new("/dev/mapper/x"), &f, false).unwrap();
+        m.bind(Path::new("/dev/mapper/x"), &f, BindFlags::block(false))
+            .unwrap();
         assert!(m.is_bind_of(&f, Path::new("/dev/mapper/x")).unwrap());
         assert!(!m.is_bind_of(&f, Path::new("/dev/mapper/y")).unwrap());
     }

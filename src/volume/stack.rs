@@ -201,27 +201,23 @@ pub fn crypt_line(
     })
 }
 
-/// The crypt key for a table load: through the kernel keyring where this node has one (the table then
-/// holds no key), else hex (tables are loaded with DM_SECURE_DATA either way). The returned logon key
-/// must live until the table is loaded; dropping it afterwards invalidates it.
+/// The crypt key for a table load, always through the kernel keyring: the table then carries only
+/// `:<len>:logon:<description>`, never the key. A node without a usable keyring is refused (fail
+/// closed) rather than given a hex key in the table, which device-mapper would keep in the table text
+/// (and which the devicemapper crate logs at trace level). The returned logon key must live until the
+/// table is loaded; dropping it afterwards invalidates it.
 pub fn table_key(
     volume_uuid: &str,
     key: &VolumeKey,
 ) -> Result<(CryptKey, Option<LogonKey>), MappingError> {
-    if crate::keyring::available() {
-        // A fresh description per load: two loads never race on one key name.
-        let mut nonce = [0u8; 8];
-        crate::keys::random_bytes(&mut nonce).map_err(|e| MappingError::Keyring(e.to_string()))?;
-        let description = format!("sealcsi:{volume_uuid}-{}", hex::encode(nonce));
-        let logon = LogonKey::add(&description, key.expose())
-            .map_err(|e| MappingError::Keyring(e.to_string()))?;
-        Ok((CryptKey::Keyring { description }, Some(logon)))
-    } else {
-        Ok((
-            CryptKey::Hex(zeroize::Zeroizing::new(key.expose().to_vec())),
-            None,
-        ))
-    }
+    crate::keyring::require().map_err(|e| MappingError::Keyring(e.to_string()))?;
+    // A fresh description per load: two loads never race on one key name.
+    let mut nonce = [0u8; 8];
+    crate::keys::random_bytes(&mut nonce).map_err(|e| MappingError::Keyring(e.to_string()))?;
+    let description = format!("sealcsi:{volume_uuid}-{}", hex::encode(nonce));
+    let logon = LogonKey::add(&description, key.expose())
+        .map_err(|e| MappingError::Keyring(e.to_string()))?;
+    Ok((CryptKey::Keyring { description }, Some(logon)))
 }
 
 /// What [`open_stack`] did.
