@@ -159,6 +159,38 @@ fn is_integrity_error(e: &std::io::Error) -> bool {
     )
 }
 
+/// Every replay point of `log` in the full set; in the reduced set the start, the end and an even
+/// sample of the rest, `budget` in all.
+fn points_for(log: &Log, budget: usize) -> Vec<Point> {
+    let all = logwrites::replay_points(&log.entries, between());
+    harness::select_points(all, budget, |pt| {
+        matches!(pt.kind, PointKind::Start | PointKind::End)
+    })
+}
+
+/// The reduced set's points per file and block workload.
+const FILES_BUDGET: usize = 24;
+const BLOCKS_BUDGET: usize = 12;
+
+/// The checker must not be vacuous: the original image (before the workload) checked against
+/// the final ledger has to fail.
+fn negative_control(bed: &Bed, original: &Path, check: impl FnOnce(&Path) -> Result<(), String>) {
+    let image = bed.dir.join("control.img");
+    harness::sparse_copy(original, &image);
+    let outcome = check(&image);
+    harness::detach_all(&image);
+    let _ = fs::remove_file(&image);
+    match outcome {
+        Ok(()) => {
+            panic!("negative control: the check accepted a volume missing every acknowledged write")
+        }
+        Err(why) => println!(
+            "negative control refused, as it must: {}",
+            why.lines().next().unwrap_or("")
+        ),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Workload 1: volume format
 // ---------------------------------------------------------------------------------------------
@@ -204,30 +236,35 @@ fn format_workload(case: &FormatCase) -> Tally {
     let (log, log_file) = logged.finish();
     let header_at = header_write(&log, &File::open(&log_file).unwrap());
     println!("header written by entry {header_at}");
-    let last_before = logwrites::replay_points(&log.entries, between())
-        .into_iter()
-        .filter(|pt| pt.applied <= header_at)
+    let all = logwrites::replay_points(&log.entries, between());
+    let pre_header: Vec<usize> = all
+        .iter()
         .map(|pt| pt.applied)
-        .max();
-    harness::replay_each(
-        &bed,
-        &original,
-        &log,
-        &log_file,
-        between(),
-        |point, image| {
-            if point.applied > header_at {
-                return check_volume(&bed, image, case.fs, Tolerance::default(), |_| Ok(()));
-            }
-            no_header_yet(&bed, image)?;
-            // Formatting again is checked at the last point before the header (the most written-over
-            // state) in the reduced set, at every such point in the full set.
-            if full_set() || Some(point.applied) == last_before {
-                format_again(&bed, image, case)?;
-            }
-            Ok(())
-        },
-    )
+        .filter(|&n| n <= header_at)
+        .collect();
+    let last_before = pre_header.last().copied();
+    // Format again at the last point before the header (the most written-over state), and in
+    // the full set at every 16th point before it as well (each costs a whole format).
+    let reformat_at: HashSet<usize> = pre_header
+        .iter()
+        .enumerate()
+        .filter(|&(i, &n)| Some(n) == last_before || full_set() && i % 16 == 0)
+        .map(|(_, &n)| n)
+        .collect();
+    // The reduced set samples the points before the header and keeps every one after it.
+    let points = harness::select_points(all, 12, |pt| {
+        pt.applied > header_at || reformat_at.contains(&pt.applied)
+    });
+    harness::replay_each(&bed, &original, &log, &log_file, &points, |point, image| {
+        if point.applied > header_at {
+            return check_volume(&bed, image, case.fs, Tolerance::default(), |_| Ok(()));
+        }
+        no_header_yet(&bed, image)?;
+        if reformat_at.contains(&point.applied) {
+            format_again(&bed, image, case)?;
+        }
+        Ok(())
+    })
 }
 
 /// Before the header write, open must refuse with "no header" (exit 4) and open nothing.
@@ -371,10 +408,13 @@ fn guest_crash_format() {
 // Workload 2: files made durable with fsync, fdatasync, O_SYNC and directory fsyncs
 // ---------------------------------------------------------------------------------------------
 
-/// Every version each path had, tagged with the step that wrote it (`None` = absent).
+/// A file's content as a step left it (`None` = absent), tagged with the step.
+type FileVersion = (usize, Option<Vec<u8>>);
+
+/// Every version each path had.
 #[derive(Default)]
 struct FileLedger {
-    versions: BTreeMap<&'static str, Vec<(usize, Option<Vec<u8>>)>>,
+    versions: BTreeMap<&'static str, Vec<FileVersion>>,
 }
 
 impl FileLedger {
@@ -408,7 +448,7 @@ impl FileLedger {
 /// only, fail with an integrity error. Never other bytes.
 fn check_file(
     path: &Path,
-    allowed: &[(usize, Option<Vec<u8>>)],
+    allowed: &[FileVersion],
     direct: bool,
 ) -> Result<(), String> {
     let may_be_absent = allowed.iter().any(|(_, c)| c.is_none());
@@ -630,12 +670,12 @@ fn files_workload(case: &FilesCase) -> Tally {
     bed.close(name, None);
     let (log, log_file) = logged.finish();
 
-    harness::replay_each(
+    let tally = harness::replay_each(
         &bed,
         &original,
         &log,
         &log_file,
-        between(),
+        &points_for(&log, FILES_BUDGET),
         |point, image| {
             let progress = Progress::at(&log, point);
             // Direct mode may tear blocks written since the last flush: tolerate AEAD errors there,
@@ -647,7 +687,20 @@ fn files_workload(case: &FilesCase) -> Tally {
                 ledger.check(root, &progress, case.direct)
             })
         },
-    )
+    );
+    let end = Progress::at(
+        &log,
+        &Point {
+            applied: log.entries.len(),
+            kind: PointKind::End,
+        },
+    );
+    negative_control(&bed, &original, |image| {
+        check_volume(&bed, image, case.fs, Tolerance::default(), |root| {
+            ledger.check(root, &end, case.direct)
+        })
+    });
+    tally
 }
 
 const FILES_CASES: &[FilesCase] = &[
@@ -771,7 +824,7 @@ fn blocks_workload(direct: bool) -> Tally {
         "blocks-journal"
     };
     let bed = Bed::new(label);
-    let backing = bed.file("vol.img", 32 * MIB);
+    let backing = bed.file("vol.img", 64 * MIB);
     let mut args = vec!["volume", "format", p(&backing), "--fs", "none"];
     if direct {
         args.extend_from_slice(&["--journal", "direct"]);
@@ -802,7 +855,7 @@ fn blocks_workload(direct: bool) -> Tally {
         &original,
         &log,
         &log_file,
-        between(),
+        &points_for(&log, BLOCKS_BUDGET),
         |point, image| {
             let progress = Progress::at(&log, point);
             let tolerance = Tolerance {
@@ -813,7 +866,18 @@ fn blocks_workload(direct: bool) -> Tally {
             })
         },
     );
-    println!("{}", tally.line(label));
+    let end = Progress::at(
+        &log,
+        &Point {
+            applied: log.entries.len(),
+            kind: PointKind::End,
+        },
+    );
+    negative_control(&bed, &original, |image| {
+        check_volume(&bed, image, Fs::None, Tolerance::default(), |dev| {
+            ledger.check(dev, &end, direct)
+        })
+    });
     tally
 }
 
@@ -932,7 +996,7 @@ fn keyslots_workload() -> Tally {
         &original,
         &log,
         &log_file,
-        between(),
+        &points_for(&log, usize::MAX),
         |point, image| {
             let progress = Progress::at(&log, point);
             check_slots(&bed, image, &progress, &digest_b, [add, recovery, remove])?;

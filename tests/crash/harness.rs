@@ -299,11 +299,34 @@ impl Tally {
     }
 }
 
-/// How many points between two durability points to check, and whether to check every point:
-/// the reduced (CI) set keeps every durability point of fewer workloads; SEALCSI_CRASH_FULL=1
-/// runs every workload.
+/// SEALCSI_CRASH_FULL=1: every workload, every flush/FUA point and three points inside each run
+/// of unflushed writes. Otherwise the reduced (CI) set: fewer workloads, one point inside each
+/// run, and a sample of the points (see [`select_points`]).
 pub fn full_set() -> bool {
     std::env::var("SEALCSI_CRASH_FULL").as_deref() == Ok("1")
+}
+
+/// The points to check: all of them in the full set; in the reduced set every point `keep`
+/// insists on plus an evenly spaced sample of the rest, `budget` in all (or `keep`'s count if
+/// that is more).
+pub fn select_points(all: Vec<Point>, budget: usize, keep: impl Fn(&Point) -> bool) -> Vec<Point> {
+    if full_set() || all.len() <= budget {
+        return all;
+    }
+    let kept = all.iter().filter(|p| keep(p)).count();
+    let others = all.len() - kept;
+    let room = budget.saturating_sub(kept);
+    let mut seen = 0;
+    all.into_iter()
+        .filter(|p| {
+            if keep(p) {
+                return true;
+            }
+            seen += 1;
+            // Take the k-th of `others` when k * room / others crosses an integer.
+            room > 0 && (seen * room) / others != ((seen - 1) * room) / others
+        })
+        .collect()
 }
 
 /// Replays `log` onto a fresh copy of `original` and calls `check` on a throw-away copy of the
@@ -314,7 +337,7 @@ pub fn replay_each(
     original: &Path,
     log: &Log,
     log_file: &Path,
-    between: usize,
+    points: &[Point],
     mut check: impl FnMut(&Point, &Path) -> Result<(), String>,
 ) -> Tally {
     let started = Instant::now();
@@ -329,7 +352,7 @@ pub fn replay_each(
     let src = File::open(log_file).unwrap();
     let mut replayer = Replayer::new(log, &src, &target).unwrap();
     let mut tally = Tally::default();
-    for point in logwrites::replay_points(&log.entries, between) {
+    for point in points {
         replayer
             .advance_to(point.applied)
             .unwrap_or_else(|e| panic!("replaying up to entry {}: {e}", point.applied));
@@ -340,7 +363,7 @@ pub fn replay_each(
             PointKind::Between => tally.between += 1,
             PointKind::Start | PointKind::End => {}
         }
-        if let Err(why) = check(&point, &image) {
+        if let Err(why) = check(point, &image) {
             let msg = format!(
                 "point {:?} after {} entries: {why}",
                 point.kind, point.applied

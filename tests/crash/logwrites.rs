@@ -23,7 +23,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-pub const MAGIC: u64 = 0x6a73_6677_7368_72;
+pub const MAGIC: u64 = 0x006a_7366_7773_6872;
 pub const VERSION: u64 = 1;
 /// Bytes of the super and of an entry header before their padding.
 const SUPER_LEN: usize = 28;
