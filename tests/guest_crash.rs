@@ -14,6 +14,8 @@
 //! tests/vm/run-in-guest.sh --timeout 1800 -- <binary> --ignored --test-threads=1 --nocapture
 //! ```
 //!
+//! `SEALCSI_CRASH_ONLY=<text>` limits a run to the cases whose label contains the text.
+//!
 //! The non-ignored tests (the log parser's property tests) run on the host in `cargo test`.
 
 use std::collections::{BTreeMap, HashSet};
@@ -371,9 +373,11 @@ fn run_cases<C>(
     run: impl Fn(&C) -> Tally,
 ) {
     let count = if full_set() { cases.len() } else { reduced };
+    // SEALCSI_CRASH_ONLY=<text>: only the cases whose label contains it (for re-running one).
+    let only = std::env::var("SEALCSI_CRASH_ONLY").unwrap_or_default();
     let mut lines = Vec::new();
     let mut failures = Vec::new();
-    for case in &cases[..count] {
+    for case in cases[..count].iter().filter(|c| label(c).contains(&only)) {
         let tally = run(case);
         println!("{}", tally.line(label(case)));
         lines.push(tally.line(label(case)));
@@ -446,11 +450,7 @@ impl FileLedger {
 /// a version is, and each 4 KiB block must read as that block of some allowed version or as
 /// zeros (an extending write whose size reached the disk before its data), or, in direct mode
 /// only, fail with an integrity error. Never other bytes.
-fn check_file(
-    path: &Path,
-    allowed: &[FileVersion],
-    direct: bool,
-) -> Result<(), String> {
+fn check_file(path: &Path, allowed: &[FileVersion], direct: bool) -> Result<(), String> {
     let may_be_absent = allowed.iter().any(|(_, c)| c.is_none());
     let contents: Vec<&Vec<u8>> = allowed.iter().filter_map(|(_, c)| c.as_ref()).collect();
     let file = match File::open(path) {

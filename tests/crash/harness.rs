@@ -433,11 +433,13 @@ pub fn check_volume(
     sh("blockdev", &["--setra", "0", p(&device)]).ok();
     let result = mount_verify_fsck(bed, &device, fs, verify);
     bed.close(CHECK_NAME, Some(image));
-    let aead: Vec<String> = take_kernel_log()
-        .into_iter()
+    let kernel = take_kernel_log();
+    let aead: Vec<&str> = kernel
+        .iter()
+        .map(String::as_str)
         .filter(|l| l.contains(AEAD_ERROR))
         .collect();
-    result?;
+    result.map_err(|why| format!("{why}\n--- kernel log:\n{}", relevant(&kernel)))?;
     if !aead.is_empty() && !tolerance.aead_errors {
         return Err(format!(
             "kernel log gained AEAD errors:\n{}",
@@ -469,6 +471,26 @@ fn mount_verify_fsck(
         return Err(format!("fsck not clean: {out}"));
     }
     Ok(())
+}
+
+/// The kernel log lines that explain a failed check (filesystem, journal, integrity, I/O).
+fn relevant(kernel: &[String]) -> String {
+    const WORDS: [&str; 7] = [
+        "EXT4",
+        "XFS",
+        "JBD2",
+        "AEAD",
+        "I/O error",
+        "integrity",
+        "crypt",
+    ];
+    let lines: Vec<&str> = kernel
+        .iter()
+        .filter(|l| WORDS.iter().any(|w| l.contains(w)))
+        .map(String::as_str)
+        .take(20)
+        .collect();
+    lines.join("\n")
 }
 
 /// `volume inspect` of an image (needs no key).
