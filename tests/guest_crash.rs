@@ -257,16 +257,24 @@ fn format_workload(case: &FormatCase) -> Tally {
     let points = harness::select_points(all, 12, |pt| {
         pt.applied > header_at || reformat_at.contains(&pt.applied)
     });
-    harness::replay_each(&bed, &original, &log, &log_file, &points, |point, image| {
-        if point.applied > header_at {
-            return check_volume(&bed, image, case.fs, Tolerance::default(), |_| Ok(()));
-        }
-        no_header_yet(&bed, image)?;
-        if reformat_at.contains(&point.applied) {
-            format_again(&bed, image, case)?;
-        }
-        Ok(())
-    })
+    harness::replay_each(
+        &bed,
+        &original,
+        &log,
+        &log_file,
+        &points,
+        |point, images| {
+            if point.applied > header_at {
+                let image = images.writable();
+                return check_volume(&bed, image, case.fs, Tolerance::default(), |_| Ok(()));
+            }
+            no_header_yet(&bed, images.read_only())?;
+            if reformat_at.contains(&point.applied) {
+                format_again(&bed, images.writable(), case)?;
+            }
+            Ok(())
+        },
+    )
 }
 
 /// Before the header write, open must refuse with "no header" (exit 4) and open nothing.
@@ -345,16 +353,16 @@ const FORMAT_CASES: &[FormatCase] = &[
         args: &["--init", "fast", "--journal", "direct"],
     },
     FormatCase {
-        label: "format-xfs-full",
-        size: XFS_SIZE,
-        fs: Fs::Xfs,
-        args: &["--init", "full"],
-    },
-    FormatCase {
         label: "format-xfs-fast-crypt",
         size: XFS_SIZE,
         fs: Fs::Xfs,
         args: &["--init", "fast", "--integrity", "none"],
+    },
+    FormatCase {
+        label: "format-xfs-full",
+        size: XFS_SIZE,
+        fs: Fs::Xfs,
+        args: &["--init", "full"],
     },
     FormatCase {
         label: "format-xfs-full-crypt",
@@ -676,7 +684,8 @@ fn files_workload(case: &FilesCase) -> Tally {
         &log,
         &log_file,
         &points_for(&log, FILES_BUDGET),
-        |point, image| {
+        |point, images| {
+            let image = images.writable();
             let progress = Progress::at(&log, point);
             // Direct mode may tear blocks written since the last flush: tolerate AEAD errors there,
             // never at a flush point, and the ledger check still demands every acknowledged byte.
@@ -876,7 +885,8 @@ fn blocks_workload(direct: bool) -> Tally {
         &log,
         &log_file,
         &points_for(&log, BLOCKS_BUDGET),
-        |point, image| {
+        |point, images| {
+            let image = images.writable();
             let progress = Progress::at(&log, point);
             let tolerance = Tolerance {
                 aead_errors: direct,
@@ -1017,7 +1027,8 @@ fn keyslots_workload() -> Tally {
         &log,
         &log_file,
         &points_for(&log, usize::MAX),
-        |point, image| {
+        |point, images| {
+            let image = images.writable();
             let progress = Progress::at(&log, point);
             check_slots(&bed, image, &progress, &digest_b, [add, recovery, remove])?;
             check_volume(&bed, image, Fs::Ext4, Tolerance::default(), |root| {

@@ -4,7 +4,7 @@
 //! point.
 #![allow(dead_code)]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -329,6 +329,30 @@ pub fn select_points(all: Vec<Point>, budget: usize, keep: impl Fn(&Point) -> bo
         .collect()
 }
 
+/// The replayed state at one point, for a check.
+pub struct Images<'a> {
+    replay: &'a Path,
+    scratch: &'a Path,
+    copied: Cell<bool>,
+}
+
+impl Images<'_> {
+    /// A throw-away copy of the state, for checks that write (open, mount, format).
+    pub fn writable(&self) -> &Path {
+        if !self.copied.replace(true) {
+            sparse_copy(self.replay, self.scratch);
+        }
+        self.scratch
+    }
+
+    /// The replayed state itself, for checks that only read (an open that must be refused reads
+    /// the header and nothing else: tests/guest_volume.rs checks that it leaves the file as it
+    /// was). Saves copying the image at each of the many points before format's header.
+    pub fn read_only(&self) -> &Path {
+        self.replay
+    }
+}
+
 /// Replays `log` onto a fresh copy of `original` and calls `check` on a throw-away copy of the
 /// state at every replay point (opening a volume replays dm-integrity's journal and mounting
 /// replays the filesystem's, so checks must not touch the replay itself).
@@ -338,7 +362,7 @@ pub fn replay_each(
     log: &Log,
     log_file: &Path,
     points: &[Point],
-    mut check: impl FnMut(&Point, &Path) -> Result<(), String>,
+    mut check: impl FnMut(&Point, &Images) -> Result<(), String>,
 ) -> Tally {
     let started = Instant::now();
     let replay = bed.dir.join("replay.img");
@@ -356,14 +380,18 @@ pub fn replay_each(
         replayer
             .advance_to(point.applied)
             .unwrap_or_else(|e| panic!("replaying up to entry {}: {e}", point.applied));
-        sparse_copy(&replay, &image);
+        let images = Images {
+            replay: &replay,
+            scratch: &image,
+            copied: Cell::new(false),
+        };
         tally.points += 1;
         match point.kind {
             PointKind::Durable => tally.durable += 1,
             PointKind::Between => tally.between += 1,
             PointKind::Start | PointKind::End => {}
         }
-        if let Err(why) = check(point, &image) {
+        if let Err(why) = check(point, &images) {
             let msg = format!(
                 "point {:?} after {} entries: {why}",
                 point.kind, point.applied
