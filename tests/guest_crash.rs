@@ -14,7 +14,7 @@
 //! tests/vm/run-in-guest.sh --timeout 1800 -- <binary> --ignored --test-threads=1 --nocapture
 //! ```
 //!
-//! `SEALCSI_CRASH_ONLY=<text>` limits a run to the cases whose label contains the text.
+//! `SEALCSI_CRASH_ONLY=<label>,<label>` limits a run to the cases of those labels.
 //!
 //! The non-ignored tests (the log parser's property tests) run on the host in `cargo test`.
 
@@ -381,11 +381,12 @@ fn run_cases<C>(
     run: impl Fn(&C) -> Tally,
 ) {
     let count = if full_set() { cases.len() } else { reduced };
-    // SEALCSI_CRASH_ONLY=<text>: only the cases whose label contains it (for re-running one).
+    // SEALCSI_CRASH_ONLY=<a>,<b>: only the cases whose label equals one of them (re-running).
     let only = std::env::var("SEALCSI_CRASH_ONLY").unwrap_or_default();
+    let wanted = |l: &str| only.is_empty() || only.split(',').any(|o| o == l);
     let mut lines = Vec::new();
     let mut failures = Vec::new();
-    for case in cases[..count].iter().filter(|c| label(c).contains(&only)) {
+    for case in cases[..count].iter().filter(|c| wanted(label(c))) {
         let tally = run(case);
         println!("{}", tally.line(label(case)));
         lines.push(tally.line(label(case)));
