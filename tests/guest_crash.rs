@@ -170,7 +170,8 @@ fn points_for(log: &Log, budget: usize) -> Vec<Point> {
     })
 }
 
-/// The reduced set's points per format, block and keyslot case (file cases carry their own):
+/// The reduced set's points per format and block case (file cases carry their own; keyslot
+/// changes have few points and keep them all):
 /// chosen so that the reduced set stays well inside CI's time (docs/crash-consistency.md).
 const FORMAT_BUDGET: usize = 8;
 const BLOCKS_BUDGET: usize = 8;
@@ -256,7 +257,7 @@ fn format_workload(case: &FormatCase) -> Tally {
         .collect();
     // The reduced set samples the points before the header and keeps every one after it.
     let points = harness::select_points(all, FORMAT_BUDGET, |pt| {
-        pt.applied > header_at || reformat_at.contains(&pt.applied)
+        pt.applied == 0 || pt.applied > header_at || reformat_at.contains(&pt.applied)
     });
     harness::replay_each(
         &bed,
