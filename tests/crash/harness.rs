@@ -399,6 +399,16 @@ pub fn replay_each(
             println!("FAILURE: {msg}");
             tally.failures.push(msg);
         }
+        // Long full-set cases (thousands of points) show how far they got.
+        if tally.points % 200 == 0 {
+            println!(
+                "progress: {} of {} points, {} failures, {:.0}s",
+                tally.points,
+                points.len(),
+                tally.failures.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     let _ = fs::remove_file(&image);
     let _ = fs::remove_file(&replay);
