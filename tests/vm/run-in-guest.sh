@@ -170,7 +170,7 @@ mkdir -p "$UML_TMP" "$RUNDIR/uml"
     printf 'SEALCSI_VM_MODULES_REQUIRED=(%s)\n' \
         "dm-mod dm-bufio dm-crypt dm-integrity loop xts authenc hmac gcm ghash-generic cbc ecb ctr seqiv"
     printf 'SEALCSI_VM_MODULES_OPTIONAL=(%s)\n' \
-        "essiv chacha20poly1305 chacha_generic poly1305_generic sha512_generic sha3_generic crc32_generic echainiv cryptd af_alg algif_skcipher algif_hash algif_aead dm-zero dm-delay dm-flakey dm-dust"
+        "essiv chacha20poly1305 chacha_generic poly1305_generic sha512_generic sha3_generic crc32_generic echainiv cryptd af_alg algif_skcipher algif_hash algif_aead dm-zero dm-delay dm-flakey dm-dust dm-log-writes"
 } >"$RUNDIR/guest.env"
 printf '%s\n' "${MOUNTS[@]}" >"$RUNDIR/guest.mounts"
 {

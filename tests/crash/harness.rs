@@ -1,0 +1,553 @@
+//! The guest harness of the crash-consistency suite: a backing file seen through dm-log-writes
+//! (backing file -> loop -> log-writes, logging to a second loop device), sealcsi's stack on top,
+//! and the replay of the recorded log onto a copy of the original backing file, checked point by
+//! point.
+#![allow(dead_code)]
+
+use std::cell::{Cell, RefCell};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use super::common::{BIN, Out, p, run, sh};
+use super::logwrites::{self, Log, Point, PointKind, Replayer};
+
+pub const AEAD_ERROR: &str = "INTEGRITY AEAD ERROR";
+pub const EXIT_INVALID_HEADER: i32 = 4;
+/// The simulated node every workload runs as (its sealing seed lives in the bed's state dir).
+pub const IDENTITY: &str = "node-a";
+
+/// One test's scratch directory and simulated node; undoes what it set up when dropped.
+pub struct Bed {
+    pub dir: PathBuf,
+    pub state: PathBuf,
+    names: RefCell<Vec<String>>,
+    loops: RefCell<Vec<String>>,
+    mounts: RefCell<Vec<PathBuf>>,
+}
+
+impl Bed {
+    pub fn new(test: &str) -> Self {
+        assert_eq!(
+            std::env::var("SEALCSI_IN_GUEST").as_deref(),
+            Ok("1"),
+            "guest test: run it via tests/vm/run-in-guest.sh"
+        );
+        let root = PathBuf::from(std::env::var_os("SCRATCH").unwrap_or_else(|| "/scratch".into()));
+        let dir = root.join(format!("guest-crash-{test}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        println!("== {test}");
+        Bed {
+            state: dir.join("state"),
+            dir,
+            names: RefCell::new(Vec::new()),
+            loops: RefCell::new(Vec::new()),
+            mounts: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The sealcsi binary as the simulated node `identity`; the host's settings cannot leak in.
+    pub fn sealcsi_as(&self, identity: &str, args: &[&str]) -> Out {
+        let mut cmd = Command::new(BIN);
+        cmd.env_remove("SEALCSI_TEE")
+            .env_remove("SEALCSI_STATE_DIR")
+            .env_remove("SEALCSI_SIM_IDENTITY")
+            .env_remove("SEALCSI_LOG")
+            .args(["--tee", "sim", "--state-dir"])
+            .arg(&self.state)
+            .args(["--sim-identity", identity])
+            .args(args);
+        run(
+            cmd,
+            format!("sealcsi --sim-identity {identity} {}", args.join(" ")),
+        )
+    }
+
+    pub fn sealcsi(&self, args: &[&str]) -> Out {
+        self.sealcsi_as(IDENTITY, args)
+    }
+
+    /// A sparse file of `size` bytes.
+    pub fn file(&self, name: &str, size: u64) -> PathBuf {
+        let path = self.dir.join(name);
+        let _ = fs::remove_file(&path);
+        File::create(&path).unwrap().set_len(size).unwrap();
+        path
+    }
+
+    pub fn track_name(&self, name: &str) {
+        self.names.borrow_mut().push(name.to_owned());
+    }
+
+    fn attach_loop(&self, file: &Path) -> String {
+        let dev = sh("losetup", &["-f", "--show", p(file)])
+            .ok()
+            .stdout
+            .trim()
+            .to_owned();
+        self.loops.borrow_mut().push(dev.clone());
+        dev
+    }
+
+    fn detach_loop(&self, dev: &str) {
+        sh("losetup", &["-d", dev]).ok();
+        self.loops.borrow_mut().retain(|d| d != dev);
+    }
+
+    pub fn mount(&self, device: &Path, fs: &str) -> Result<PathBuf, String> {
+        let mnt = self.dir.join("mnt");
+        fs::create_dir_all(&mnt).unwrap();
+        let out = sh("mount", &["-t", fs, p(device), p(&mnt)]);
+        if out.code != 0 {
+            return Err(format!("mount failed: {out}"));
+        }
+        self.mounts.borrow_mut().push(mnt.clone());
+        Ok(mnt)
+    }
+
+    pub fn umount(&self, mnt: &Path) {
+        sh("umount", &[p(mnt)]).ok();
+        self.mounts.borrow_mut().retain(|m| m != mnt);
+    }
+
+    /// Closes a sealcsi mapping and detaches any loop device still holding `image`.
+    pub fn close(&self, name: &str, image: Option<&Path>) {
+        self.sealcsi(&["volume", "close", name]).ok();
+        self.names.borrow_mut().retain(|n| n != name);
+        if let Some(image) = image {
+            detach_all(image);
+        }
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for mnt in self.mounts.borrow().iter().rev() {
+            let _ = sh("umount", &["-l", p(mnt)]);
+        }
+        for name in self.names.borrow().iter().rev() {
+            let _ = self.sealcsi(&["volume", "close", name]);
+            let _ = sh("dmsetup", &["remove", "--retry", name]);
+        }
+        for dev in self.loops.borrow().iter().rev() {
+            let _ = sh("losetup", &["-d", dev]);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Detaches every loop device attached to `file` (sealcsi attaches image files itself).
+pub fn detach_all(file: &Path) {
+    let out = sh("losetup", &["-j", p(file)]).ok();
+    for line in out.stdout.lines() {
+        if let Some((dev, _)) = line.split_once(':') {
+            let _ = sh("losetup", &["-d", dev]);
+        }
+    }
+}
+
+/// A sparse copy (`cp --sparse=always`): the replay's fresh copy of the original device.
+pub fn sparse_copy(from: &Path, to: &Path) {
+    let _ = fs::remove_file(to);
+    sh("cp", &["--sparse=always", p(from), p(to)]).ok();
+}
+
+/// The kernel log since the last call (read and cleared, so that each check sees only its own
+/// lines and a long run cannot wrap the ring buffer under a counter).
+pub fn take_kernel_log() -> Vec<String> {
+    sh("dmesg", &["-c"])
+        .ok()
+        .stdout
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recording
+// ---------------------------------------------------------------------------------------------
+
+/// A backing file behind dm-log-writes; `device` is what the workload formats or opens.
+pub struct Logged<'a> {
+    bed: &'a Bed,
+    pub name: String,
+    pub device: PathBuf,
+    data_loop: String,
+    log_loop: String,
+    pub log_file: PathBuf,
+}
+
+/// Fails loudly if the target is missing rather than letting a workload run unlogged.
+fn require_log_writes() {
+    sh("modprobe", &["dm-log-writes"]).ok();
+    assert!(
+        Path::new("/sys/module/dm_log_writes").exists(),
+        "dm-log-writes is not loaded in the guest kernel"
+    );
+}
+
+impl<'a> Logged<'a> {
+    /// Starts logging every write to `backing` into a sparse log file of `log_size` bytes.
+    pub fn start(bed: &'a Bed, backing: &Path, log_size: u64) -> Self {
+        require_log_writes();
+        let name = format!("cc-lw-{}", bed.dir.file_name().unwrap().to_str().unwrap());
+        let log_file = bed.file("writes.log", log_size);
+        let data_loop = bed.attach_loop(backing);
+        let log_loop = bed.attach_loop(&log_file);
+        let sectors = sh("blockdev", &["--getsz", &data_loop])
+            .ok()
+            .stdout
+            .trim()
+            .to_owned();
+        let table = format!("0 {sectors} log-writes {data_loop} {log_loop}");
+        sh("dmsetup", &["create", &name, "--table", &table]).ok();
+        bed.track_name(&name);
+        // No udev in the guest: make /dev/mapper/<name> ourselves.
+        sh("dmsetup", &["mknodes", &name]).ok();
+        let device = Path::new("/dev/mapper").join(&name);
+        assert!(
+            fs::metadata(&device).is_ok_and(|m| m.file_type().is_block_device()),
+            "{} is not a block device",
+            device.display()
+        );
+        Logged {
+            bed,
+            name,
+            device,
+            data_loop,
+            log_loop,
+            log_file,
+        }
+    }
+
+    pub fn dev(&self) -> &str {
+        p(&self.device)
+    }
+
+    /// Inserts a label into the log, after every write that completed before it.
+    pub fn mark(&self, label: &str) {
+        sh("dmsetup", &["message", &self.name, "0", "mark", label]).ok();
+    }
+
+    /// Removes the target (which appends the end mark and writes the final super), detaches
+    /// both loop devices and parses the log.
+    pub fn finish(self) -> (Log, PathBuf) {
+        sh("dmsetup", &["remove", "--retry", &self.name]).ok();
+        self.bed.names.borrow_mut().retain(|n| *n != self.name);
+        self.bed.detach_loop(&self.data_loop);
+        self.bed.detach_loop(&self.log_loop);
+        let file = File::open(&self.log_file).unwrap();
+        let log = logwrites::parse(&file)
+            .unwrap_or_else(|e| panic!("parsing {}: {e}", self.log_file.display()));
+        assert!(
+            matches!(log.entries.last().map(|e| &e.op), Some(logwrites::Op::Mark(m)) if m == logwrites::END_MARK),
+            "the log does not end with the target's end mark: the log device filled up?"
+        );
+        print_summary(&log);
+        (log, self.log_file)
+    }
+}
+
+fn print_summary(log: &Log) {
+    let count = |f: u64| log.entries.iter().filter(|e| e.flags & f != 0).count();
+    let bytes: u64 = log
+        .entries
+        .iter()
+        .filter(|e| matches!(e.op, logwrites::Op::Write { .. }))
+        .map(|e| e.nr_sectors * u64::from(log.sector_size))
+        .sum();
+    println!(
+        "log: {} entries, {} flushes, {} FUA, {} marks, {} discards, {} MiB of writes",
+        log.entries.len(),
+        count(logwrites::FLUSH),
+        count(logwrites::FUA),
+        count(logwrites::MARK),
+        count(logwrites::DISCARD),
+        bytes >> 20
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replaying
+// ---------------------------------------------------------------------------------------------
+
+/// What a replay run found.
+#[derive(Default)]
+pub struct Tally {
+    pub points: usize,
+    pub durable: usize,
+    pub between: usize,
+    pub failures: Vec<String>,
+    pub seconds: f64,
+}
+
+impl Tally {
+    pub fn line(&self, workload: &str) -> String {
+        format!(
+            "CRASH-RESULT {workload}: {} replay points ({} at flush/FUA, {} between), {} failures, {:.1}s",
+            self.points,
+            self.durable,
+            self.between,
+            self.failures.len(),
+            self.seconds
+        )
+    }
+}
+
+/// SEALCSI_CRASH_FULL=1: every workload, every flush/FUA point and three points inside each run
+/// of unflushed writes. Otherwise the reduced (CI) set: fewer workloads, one point inside each
+/// run, and a sample of the points (see [`select_points`]).
+pub fn full_set() -> bool {
+    std::env::var("SEALCSI_CRASH_FULL").as_deref() == Ok("1")
+}
+
+/// The points to check: all of them in the full set; in the reduced set every point `keep`
+/// insists on plus an evenly spaced sample of the rest, `budget` in all (or `keep`'s count if
+/// that is more).
+pub fn select_points(all: Vec<Point>, budget: usize, keep: impl Fn(&Point) -> bool) -> Vec<Point> {
+    if full_set() || all.len() <= budget {
+        return all;
+    }
+    let kept = all.iter().filter(|p| keep(p)).count();
+    let others = all.len() - kept;
+    let room = budget.saturating_sub(kept);
+    let mut seen = 0;
+    all.into_iter()
+        .filter(|p| {
+            if keep(p) {
+                return true;
+            }
+            seen += 1;
+            // Take the k-th of `others` when k * room / others crosses an integer.
+            room > 0 && (seen * room) / others != ((seen - 1) * room) / others
+        })
+        .collect()
+}
+
+/// The replayed state at one point, for a check.
+pub struct Images<'a> {
+    replay: &'a Path,
+    scratch: &'a Path,
+    copied: Cell<bool>,
+}
+
+impl Images<'_> {
+    /// A throw-away copy of the state, for checks that write (open, mount, format).
+    pub fn writable(&self) -> &Path {
+        if !self.copied.replace(true) {
+            sparse_copy(self.replay, self.scratch);
+        }
+        self.scratch
+    }
+
+    /// The replayed state itself, for checks that only read (an open that must be refused reads
+    /// the header and nothing else: tests/guest_volume.rs checks that it leaves the file as it
+    /// was). Saves copying the image at each of the many points before format's header.
+    pub fn read_only(&self) -> &Path {
+        self.replay
+    }
+}
+
+/// Replays `log` onto a fresh copy of `original` and calls `check` on a throw-away copy of the
+/// state at every replay point (opening a volume replays dm-integrity's journal and mounting
+/// replays the filesystem's, so checks must not touch the replay itself).
+pub fn replay_each(
+    bed: &Bed,
+    original: &Path,
+    log: &Log,
+    log_file: &Path,
+    points: &[Point],
+    mut check: impl FnMut(&Point, &Images) -> Result<(), String>,
+) -> Tally {
+    let started = Instant::now();
+    let replay = bed.dir.join("replay.img");
+    let image = bed.dir.join("check.img");
+    sparse_copy(original, &replay);
+    let target = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&replay)
+        .unwrap();
+    let src = File::open(log_file).unwrap();
+    let mut replayer = Replayer::new(log, &src, &target).unwrap();
+    let mut tally = Tally::default();
+    for point in points {
+        replayer
+            .advance_to(point.applied)
+            .unwrap_or_else(|e| panic!("replaying up to entry {}: {e}", point.applied));
+        let images = Images {
+            replay: &replay,
+            scratch: &image,
+            copied: Cell::new(false),
+        };
+        tally.points += 1;
+        match point.kind {
+            PointKind::Durable => tally.durable += 1,
+            PointKind::Between => tally.between += 1,
+            PointKind::Start | PointKind::End => {}
+        }
+        if let Err(why) = check(point, &images) {
+            let msg = format!(
+                "point {:?} after {} entries: {why}",
+                point.kind, point.applied
+            );
+            println!("FAILURE: {msg}");
+            tally.failures.push(msg);
+        }
+        // Long full-set cases (thousands of points) show how far they got.
+        if tally.points % 200 == 0 {
+            println!(
+                "progress: {} of {} points, {} failures, {:.0}s",
+                tally.points,
+                points.len(),
+                tally.failures.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let _ = fs::remove_file(&image);
+    let _ = fs::remove_file(&replay);
+    tally.seconds = started.elapsed().as_secs_f64();
+    tally
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checking one point
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Fs {
+    Ext4,
+    Xfs,
+    None,
+}
+
+impl Fs {
+    pub fn arg(self) -> &'static str {
+        match self {
+            Fs::Ext4 => "ext4",
+            Fs::Xfs => "xfs",
+            Fs::None => "none",
+        }
+    }
+}
+
+/// What a check of an opened volume may tolerate.
+#[derive(Clone, Copy, Default)]
+pub struct Tolerance {
+    /// Direct mode between durability points: blocks written since the last flush may be torn,
+    /// so AEAD errors on them are allowed (the caller checks acknowledged data separately).
+    pub aead_errors: bool,
+}
+
+/// The name the checks open replayed images under.
+pub const CHECK_NAME: &str = "cc-check";
+
+/// Opens `image` with the node's key; mounts it (which replays the filesystem journal), runs
+/// `verify` on the mount point (or on the raw device for `Fs::None`), unmounts, runs the
+/// read-only fsck, and closes. The kernel log must gain no AEAD error unless tolerated.
+pub fn check_volume(
+    bed: &Bed,
+    image: &Path,
+    fs: Fs,
+    tolerance: Tolerance,
+    verify: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<(), String> {
+    take_kernel_log();
+    let out = bed.sealcsi(&["volume", "open", p(image), "--name", CHECK_NAME]);
+    if out.code != 0 {
+        return Err(format!("open failed: {out}"));
+    }
+    bed.track_name(CHECK_NAME);
+    let report = out.json();
+    let device = PathBuf::from(report["device"].as_str().expect("open report has a device"));
+    // Read-ahead would read never-written blocks next to metadata (docs/init.md).
+    sh("blockdev", &["--setra", "0", p(&device)]).ok();
+    let result = mount_verify_fsck(bed, &device, fs, verify);
+    bed.close(CHECK_NAME, Some(image));
+    let kernel = take_kernel_log();
+    let aead: Vec<&str> = kernel
+        .iter()
+        .map(String::as_str)
+        .filter(|l| l.contains(AEAD_ERROR))
+        .collect();
+    result.map_err(|why| format!("{why}\n--- kernel log:\n{}", relevant(&kernel)))?;
+    if !aead.is_empty() && !tolerance.aead_errors {
+        return Err(format!(
+            "kernel log gained AEAD errors:\n{}",
+            aead.join("\n")
+        ));
+    }
+    Ok(())
+}
+
+fn mount_verify_fsck(
+    bed: &Bed,
+    device: &Path,
+    fs: Fs,
+    verify: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<(), String> {
+    if fs == Fs::None {
+        return verify(device);
+    }
+    let mnt = bed.mount(device, fs.arg())?;
+    let verified = verify(&mnt);
+    bed.umount(&mnt);
+    verified?;
+    let out = match fs {
+        Fs::Ext4 => sh("e2fsck", &["-fn", p(device)]),
+        Fs::Xfs => sh("xfs_repair", &["-n", p(device)]),
+        Fs::None => unreachable!(),
+    };
+    if out.code != 0 {
+        return Err(format!("fsck not clean: {out}"));
+    }
+    Ok(())
+}
+
+/// The kernel log lines that explain a failed check (filesystem, journal, integrity, I/O).
+fn relevant(kernel: &[String]) -> String {
+    const WORDS: [&str; 7] = [
+        "EXT4",
+        "XFS",
+        "JBD2",
+        "AEAD",
+        "I/O error",
+        "integrity",
+        "crypt",
+    ];
+    let lines: Vec<&str> = kernel
+        .iter()
+        .filter(|l| WORDS.iter().any(|w| l.contains(w)))
+        .map(String::as_str)
+        .take(20)
+        .collect();
+    lines.join("\n")
+}
+
+/// `volume inspect` of an image (needs no key).
+pub fn inspect(bed: &Bed, image: &Path) -> Result<Value, String> {
+    let out = bed.sealcsi(&["volume", "inspect", p(image)]);
+    detach_all(image);
+    if out.code != 0 {
+        return Err(format!("inspect failed: {out}"));
+    }
+    Ok(out.json())
+}
+
+/// Prints the tally line and fails the test if any point failed.
+pub fn report(workload: &str, tally: &Tally) {
+    println!("{}", tally.line(workload));
+    assert!(
+        tally.failures.is_empty(),
+        "{workload}: {} of {} replay points failed:\n{}",
+        tally.failures.len(),
+        tally.points,
+        tally.failures.join("\n")
+    );
+}

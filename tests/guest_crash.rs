@@ -1,0 +1,1096 @@
+//! Crash consistency at every flush point: each workload runs on a volume whose backing device is
+//! seen through dm-log-writes, which records every write, flush and FUA the stack sends to it in
+//! completion order. The log is then replayed onto a fresh copy of the original backing file up
+//! to every flush/FUA entry (and a few points between them: a crash with part of the unflushed
+//! writes on the disk), and each state is checked: the volume opens with the same key, every
+//! write acknowledged as durable before that point reads back identical, fsck is clean and the
+//! kernel log gains no AEAD error. See docs/crash-consistency.md.
+//!
+//! The default is the reduced set (what CI runs through tests/run.sh); `SEALCSI_CRASH_FULL=1`
+//! runs every workload. The guest tests need root, loop devices and device-mapper:
+//!
+//! ```text
+//! cargo test --test guest_crash --no-run      # prints the test binary's path
+//! tests/vm/run-in-guest.sh --timeout 1800 -- <binary> --ignored --test-threads=1 --nocapture
+//! ```
+//!
+//! `SEALCSI_CRASH_ONLY=<label>,<label>` limits a run to the cases of those labels.
+//!
+//! The non-ignored tests (the log parser's property tests) run on the host in `cargo test`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+mod common;
+use common::{MIB, p};
+
+#[path = "crash/logwrites.rs"]
+mod logwrites;
+
+#[cfg(test)]
+#[path = "crash/logwrites_props.rs"]
+mod logwrites_props;
+
+#[path = "crash/harness.rs"]
+mod harness;
+use harness::{Bed, EXIT_INVALID_HEADER, Fs, Logged, Tally, Tolerance, check_volume, full_set};
+use logwrites::{Log, Op, Point, PointKind};
+
+const KIB4: usize = 4096;
+
+/// Points checked inside each run of unflushed writes: 1 in the reduced set, 3 in the full set.
+fn between() -> usize {
+    if full_set() { 3 } else { 1 }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ledger: which marks precede a replay point
+// ---------------------------------------------------------------------------------------------
+
+/// The workload steps whose `begin:<n>` and `ack:<n>` marks lie before a point. A step's writes
+/// are issued after its begin mark, and its ack mark is sent once its fsync (or O_SYNC write,
+/// or fdatasync) returned: from the ack on, the step is acknowledged durable.
+struct Progress {
+    begun: HashSet<usize>,
+    acked: HashSet<usize>,
+}
+
+impl Progress {
+    fn at(log: &Log, point: &Point) -> Self {
+        let mut begun = HashSet::from([0]);
+        let mut acked = HashSet::from([0]);
+        for m in logwrites::marks_before(&log.entries, point.applied) {
+            if let Some(n) = m.strip_prefix("begin:") {
+                begun.insert(n.parse().expect("step number"));
+            } else if let Some(n) = m.strip_prefix("ack:") {
+                acked.insert(n.parse().expect("step number"));
+            }
+        }
+        Progress { begun, acked }
+    }
+
+    /// The versions a crash at this point may show, oldest first: the last acknowledged one and
+    /// every later one whose step had begun.
+    fn allowed<'v, T>(&self, versions: &'v [(usize, T)]) -> &'v [(usize, T)] {
+        let last_acked = versions
+            .iter()
+            .rposition(|(step, _)| self.acked.contains(step))
+            .expect("step 0 is always acknowledged");
+        let end = versions[last_acked + 1..]
+            .iter()
+            .position(|(step, _)| !self.begun.contains(step))
+            .map_or(versions.len(), |i| last_acked + 1 + i);
+        &versions[last_acked..end]
+    }
+}
+
+/// Numbers workload steps and puts their marks into the log.
+struct Steps<'a> {
+    logged: &'a Logged<'a>,
+    next: usize,
+}
+
+impl<'a> Steps<'a> {
+    fn new(logged: &'a Logged<'a>) -> Self {
+        Steps { logged, next: 1 }
+    }
+    fn begin(&mut self) -> usize {
+        let step = self.next;
+        self.next += 1;
+        self.logged.mark(&format!("begin:{step}"));
+        step
+    }
+    fn ack(&self, step: usize) {
+        self.logged.mark(&format!("ack:{step}"));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data patterns and reads
+// ---------------------------------------------------------------------------------------------
+
+/// `len` bytes, distinct per (seed, offset), so a block from another version or place is noticed.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while out.len() < len {
+        // xorshift64*
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A buffer aligned for O_DIRECT, without unsafe: over-allocate and slice.
+struct Aligned {
+    buf: Vec<u8>,
+    off: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Self {
+        let buf = vec![0u8; len + KIB4];
+        let off = buf.as_ptr().align_offset(KIB4);
+        Aligned { buf, off }
+    }
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        &mut self.buf[self.off..self.off + len]
+    }
+}
+
+fn open_direct(path: &Path, write: bool) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", path.display()))
+}
+
+/// An unreadable block is what a torn AEAD block gives: EILSEQ with O_DIRECT, EIO buffered.
+fn is_integrity_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EIO) | Some(nix::libc::EILSEQ)
+    )
+}
+
+/// Every replay point of `log` in the full set; in the reduced set the start, the end and an even
+/// sample of the rest, `budget` in all.
+fn points_for(log: &Log, budget: usize) -> Vec<Point> {
+    let all = logwrites::replay_points(&log.entries, between());
+    harness::select_points(all, budget, |pt| {
+        matches!(pt.kind, PointKind::Start | PointKind::End)
+    })
+}
+
+/// The reduced set's points per format and block case (file cases carry their own; keyslot
+/// changes have few points and keep them all):
+/// chosen so that the reduced set stays well inside CI's time (docs/crash-consistency.md).
+const FORMAT_BUDGET: usize = 8;
+const BLOCKS_BUDGET: usize = 8;
+
+/// The checker must not be vacuous: the original image (before the workload) checked against
+/// the final ledger has to fail.
+fn negative_control(bed: &Bed, original: &Path, check: impl FnOnce(&Path) -> Result<(), String>) {
+    let image = bed.dir.join("control.img");
+    harness::sparse_copy(original, &image);
+    let outcome = check(&image);
+    harness::detach_all(&image);
+    let _ = fs::remove_file(&image);
+    match outcome {
+        Ok(()) => {
+            panic!("negative control: the check accepted a volume missing every acknowledged write")
+        }
+        Err(why) => println!(
+            "negative control refused, as it must: {}",
+            why.lines().next().unwrap_or("")
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workload 1: volume format
+// ---------------------------------------------------------------------------------------------
+
+struct FormatCase {
+    label: &'static str,
+    size: u64,
+    fs: Fs,
+    args: &'static [&'static str],
+}
+
+/// The index of the first logged write that puts a sealcsi header magic into either header copy.
+fn header_write(log: &Log, src: &File) -> usize {
+    let unit = u64::from(log.sector_size);
+    for e in &log.entries {
+        let Op::Write { payload_offset } = e.op else {
+            continue;
+        };
+        let (start, end) = (e.sector * unit, (e.sector + e.nr_sectors) * unit);
+        for copy in [0u64, 4096] {
+            if start <= copy && copy + 8 <= end {
+                let mut magic = [0u8; 8];
+                src.read_exact_at(&mut magic, payload_offset + copy - start)
+                    .unwrap();
+                if &magic == b"SEALCSI\0" {
+                    return e.index;
+                }
+            }
+        }
+    }
+    panic!("the format log has no header write");
+}
+
+fn format_workload(case: &FormatCase) -> Tally {
+    let bed = Bed::new(case.label);
+    let backing = bed.file("vol.img", case.size);
+    let original = bed.dir.join("original.img");
+    harness::sparse_copy(&backing, &original);
+    let logged = Logged::start(&bed, &backing, 4 * case.size + 256 * MIB);
+    let mut args = vec!["volume", "format", logged.dev(), "--fs", case.fs.arg()];
+    args.extend_from_slice(case.args);
+    bed.sealcsi(&args).ok();
+    let (log, log_file) = logged.finish();
+    let header_at = header_write(&log, &File::open(&log_file).unwrap());
+    println!("header written by entry {header_at}");
+    let all = logwrites::replay_points(&log.entries, between());
+    let pre_header: Vec<usize> = all
+        .iter()
+        .map(|pt| pt.applied)
+        .filter(|&n| n <= header_at)
+        .collect();
+    let last_before = pre_header.last().copied();
+    // Format again at the last point before the header (the most written-over state), and in
+    // the full set at every 16th point before it as well (each costs a whole format).
+    let reformat_at: HashSet<usize> = pre_header
+        .iter()
+        .enumerate()
+        .filter(|&(i, &n)| Some(n) == last_before || full_set() && i % 16 == 0)
+        .map(|(_, &n)| n)
+        .collect();
+    // The reduced set samples the points before the header and keeps every one after it.
+    let points = harness::select_points(all, FORMAT_BUDGET, |pt| {
+        pt.applied == 0 || pt.applied > header_at || reformat_at.contains(&pt.applied)
+    });
+    harness::replay_each(
+        &bed,
+        &original,
+        &log,
+        &log_file,
+        &points,
+        |point, images| {
+            if point.applied > header_at {
+                let image = images.writable();
+                return check_volume(&bed, image, case.fs, Tolerance::default(), |_| Ok(()));
+            }
+            no_header_yet(&bed, images.read_only())?;
+            if reformat_at.contains(&point.applied) {
+                format_again(&bed, images.writable(), case)?;
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Before the header write, open must refuse with "no header" (exit 4) and open nothing.
+fn no_header_yet(bed: &Bed, image: &Path) -> Result<(), String> {
+    let out = bed.sealcsi(&["volume", "open", p(image), "--name", harness::CHECK_NAME]);
+    harness::detach_all(image);
+    if out.code != EXIT_INVALID_HEADER || !out.error_text().contains("header") {
+        if out.code == 0 {
+            bed.close(harness::CHECK_NAME, Some(image));
+        }
+        return Err(format!(
+            "open before the header write: want exit 4 (no header): {out}"
+        ));
+    }
+    Ok(())
+}
+
+fn format_again(bed: &Bed, image: &Path, case: &FormatCase) -> Result<(), String> {
+    let mut args = vec![
+        "volume",
+        "format",
+        p(image),
+        "--fs",
+        case.fs.arg(),
+        "--force",
+    ];
+    args.extend_from_slice(case.args);
+    let out = bed.sealcsi(&args);
+    harness::detach_all(image);
+    if out.code != 0 {
+        return Err(format!("formatting again failed: {out}"));
+    }
+    check_volume(bed, image, case.fs, Tolerance::default(), |_| Ok(()))
+}
+
+const EXT4_SIZE: u64 = 64 * MIB;
+/// mkfs.xfs needs 300 MB; sealcsi's xfs minimum is 307 MiB (docs/storageclass.md).
+const XFS_SIZE: u64 = 320 * MIB;
+
+const FORMAT_CASES: &[FormatCase] = &[
+    FormatCase {
+        label: "format-ext4-fast",
+        size: EXT4_SIZE,
+        fs: Fs::Ext4,
+        args: &["--init", "fast"],
+    },
+    FormatCase {
+        label: "format-ext4-full-crypt",
+        size: EXT4_SIZE,
+        fs: Fs::Ext4,
+        args: &["--init", "full", "--integrity", "none"],
+    },
+    FormatCase {
+        label: "format-xfs-fast",
+        size: XFS_SIZE,
+        fs: Fs::Xfs,
+        args: &["--init", "fast"],
+    },
+    // The full set only from here on.
+    FormatCase {
+        label: "format-ext4-full",
+        size: EXT4_SIZE,
+        fs: Fs::Ext4,
+        args: &["--init", "full"],
+    },
+    FormatCase {
+        label: "format-ext4-fast-crypt",
+        size: EXT4_SIZE,
+        fs: Fs::Ext4,
+        args: &["--init", "fast", "--integrity", "none"],
+    },
+    FormatCase {
+        label: "format-ext4-fast-direct",
+        size: EXT4_SIZE,
+        fs: Fs::Ext4,
+        args: &["--init", "fast", "--journal", "direct"],
+    },
+    FormatCase {
+        label: "format-xfs-fast-crypt",
+        size: XFS_SIZE,
+        fs: Fs::Xfs,
+        args: &["--init", "fast", "--integrity", "none"],
+    },
+    FormatCase {
+        label: "format-xfs-full",
+        size: XFS_SIZE,
+        fs: Fs::Xfs,
+        args: &["--init", "full"],
+    },
+    FormatCase {
+        label: "format-xfs-full-crypt",
+        size: XFS_SIZE,
+        fs: Fs::Xfs,
+        args: &["--init", "full", "--integrity", "none"],
+    },
+];
+const REDUCED_FORMAT_CASES: usize = 3;
+
+/// Runs a set of cases, prints one result line per case, fails if any point failed.
+fn run_cases<C>(
+    cases: &[C],
+    reduced: usize,
+    label: impl Fn(&C) -> &str,
+    run: impl Fn(&C) -> Tally,
+) {
+    let count = if full_set() { cases.len() } else { reduced };
+    // SEALCSI_CRASH_ONLY=<a>,<b>: only the cases whose label equals one of them (re-running).
+    let only = std::env::var("SEALCSI_CRASH_ONLY").unwrap_or_default();
+    let wanted = |l: &str| only.is_empty() || only.split(',').any(|o| o == l);
+    let mut lines = Vec::new();
+    let mut failures = Vec::new();
+    for case in cases[..count].iter().filter(|c| wanted(label(c))) {
+        let tally = run(case);
+        println!("{}", tally.line(label(case)));
+        lines.push(tally.line(label(case)));
+        failures.extend(
+            tally
+                .failures
+                .iter()
+                .map(|f| format!("{}: {f}", label(case))),
+        );
+    }
+    println!("summary:\n{}", lines.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} replay point(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+#[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
+fn guest_crash_format() {
+    run_cases(
+        FORMAT_CASES,
+        REDUCED_FORMAT_CASES,
+        |c| c.label,
+        format_workload,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workload 2: files made durable with fsync, fdatasync, O_SYNC and directory fsyncs
+// ---------------------------------------------------------------------------------------------
+
+/// A file's content as a step left it (`None` = absent), tagged with the step.
+type FileVersion = (usize, Option<Vec<u8>>);
+
+/// Every version each path had.
+#[derive(Default)]
+struct FileLedger {
+    versions: BTreeMap<&'static str, Vec<FileVersion>>,
+}
+
+impl FileLedger {
+    fn record(&mut self, step: usize, path: &'static str, content: Option<Vec<u8>>) {
+        self.versions
+            .entry(path)
+            .or_insert_with(|| vec![(0, None)])
+            .push((step, content));
+    }
+
+    fn latest(&self, path: &str) -> Vec<u8> {
+        self.versions[path]
+            .last()
+            .and_then(|(_, c)| c.clone())
+            .expect("a present file")
+    }
+
+    /// Checks every path against what a crash at `progress` may show.
+    fn check(&self, root: &Path, progress: &Progress, direct: bool) -> Result<(), String> {
+        for (path, versions) in &self.versions {
+            let allowed = progress.allowed(versions);
+            check_file(&root.join(path), allowed, direct).map_err(|e| format!("{path}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// One acknowledged version: exact. Several (a step in flight): the file may be absent only if
+/// a version is, and each 4 KiB block must read as that block of some allowed version or as
+/// zeros (an extending write whose size reached the disk before its data), or, in direct mode
+/// only, fail with an integrity error. Never other bytes.
+fn check_file(path: &Path, allowed: &[FileVersion], direct: bool) -> Result<(), String> {
+    let may_be_absent = allowed.iter().any(|(_, c)| c.is_none());
+    let contents: Vec<&Vec<u8>> = allowed.iter().filter_map(|(_, c)| c.as_ref()).collect();
+    let file = match File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return if may_be_absent {
+                Ok(())
+            } else {
+                Err("acknowledged file is missing".into())
+            };
+        }
+        Err(e) => return Err(format!("open: {e}")),
+        Ok(f) => f,
+    };
+    if contents.is_empty() {
+        return Err("exists, but its removal was acknowledged".into());
+    }
+    let len = file.metadata().map_err(|e| e.to_string())?.len() as usize;
+    if allowed.len() == 1 {
+        return read_exact_content(&file, len, contents[0]);
+    }
+    let longest = contents.iter().map(|c| c.len()).max().unwrap_or(0);
+    if len > longest {
+        return Err(format!("{len} bytes, longer than any version ({longest})"));
+    }
+    for at in (0..len).step_by(KIB4) {
+        let n = KIB4.min(len - at);
+        let mut buf = vec![0u8; n];
+        match file.read_exact_at(&mut buf, at as u64) {
+            Err(e) if direct && is_integrity_error(&e) => {}
+            Err(e) => return Err(format!("reading bytes at {at}: {e}")),
+            Ok(()) => {
+                let known = contents
+                    .iter()
+                    .any(|c| c.len() >= at + n && c[at..at + n] == buf[..]);
+                if !known && buf.iter().any(|&b| b != 0) {
+                    return Err(format!(
+                        "bytes at {at} match no version written there (wrong data)"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_exact_content(file: &File, len: usize, want: &[u8]) -> Result<(), String> {
+    if len != want.len() {
+        return Err(format!("acknowledged {} bytes, found {len}", want.len()));
+    }
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, 0)
+        .map_err(|e| format!("reading acknowledged data: {e}"))?;
+    if buf != want {
+        return Err("acknowledged data differs".into());
+    }
+    Ok(())
+}
+
+fn fsync_dir(dir: &Path) {
+    File::open(dir).unwrap().sync_all().unwrap();
+}
+
+fn create_with(path: &Path, data: &[u8], custom_flags: i32) -> File {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(custom_flags)
+        .open(path)
+        .unwrap();
+    f.write_all(data).unwrap();
+    f
+}
+
+/// The file workload on a mounted volume; returns what it wrote, step by step.
+fn file_steps(root: &Path, steps: &mut Steps) -> FileLedger {
+    let mut ledger = FileLedger::default();
+
+    // fsync of a new file, then of its directory.
+    let s = steps.begin();
+    let a = pattern(1, 48 * 1024);
+    create_with(&root.join("a"), &a, 0).sync_all().unwrap();
+    fsync_dir(root);
+    ledger.record(s, "a", Some(a.clone()));
+    steps.ack(s);
+
+    // O_SYNC writes: each write is durable when it returns; the name needs the directory fsync.
+    let s = steps.begin();
+    let b = pattern(2, 48 * 1024);
+    let mut f = create_with(&root.join("b"), &[], nix::libc::O_SYNC);
+    for chunk in b.chunks(16 * 1024) {
+        f.write_all(chunk).unwrap();
+    }
+    drop(f);
+    fsync_dir(root);
+    ledger.record(s, "b", Some(b));
+    steps.ack(s);
+
+    // fdatasync after an append (the size change must be durable too).
+    let s = steps.begin();
+    let mut a2 = a.clone();
+    a2.extend_from_slice(&pattern(3, 32 * 1024));
+    let f = OpenOptions::new()
+        .append(true)
+        .open(root.join("a"))
+        .unwrap();
+    (&f).write_all(&a2[a.len()..]).unwrap();
+    f.sync_data().unwrap();
+    ledger.record(s, "a", Some(a2));
+    steps.ack(s);
+
+    // An overwrite in place of an existing file, made durable with fdatasync.
+    let s = steps.begin();
+    let c = pattern(4, 64 * 1024);
+    create_with(&root.join("c"), &c, 0).sync_all().unwrap();
+    fsync_dir(root);
+    ledger.record(s, "c", Some(c.clone()));
+    steps.ack(s);
+    let s = steps.begin();
+    let mut c2 = c;
+    let patch = pattern(5, 16 * 1024);
+    c2[20 * 1024..36 * 1024].copy_from_slice(&patch);
+    let f = OpenOptions::new().write(true).open(root.join("c")).unwrap();
+    f.write_all_at(&patch, 20 * 1024).unwrap();
+    f.sync_data().unwrap();
+    ledger.record(s, "c", Some(c2));
+    steps.ack(s);
+
+    // Atomic replace: write a temporary file, fsync it, rename it, fsync the directory.
+    let s = steps.begin();
+    let d = pattern(6, 20 * 1024);
+    create_with(&root.join("d.tmp"), &d, 0).sync_all().unwrap();
+    fs::rename(root.join("d.tmp"), root.join("d")).unwrap();
+    fsync_dir(root);
+    ledger.record(s, "d.tmp", Some(d.clone()));
+    ledger.record(s, "d.tmp", None);
+    ledger.record(s, "d", Some(d));
+    steps.ack(s);
+
+    // A new directory: the file, the new directory and its parent are each fsynced.
+    let s = steps.begin();
+    fs::create_dir(root.join("sub")).unwrap();
+    let e = pattern(7, 8 * 1024);
+    create_with(&root.join("sub/e"), &e, 0).sync_all().unwrap();
+    fsync_dir(&root.join("sub"));
+    fsync_dir(root);
+    ledger.record(s, "sub/e", Some(e));
+    steps.ack(s);
+
+    // An unlink made durable by the directory fsync.
+    let s = steps.begin();
+    fs::remove_file(root.join("b")).unwrap();
+    fsync_dir(root);
+    ledger.record(s, "b", None);
+    steps.ack(s);
+
+    // A bigger file (several extents, journal commits of its own).
+    let s = steps.begin();
+    let big = pattern(8, MIB as usize);
+    create_with(&root.join("f"), &big, 0).sync_all().unwrap();
+    fsync_dir(root);
+    ledger.record(s, "f", Some(big));
+    steps.ack(s);
+
+    // Never acknowledged: a new file and an overwrite of `a`, left to writeback and unmount.
+    let s = steps.begin();
+    create_with(&root.join("g"), &pattern(9, 40 * 1024), 0);
+    ledger.record(s, "g", Some(pattern(9, 40 * 1024)));
+    let mut a3 = ledger.latest("a");
+    let head = pattern(10, 8 * 1024);
+    a3[..head.len()].copy_from_slice(&head);
+    OpenOptions::new()
+        .write(true)
+        .open(root.join("a"))
+        .unwrap()
+        .write_all_at(&head, 0)
+        .unwrap();
+    ledger.record(s, "a", Some(a3));
+    ledger
+}
+
+struct FilesCase {
+    label: &'static str,
+    size: u64,
+    fs: Fs,
+    direct: bool,
+    /// Points in the reduced set (xfs checks cost about twice as much as ext4's).
+    budget: usize,
+}
+
+/// Formats (unlogged), snapshots, then logs open → mount → the file steps → unmount → close.
+fn files_workload(case: &FilesCase) -> Tally {
+    let bed = Bed::new(case.label);
+    let backing = bed.file("vol.img", case.size);
+    let mut args = vec!["volume", "format", p(&backing), "--fs", case.fs.arg()];
+    if case.direct {
+        args.extend_from_slice(&["--journal", "direct"]);
+    }
+    bed.sealcsi(&args).ok();
+    harness::detach_all(&backing);
+    let original = bed.dir.join("original.img");
+    harness::sparse_copy(&backing, &original);
+
+    let logged = Logged::start(&bed, &backing, case.size + 256 * MIB);
+    let name = "cc-work";
+    bed.track_name(name);
+    let report = bed
+        .sealcsi(&["volume", "open", logged.dev(), "--name", name])
+        .ok()
+        .json();
+    let device = report["device"]
+        .as_str()
+        .expect("open report has a device")
+        .to_owned();
+    let mnt = bed.mount(Path::new(&device), case.fs.arg()).unwrap();
+    let mut steps = Steps::new(&logged);
+    let ledger = file_steps(&mnt, &mut steps);
+    bed.umount(&mnt);
+    bed.close(name, None);
+    let (log, log_file) = logged.finish();
+
+    let tally = harness::replay_each(
+        &bed,
+        &original,
+        &log,
+        &log_file,
+        &points_for(&log, case.budget),
+        |point, images| {
+            let image = images.writable();
+            let progress = Progress::at(&log, point);
+            // Direct mode may tear blocks written since the last flush: tolerate AEAD errors there,
+            // never at a flush point, and the ledger check still demands every acknowledged byte.
+            let tolerance = Tolerance {
+                aead_errors: case.direct && point.kind == PointKind::Between,
+            };
+            check_volume(&bed, image, case.fs, tolerance, |root| {
+                ledger.check(root, &progress, case.direct)
+            })
+        },
+    );
+    let end = Progress::at(
+        &log,
+        &Point {
+            applied: log.entries.len(),
+            kind: PointKind::End,
+        },
+    );
+    negative_control(&bed, &original, |image| {
+        check_volume(&bed, image, case.fs, Tolerance::default(), |root| {
+            ledger.check(root, &end, case.direct)
+        })
+    });
+    tally
+}
+
+const FILES_CASES: &[FilesCase] = &[
+    FilesCase {
+        label: "files-ext4",
+        size: EXT4_SIZE,
+        fs: Fs::Ext4,
+        direct: false,
+        budget: 14,
+    },
+    FilesCase {
+        label: "files-xfs",
+        size: XFS_SIZE,
+        fs: Fs::Xfs,
+        direct: false,
+        budget: 10,
+    },
+];
+const REDUCED_FILES_CASES: usize = 2;
+
+#[test]
+#[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
+fn guest_crash_files() {
+    run_cases(
+        FILES_CASES,
+        REDUCED_FILES_CASES,
+        |c| c.label,
+        files_workload,
+    );
+}
+
+const DIRECT_FILES_CASES: &[FilesCase] = &[
+    FilesCase {
+        label: "files-ext4-direct",
+        size: EXT4_SIZE,
+        fs: Fs::Ext4,
+        direct: true,
+        budget: usize::MAX,
+    },
+    FilesCase {
+        label: "files-xfs-direct",
+        size: XFS_SIZE,
+        fs: Fs::Xfs,
+        direct: true,
+        budget: usize::MAX,
+    },
+];
+
+/// A filesystem on a direct-mode volume. This FAILS today (docs/crash-consistency.md, "Findings"):
+/// a crash between flushes can tear a journal block the filesystem reads during log recovery,
+/// and the whole filesystem then refuses to mount. It is in the full set only, so that CI stays
+/// meaningful while the finding is open; the block-level direct-mode contract is in CI
+/// (`guest_crash_blocks`).
+#[test]
+#[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
+fn guest_crash_files_direct() {
+    if !full_set() {
+        println!(
+            "NOT RUN in the reduced set (a known failure, see docs/crash-consistency.md): SEALCSI_CRASH_FULL=1 runs it"
+        );
+        return;
+    }
+    run_cases(DIRECT_FILES_CASES, 0, |c| c.label, files_workload);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workload 2b: raw blocks with O_DIRECT and fdatasync (block volume, exact per-block ledger)
+// ---------------------------------------------------------------------------------------------
+
+/// Blocks of the block volume the workload writes into.
+const REGION_BLOCKS: u64 = 512;
+
+/// Per block, every version it had: (step, seed); seed 0 = the zeros of format's full init.
+struct BlockLedger {
+    versions: Vec<Vec<(usize, u64)>>,
+}
+
+fn block_content(seed: u64, block: u64) -> Vec<u8> {
+    if seed == 0 {
+        vec![0u8; KIB4]
+    } else {
+        pattern(seed << 20 | block, KIB4)
+    }
+}
+
+/// Eight acknowledged steps that each rewrite a scattered set of blocks (some blocks several
+/// times), then one step that is never flushed.
+fn block_steps(device: &Path, steps: &mut Steps) -> BlockLedger {
+    let mut ledger = BlockLedger {
+        versions: vec![vec![(0, 0)]; REGION_BLOCKS as usize],
+    };
+    let f = open_direct(device, true);
+    let mut buf = Aligned::new(KIB4);
+    for round in 1..=9u64 {
+        let s = steps.begin();
+        let seed = round;
+        for i in 0..48u64 {
+            let block = (i * 37 + round * 11) * (round + 3) % REGION_BLOCKS;
+            buf.get(KIB4).copy_from_slice(&block_content(seed, block));
+            f.write_all_at(buf.get(KIB4), block * KIB4 as u64).unwrap();
+            ledger.versions[block as usize].push((s, seed));
+        }
+        if round < 9 {
+            f.sync_data().unwrap();
+            steps.ack(s);
+        }
+    }
+    ledger
+}
+
+impl BlockLedger {
+    /// Every block reads as one of its allowed versions; an integrity error only in direct mode
+    /// and only on a block with a write in flight; an acknowledged block exactly.
+    fn check(&self, device: &Path, progress: &Progress, direct: bool) -> Result<(), String> {
+        let f = open_direct(device, false);
+        let mut buf = Aligned::new(KIB4);
+        let mut torn = 0;
+        for block in 0..REGION_BLOCKS {
+            let allowed = progress.allowed(&self.versions[block as usize]);
+            match f.read_exact_at(buf.get(KIB4), block * KIB4 as u64) {
+                Err(e) if direct && allowed.len() > 1 && is_integrity_error(&e) => torn += 1,
+                Err(e) => return Err(format!("block {block}: {e} (allowed {allowed:?})")),
+                Ok(()) => {
+                    let data = buf.get(KIB4);
+                    if !allowed
+                        .iter()
+                        .any(|&(_, seed)| block_content(seed, block) == data)
+                    {
+                        return Err(format!("block {block}: wrong data (allowed {allowed:?})"));
+                    }
+                }
+            }
+        }
+        if torn > 0 {
+            println!("  {torn} unflushed block(s) unreadable (direct mode)");
+        }
+        Ok(())
+    }
+}
+
+fn blocks_workload(direct: bool) -> Tally {
+    let label = if direct {
+        "blocks-direct"
+    } else {
+        "blocks-journal"
+    };
+    let bed = Bed::new(label);
+    let backing = bed.file("vol.img", 64 * MIB);
+    let mut args = vec!["volume", "format", p(&backing), "--fs", "none"];
+    if direct {
+        args.extend_from_slice(&["--journal", "direct"]);
+    }
+    bed.sealcsi(&args).ok();
+    harness::detach_all(&backing);
+    let original = bed.dir.join("original.img");
+    harness::sparse_copy(&backing, &original);
+
+    let logged = Logged::start(&bed, &backing, 128 * MIB);
+    let name = "cc-work";
+    bed.track_name(name);
+    let report = bed
+        .sealcsi(&["volume", "open", logged.dev(), "--name", name])
+        .ok()
+        .json();
+    let device = report["device"]
+        .as_str()
+        .expect("open report has a device")
+        .to_owned();
+    let mut steps = Steps::new(&logged);
+    let ledger = block_steps(Path::new(&device), &mut steps);
+    bed.close(name, None);
+    let (log, log_file) = logged.finish();
+
+    let tally = harness::replay_each(
+        &bed,
+        &original,
+        &log,
+        &log_file,
+        &points_for(&log, BLOCKS_BUDGET),
+        |point, images| {
+            let image = images.writable();
+            let progress = Progress::at(&log, point);
+            let tolerance = Tolerance {
+                aead_errors: direct,
+            };
+            check_volume(&bed, image, Fs::None, tolerance, |dev| {
+                ledger.check(dev, &progress, direct)
+            })
+        },
+    );
+    let end = Progress::at(
+        &log,
+        &Point {
+            applied: log.entries.len(),
+            kind: PointKind::End,
+        },
+    );
+    negative_control(&bed, &original, |image| {
+        check_volume(&bed, image, Fs::None, Tolerance::default(), |dev| {
+            ledger.check(dev, &end, direct)
+        })
+    });
+    tally
+}
+
+#[test]
+#[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
+fn guest_crash_blocks() {
+    run_cases(
+        &[false, true],
+        2,
+        |d| {
+            if *d {
+                "blocks-direct"
+            } else {
+                "blocks-journal"
+            }
+        },
+        |d| blocks_workload(*d),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workload 3: keyslot changes
+// ---------------------------------------------------------------------------------------------
+
+/// What `volume inspect` shows of the slots: sealed-slot digests and the recovery-slot count.
+fn slot_view(inspect: &serde_json::Value) -> (Vec<String>, usize) {
+    let slots = inspect["keyslots"].as_array().cloned().unwrap_or_default();
+    let digests = slots
+        .iter()
+        .filter(|s| s["source"] == "sim")
+        .filter_map(|s| s["identity_digest"].as_str().map(str::to_owned))
+        .collect();
+    let recovery = slots.iter().filter(|s| s["source"] != "sim").count();
+    (digests, recovery)
+}
+
+fn keyslots_workload() -> Tally {
+    let bed = Bed::new("keyslots");
+    let backing = bed.file("vol.img", EXT4_SIZE);
+    bed.sealcsi(&["volume", "format", p(&backing), "--fs", "ext4"])
+        .ok();
+    // A marker file, written through a normal open, that every replay point must still show.
+    let name = "cc-work";
+    bed.track_name(name);
+    let report = bed
+        .sealcsi(&["volume", "open", p(&backing), "--name", name])
+        .ok()
+        .json();
+    let mnt = bed
+        .mount(Path::new(report["device"].as_str().unwrap()), "ext4")
+        .unwrap();
+    let marker = pattern(42, 12 * 1024);
+    create_with(&mnt.join("marker"), &marker, 0)
+        .sync_all()
+        .unwrap();
+    bed.umount(&mnt);
+    bed.close(name, Some(&backing));
+    let original = bed.dir.join("original.img");
+    harness::sparse_copy(&backing, &original);
+    let digest_b = bed
+        .sealcsi_as("node-b", &["volume", "identity"])
+        .ok()
+        .json()["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let private = bed.dir.join("recovery.key");
+    let public = bed.dir.join("recovery.pub");
+    bed.sealcsi(&[
+        "recovery-keygen",
+        "--private-key",
+        p(&private),
+        "--public-key",
+        p(&public),
+    ])
+    .ok();
+
+    let logged = Logged::start(&bed, &backing, 256 * MIB);
+    let mut steps = Steps::new(&logged);
+    let add = steps.begin();
+    bed.sealcsi(&["volume", "add-slot", logged.dev(), "--for", "sim:node-b"])
+        .ok();
+    steps.ack(add);
+    let recovery = steps.begin();
+    bed.sealcsi(&[
+        "volume",
+        "add-recovery",
+        logged.dev(),
+        "--recovery-public-key",
+        p(&public),
+    ])
+    .ok();
+    steps.ack(recovery);
+    let slots = bed.sealcsi(&["volume", "slots", logged.dev()]).ok().json();
+    let b_index = slots["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["identity_digest"] == digest_b.as_str())
+        .and_then(|s| s["index"].as_u64())
+        .unwrap_or_else(|| panic!("no slot for node-b in {slots}"));
+    let remove = steps.begin();
+    bed.sealcsi(&[
+        "volume",
+        "remove-slot",
+        logged.dev(),
+        "--slot",
+        &b_index.to_string(),
+    ])
+    .ok();
+    steps.ack(remove);
+    let (log, log_file) = logged.finish();
+
+    harness::replay_each(
+        &bed,
+        &original,
+        &log,
+        &log_file,
+        &points_for(&log, usize::MAX),
+        |point, images| {
+            let image = images.writable();
+            let progress = Progress::at(&log, point);
+            check_slots(&bed, image, &progress, &digest_b, [add, recovery, remove])?;
+            check_volume(&bed, image, Fs::Ext4, Tolerance::default(), |root| {
+                let found = fs::read(root.join("marker")).map_err(|e| format!("marker: {e}"))?;
+                if found != marker {
+                    Err("marker differs".into())
+                } else {
+                    Ok(())
+                }
+            })
+        },
+    )
+}
+
+/// The slot set at a point: node-b's slot present from its ack until the removal begins, absent
+/// (in both header copies) from the removal's ack on; the recovery slot present from its ack.
+fn check_slots(
+    bed: &Bed,
+    image: &Path,
+    progress: &Progress,
+    digest_b: &str,
+    [add, recovery, remove]: [usize; 3],
+) -> Result<(), String> {
+    let inspect = harness::inspect(bed, image)?;
+    let (digests, recovery_slots) = slot_view(&inspect);
+    let has_b = digests.iter().any(|d| d == digest_b);
+    let done = |s: usize| progress.acked.contains(&s);
+    let started = |s: usize| progress.begun.contains(&s);
+    if done(add) && !started(remove) && !has_b {
+        return Err(format!("node-b's acknowledged slot is missing: {inspect}"));
+    }
+    if (done(remove) || !started(add)) && has_b {
+        return Err(format!("node-b has a slot it should not have: {inspect}"));
+    }
+    if done(recovery) && recovery_slots != 1 || !started(recovery) && recovery_slots != 0 {
+        return Err(format!(
+            "recovery slots: {recovery_slots} (acknowledged: {}): {inspect}",
+            done(recovery)
+        ));
+    }
+    if done(remove) {
+        let raw = fs::read(image).map_err(|e| e.to_string())?;
+        let needle = hex::decode(digest_b).unwrap();
+        if raw[..8192].windows(needle.len()).any(|w| w == needle) {
+            return Err("a header copy still holds node-b's removed slot".into());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
+fn guest_crash_keyslots() {
+    let tally = keyslots_workload();
+    harness::report("keyslots", &tally);
+}
