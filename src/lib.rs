@@ -10,12 +10,14 @@
 //! - [`keyslots`]: keyslot lifecycle and recovery escrow over the engine;
 //! - [`header`], [`keys`]: the on-disk format and the key hierarchy;
 //! - [`sealing`]: where secrets come from (SEV-SNP, TPM, simulated);
+//! - [`attest`]: TEE evidence binding caller data (for key brokers and attested transfer);
 //! - [`dm`], [`backend`], [`keyring`], [`devio`]: the kernel behind small traits;
 //! - [`error`]: the one error taxonomy; [`metrics`], [`clock`].
 //!
 //! Nothing below [`csi`] knows gRPC.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod attest;
 pub mod backend;
 pub mod clock;
 pub mod controller;
