@@ -7,9 +7,9 @@
 //! Each kind of evidence is one implementation of [`EvidenceSource`]; the body is in the format the
 //! matching Trustee verifier expects, so the same bytes serve the KBS and the transfer.
 
-mod sample;
+pub mod sample;
 
-pub use sample::SampleEvidence;
+pub use sample::{SampleBody, SampleEvidence};
 
 use serde::{Deserialize, Serialize};
 
