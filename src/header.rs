@@ -111,6 +111,14 @@ impl Profile {
         }
     }
 
+    /// The integrity journal mode, for profiles that have an integrity layer.
+    pub fn journal(self) -> Option<Journal> {
+        match self {
+            Profile::AeadHmacSha256 { journal } => Some(journal),
+            Profile::XtsOnly => None,
+        }
+    }
+
     pub fn key_len(self) -> usize {
         match self {
             Profile::AeadHmacSha256 { .. } => 96,

@@ -515,7 +515,7 @@ async fn create_volume_is_idempotent_and_refuses_conflicts() {
     let p = Plugin::start().await;
     let mut c = p.controller();
     let caps = vec![
-        mount_cap(Mode::SingleNodeWriter, ""),
+        block_cap(Mode::SingleNodeWriter),
         block_cap(Mode::SingleNodeReaderOnly),
     ];
     let a = c
@@ -561,6 +561,69 @@ async fn create_volume_is_idempotent_and_refuses_conflicts() {
     assert_eq!(code(r), Code::AlreadyExists);
     let other = p.create("pvc-2", 64 * MIB, &[]).await;
     assert_ne!(other.volume_id, a.volume_id);
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_filesystem_volume_in_direct_mode_is_refused_and_nothing_is_created() {
+    let p = Plugin::start().await;
+    let mut c = p.controller();
+    for caps in [
+        vec![mount_cap(Mode::SingleNodeWriter, "")],
+        vec![
+            block_cap(Mode::SingleNodeWriter),
+            mount_cap(Mode::SingleNodeWriter, "xfs"),
+        ],
+    ] {
+        let r = c
+            .create_volume(create_req(
+                "pvc-d",
+                64 * MIB,
+                &[("journal", "direct")],
+                caps,
+            ))
+            .await;
+        let status = r.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(
+            status.message().contains("raw block volumes only"),
+            "{status:?}"
+        );
+    }
+    let list = c
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.entries.is_empty(), "nothing was created");
+    // A block volume in direct mode is made, and is not confirmed for a filesystem.
+    let v = c
+        .create_volume(create_req(
+            "pvc-d",
+            64 * MIB,
+            &[("journal", "direct")],
+            vec![block_cap(Mode::SingleNodeWriter)],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let r = c
+        .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+            volume_id: v.volume_id.clone(),
+            volume_capabilities: vec![mount_cap(Mode::SingleNodeWriter, "")],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.confirmed.is_none());
+    assert!(
+        r.message.contains("raw block volumes only"),
+        "{}",
+        r.message
+    );
     p.stop().await.unwrap();
 }
 

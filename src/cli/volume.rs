@@ -68,6 +68,8 @@ pub(crate) fn run(global: &Global, command: VolumeCommand) -> anyhow::Result<()>
             if let Some(id) = &volume_id {
                 opts.volume_binding = header::volume_binding(id);
             }
+            // Bad options are refused before the sealing source or the kernel is touched.
+            volume::check_format_options(&opts)?;
             let source = open_source(global)?;
             let dm = kernel_dm()?;
             let report = Volumes::new(&dm, source.as_ref())

@@ -11,10 +11,11 @@ use super::proto::controller_service_capability::{Rpc, Type as CapType, rpc::Typ
 use super::proto::{self, controller_server::Controller};
 use super::{Shared, blocking, status};
 use crate::controller::{Created, Provisioner};
-use crate::header::FsKind;
+use crate::header::{FsKind, Journal};
 use crate::node::capability::{AccessType, Capability};
 use crate::store::sizing::min_volume_bytes;
 use crate::store::{StoreError, VolumeId, VolumeInfo, VolumeParams};
+use crate::volume::DIRECT_FILESYSTEM_REFUSED;
 
 pub struct ControllerService {
     shared: Arc<Shared>,
@@ -90,6 +91,12 @@ impl ControllerService {
             ));
         }
         let params = VolumeParams::parse(&req.parameters).map_err(|e| status::from_error(&e))?;
+        let wants_filesystem = caps
+            .iter()
+            .any(|c| matches!(c.access, AccessType::Mount { .. }));
+        if wants_filesystem && params.profile().journal() == Some(Journal::Direct) {
+            return Err(status::invalid_argument(DIRECT_FILESYSTEM_REFUSED));
+        }
         if let Some(reqs) = &req.accessibility_requirements
             && !reqs.requisite.is_empty()
             && !reqs.requisite.iter().any(|t| self.is_this_node(t))
@@ -171,6 +178,12 @@ impl ControllerService {
         };
         for cap in &req.volume_capabilities {
             match convert::capability(cap) {
+                Ok(c)
+                    if matches!(c.access, AccessType::Mount { .. })
+                        && vol.record.parameters.profile().journal() == Some(Journal::Direct) =>
+                {
+                    return refuse(DIRECT_FILESYSTEM_REFUSED.into());
+                }
                 Ok(_) => {}
                 Err(CapabilityError::Invalid(m)) => return Err(status::invalid_argument(m)),
                 Err(CapabilityError::Unsupported(m)) => return refuse(m),

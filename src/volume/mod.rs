@@ -36,7 +36,7 @@ use crate::devio;
 use crate::dm::{DeviceMapper, DmError};
 use crate::error::{Classify, Kind};
 use crate::header::{
-    BINDING_DIGEST_LEN, DATA_OFFSET, FsKind, Header, HeaderError, Keyslot, Profile,
+    BINDING_DIGEST_LEN, DATA_OFFSET, FsKind, Header, HeaderError, Journal, Keyslot, Profile,
 };
 use crate::keys::{KeyError, VolumeKey};
 use crate::sealing::{SealError, SealingSource};
@@ -191,6 +191,33 @@ pub fn crypt_only_sectors(device_size: u64) -> u64 {
     (device_size.saturating_sub(DATA_OFFSET) / devio::ALIGN as u64) * (devio::ALIGN as u64 / SECTOR)
 }
 
+/// Refuses option combinations sealcsi does not build, before anything is touched.
+///
+/// A filesystem over `journal: direct` is refused: without the integrity journal a crash can leave a
+/// block whose data and tag disagree, the filesystem's own crash recovery then reads it, fails, and the
+/// whole filesystem no longer mounts (docs/crash-consistency.md, "Findings"). Direct mode stays for raw
+/// block volumes, whose users see exactly the unreadable blocks and nothing else.
+pub fn check_format_options(opts: &FormatOptions) -> Result<(), VolumeError> {
+    if opts.fs == FsKind::None && opts.init == InitMode::Fast {
+        return Err(VolumeError::InvalidArgument(
+            "fast init needs a filesystem (--fs ext4|xfs): block volumes are always fully wiped"
+                .into(),
+        ));
+    }
+    if opts.fs != FsKind::None && opts.profile.journal() == Some(Journal::Direct) {
+        return Err(VolumeError::InvalidArgument(
+            DIRECT_FILESYSTEM_REFUSED.into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Why a filesystem volume cannot use `journal: direct` (one text for the CLI and CSI).
+pub const DIRECT_FILESYSTEM_REFUSED: &str = "journal direct is for raw block volumes only: without the \
+     integrity journal a crash can leave blocks unreadable that the filesystem's own recovery needs, and \
+     the filesystem would no longer mount (docs/crash-consistency.md); use journal: journal (the default) \
+     for a filesystem";
+
 impl<'a> Volumes<'a> {
     pub fn new(dm: &'a dyn DeviceMapper, source: &'a dyn SealingSource) -> Self {
         Self { dm, source }
@@ -204,11 +231,7 @@ impl<'a> Volumes<'a> {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<FormatReport, VolumeError> {
         let started = Instant::now();
-        if opts.fs == FsKind::None && opts.init == InitMode::Fast {
-            return Err(VolumeError::InvalidArgument(
-                "fast init needs a filesystem (--fs ext4|xfs): block volumes are always fully wiped".into(),
-            ));
-        }
+        check_format_options(opts)?;
         let dev = BlockDevice::open_path(path)?;
         let size = dev.size_bytes()?;
         if size < MIN_DEVICE_SIZE {
@@ -579,6 +602,39 @@ mod tests {
             .format(Path::new("/nonexistent"), &opts, &mut |_, _| {})
             .unwrap_err();
         assert_eq!(err.kind(), Kind::InvalidArgument);
+    }
+
+    #[test]
+    fn a_filesystem_over_direct_mode_is_refused_before_the_device_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = SimSource::open(dir.path(), "img-1").unwrap();
+        let dm = MemoryDm::default();
+        let device = dir.path().join("vol.img");
+        std::fs::write(&device, vec![0xA5u8; 1 << 20]).unwrap();
+        let direct = Profile::new(crate::header::Integrity::HmacSha256, Journal::Direct);
+        for fs in [FsKind::Ext4, FsKind::Xfs] {
+            let opts = FormatOptions {
+                profile: direct,
+                fs,
+                init: InitMode::Full,
+                force: true,
+                volume_binding: [0; BINDING_DIGEST_LEN],
+            };
+            let err = Volumes::new(&dm, &source)
+                .format(&device, &opts, &mut |_, _| {})
+                .unwrap_err();
+            assert_eq!(err.kind(), Kind::InvalidArgument);
+            assert!(err.to_string().contains("raw block volumes only"), "{err}");
+        }
+        assert_eq!(std::fs::read(&device).unwrap(), vec![0xA5u8; 1 << 20]);
+        let block = FormatOptions {
+            profile: direct,
+            fs: FsKind::None,
+            init: InitMode::Full,
+            force: false,
+            volume_binding: [0; BINDING_DIGEST_LEN],
+        };
+        check_format_options(&block).unwrap();
     }
 
     #[test]
