@@ -76,6 +76,8 @@ impl Created {
 pub struct Provisioner {
     store: Store,
     dm: Arc<dyn DeviceMapper>,
+    /// The snapshots of ListVolumes walks in progress.
+    walks: list::Walks,
 }
 
 impl fmt::Debug for Provisioner {
@@ -89,7 +91,11 @@ impl fmt::Debug for Provisioner {
 impl Provisioner {
     /// `dm` is used to tell whether a volume is open on this node (its mapping exists).
     pub fn new(store: Store, dm: Arc<dyn DeviceMapper>) -> Self {
-        Self { store, dm }
+        Self {
+            store,
+            dm,
+            walks: list::Walks::default(),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -251,6 +257,41 @@ mod tests {
 
     fn id(v: &VolumeInfo) -> VolumeId {
         VolumeId::parse(v.id()).unwrap()
+    }
+
+    #[test]
+    fn a_paged_walk_continues_in_its_snapshot_and_an_unknown_walk_rereads() {
+        const M: u64 = 1 << 20;
+        let (_d, _dm, p) = provisioner();
+        let make = |name: &str| {
+            p.create(name, 64 * M, 0, VolumeParams::default(), None)
+                .unwrap()
+        };
+        for i in 0..6 {
+            make(&format!("pvc-{i}"));
+        }
+        let first = p.list(2, "").unwrap();
+        assert_eq!(first.volumes.len(), 2);
+        // Volumes made during the walk: the walk does not re-read the directory, so it never sees
+        // them (whatever their place in id order); the next walk does.
+        let added: Vec<VolumeId> = (0..4)
+            .map(|i| id(make(&format!("late-{i}")).info()))
+            .collect();
+        let mut seen: Vec<VolumeId> = first.volumes.iter().map(id).collect();
+        let mut token = first.next_token;
+        while !token.is_empty() {
+            let page = p.list(2, &token).unwrap();
+            seen.extend(page.volumes.iter().map(id));
+            token = page.next_token;
+        }
+        assert_eq!(seen.len(), 6, "{seen:?}");
+        assert!(added.iter().all(|a| !seen.contains(a)));
+        assert_eq!(p.list(0, "").unwrap().volumes.len(), 10);
+        // A token whose walk is no longer kept continues from a fresh read, in id order.
+        let ids = p.store.ids().unwrap();
+        let stale = format!("v2:999999:{}", ids[8]);
+        let rest: Vec<VolumeId> = p.list(0, &stale).unwrap().volumes.iter().map(id).collect();
+        assert_eq!(rest, ids[8..].to_vec());
     }
 
     #[test]
