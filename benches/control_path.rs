@@ -234,7 +234,14 @@ fn out_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench"))
 }
 
-/// The instrumented pass and the 10 000-volume listing, into host.json.
+/// The total of the `n`-volume lifecycle already in `report` (ms).
+fn t_n(report: &serde_json::Map<String, serde_json::Value>, n: usize) -> f64 {
+    report[&format!("lifecycle of {n} volumes, total (ms)")]
+        .as_f64()
+        .expect("the lifecycle total is a number")
+}
+
+/// The instrumented pass, the tenfold lifecycle and the 10 000-volume listing, into host.json.
 fn measure_once(rt: &Runtime, n: usize, listed: usize) {
     let mut report = serde_json::Map::new();
     let disk_parent = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
@@ -261,6 +268,19 @@ fn measure_once(rt: &Runtime, n: usize, listed: usize) {
                 .into(),
             );
         }
+        // The same lifecycle at ten times the count: the goal is at most ten times the time (O(n)).
+        let total_n = t_n(&report, n);
+        let t = Instant::now();
+        lifecycle(&p, 10 * n, "tenfold", &mut Phases::new()).await;
+        let tenfold = ms(t.elapsed());
+        report.insert(
+            format!("lifecycle of {} volumes, total (ms)", 10 * n),
+            tenfold.into(),
+        );
+        report.insert(
+            format!("lifecycle {} / lifecycle {n} (goal <= 10)", 10 * n),
+            format!("{:.2}", tenfold / total_n).into(),
+        );
         p.stop().await;
 
         // tmpfs, so that 10 000 CreateVolume calls (each fsyncs a record and the directory) take seconds.
