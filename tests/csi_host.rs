@@ -2014,6 +2014,48 @@ async fn single_writer_volumes_are_published_read_write_once() {
     p.stop().await.unwrap();
 }
 
+/// The same rule for raw block volumes: their publishes are bind mounts of the device node.
+#[tokio::test]
+async fn single_writer_block_volumes_are_published_read_write_once() {
+    let p = Plugin::start().await;
+    for (mode, second_writer_ok) in [
+        (Mode::SingleNodeSingleWriter, false),
+        (Mode::SingleNodeMultiWriter, true),
+    ] {
+        let v = p.create(&format!("b-{mode:?}"), 64 * MIB, &[]).await;
+        let id = v.volume_id.clone();
+        let staging = p.path(&format!("bstaging-{mode:?}"));
+        let cap = || block_cap(mode);
+        p.stage(&id, &staging, cap()).await.unwrap();
+        let (t1, t2, t3) = (
+            p.path(&format!("b1-{mode:?}")),
+            p.path(&format!("b2-{mode:?}")),
+            p.path(&format!("b3-{mode:?}")),
+        );
+        p.publish(&id, &staging, &t1, cap(), false).await.unwrap();
+        p.publish(&id, &staging, &t1, cap(), false).await.unwrap();
+        let second = p.publish(&id, &staging, &t2, cap(), false).await;
+        if second_writer_ok {
+            second.unwrap();
+        } else {
+            let status = second.unwrap_err();
+            assert_eq!(status.code(), Code::FailedPrecondition, "{mode:?}");
+            assert!(
+                status.message().contains("SINGLE_NODE_SINGLE_WRITER"),
+                "{status:?}"
+            );
+        }
+        p.publish(&id, &staging, &t3, cap(), true).await.unwrap();
+        p.unpublish(&id, &t1).await.unwrap();
+        p.publish(&id, &staging, &t2, cap(), false).await.unwrap();
+        for t in [&t2, &t3] {
+            p.unpublish(&id, t).await.unwrap();
+        }
+        p.unstage(&id, &staging).await.unwrap();
+    }
+    p.stop().await.unwrap();
+}
+
 /// Issue 10, item 3: once a volume was formatted its record says so (with the UUID), and a header the
 /// host blanked afterwards is never a reason to format again: the stage fails and nothing is written.
 #[tokio::test]

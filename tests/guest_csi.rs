@@ -141,6 +141,19 @@ impl Plugin {
         cap: VolumeCapability,
         readonly: bool,
     ) {
+        self.try_publish(id, staging, target, cap, readonly)
+            .await
+            .unwrap();
+    }
+
+    async fn try_publish(
+        &self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
         self.node()
             .node_publish_volume(NodePublishVolumeRequest {
                 volume_id: id.into(),
@@ -151,7 +164,7 @@ impl Plugin {
                 ..Default::default()
             })
             .await
-            .unwrap();
+            .map(|_| ())
     }
 
     async fn unpublish(&self, id: &str, target: &Path) {
@@ -708,6 +721,54 @@ async fn guest_csi_swapped_backing_files_are_refused_and_left_unchanged() {
         p.stage(id, &staging, mount_cap("")).await.unwrap();
         p.unstage(id, &staging).await;
         p.delete(id).await;
+    }
+    p.stop().await;
+}
+
+fn with_mode(mut cap: VolumeCapability, mode: Mode) -> VolumeCapability {
+    cap.access_mode = Some(AccessMode { mode: mode as i32 });
+    cap
+}
+
+/// Issue 10, item 12 on the real kernel: a SINGLE_NODE_SINGLE_WRITER volume, filesystem or raw block,
+/// is published read-write at one target path at a time (the second is FAILED_PRECONDITION and mounts
+/// nothing); a read-only publish beside it is allowed; once the writer is gone another target may write.
+#[tokio::test]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+async fn guest_csi_single_writer_is_enforced_for_filesystems_and_block() {
+    let dir = scratch("single-writer");
+    let p = Plugin::start(&dir, &dir.join("state"), "node-a").await;
+    for (label, cap) in [("fs", mount_cap("ext4")), ("block", block_cap())] {
+        let cap = with_mode(cap, Mode::SingleNodeSingleWriter);
+        let v = p
+            .create(&format!("pvc-sw-{label}"), 64 * MIB, cap.clone())
+            .await;
+        let id = v.volume_id.clone();
+        let staging = dir.join(format!("staging-{label}"));
+        let target = |n: u8| dir.join(format!("pods/{label}-{n}/vol"));
+        p.stage(&id, &staging, cap.clone()).await.unwrap();
+        p.publish(&id, &staging, &target(1), cap.clone(), false)
+            .await;
+        let err = p
+            .try_publish(&id, &staging, &target(2), cap.clone(), false)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{label}: {err:?}");
+        let mounted = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mounted.contains(&target(2).display().to_string()),
+            "{label}: the refused publish mounted nothing"
+        );
+        p.publish(&id, &staging, &target(3), cap.clone(), true)
+            .await;
+        p.unpublish(&id, &target(1)).await;
+        p.publish(&id, &staging, &target(2), cap.clone(), false)
+            .await;
+        for n in [2, 3] {
+            p.unpublish(&id, &target(n)).await;
+        }
+        p.unstage(&id, &staging).await;
+        p.delete(&id).await;
     }
     p.stop().await;
 }

@@ -18,7 +18,7 @@ pub mod mount;
 
 use std::fs;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Classify, Kind};
@@ -375,7 +375,9 @@ impl NodeCore {
                     )));
                 }
                 if cap.mode == AccessMode::SingleNodeSingleWriter && !ro {
-                    self.refuse_second_writer(volume_id, &staged, staging, target)?;
+                    let points = self.mounter.mount_points_of(&staged)?;
+                    let others = points.into_iter().filter(|p| p != staging).collect();
+                    self.refuse_second_writer(volume_id, others, target)?;
                 }
                 fs::create_dir_all(target)
                     .map_err(io_err(format!("creating {}", target.display())))?;
@@ -409,6 +411,10 @@ impl NodeCore {
                         target.display()
                     )));
                 }
+                if cap.mode == AccessMode::SingleNodeSingleWriter && !ro {
+                    let writers = self.mounter.binds_of_device(&device)?;
+                    self.refuse_second_writer(volume_id, writers, target)?;
+                }
                 fs::OpenOptions::new()
                     .write(true)
                     .create(true)
@@ -424,16 +430,16 @@ impl NodeCore {
 
     /// SINGLE_NODE_SINGLE_WRITER: a volume is published read-write at one target path at a time (CSI
     /// spec, AccessMode); a second read-write publish elsewhere is FAILED_PRECONDITION. Read-only
-    /// publishes add no writer and stay allowed.
+    /// publishes add no writer and stay allowed. `published` are the volume's other mount points (bind
+    /// mounts of its filesystem, or of its device node for a block volume).
     fn refuse_second_writer(
         &self,
         volume_id: &VolumeId,
-        staged: &MountInfo,
-        staging: &Path,
+        published: Vec<PathBuf>,
         target: &Path,
     ) -> Result<(), NodeError> {
-        for point in self.mounter.mount_points_of(staged)? {
-            if point == staging || point == target {
+        for point in published {
+            if point == target {
                 continue;
             }
             let writable = self

@@ -280,6 +280,8 @@ pub trait Mounter: Send + Sync {
     fn is_bind_of(&self, target: &Path, device: &Path) -> Result<bool, MountError>;
     /// Every mount point where the filesystem of `mount` is mounted (itself and its bind mounts).
     fn mount_points_of(&self, mount: &MountInfo) -> Result<Vec<PathBuf>, MountError>;
+    /// Every mount point that is a bind mount of the device node `device`.
+    fn binds_of_device(&self, device: &Path) -> Result<Vec<PathBuf>, MountError>;
 }
 
 /// The real mounter: mount(2)/umount2(2) and /proc/self/mountinfo. Blocking.
@@ -363,6 +365,20 @@ impl Mounter for SystemMounter {
             .filter(|m| m.same_filesystem(mount))
             .map(|m| m.mount_point)
             .collect())
+    }
+
+    fn binds_of_device(&self, device: &Path) -> Result<Vec<PathBuf>, MountError> {
+        let text = fs::read_to_string(MOUNTINFO)
+            .map_err(|e| MountError::sys("read", Path::new(MOUNTINFO), e))?;
+        let mut points = Vec::new();
+        // A device node bound elsewhere shows as a mount of devtmpfs (or whatever holds /dev): only its
+        // device number tells which device it is.
+        for m in parse_mountinfo(&text) {
+            if m.root != "/" && self.is_bind_of(&m.mount_point, device)? {
+                points.push(m.mount_point);
+            }
+        }
+        Ok(points)
     }
 }
 
@@ -511,6 +527,16 @@ impl Mounter for MemoryMounter {
             .table()
             .into_iter()
             .filter(|m| m.same_filesystem(mount))
+            .map(|m| m.mount_point)
+            .collect())
+    }
+
+    fn binds_of_device(&self, device: &Path) -> Result<Vec<PathBuf>, MountError> {
+        let device = device.display().to_string();
+        Ok(self
+            .table()
+            .into_iter()
+            .filter(|m| m.source == device && m.root != "/")
             .map(|m| m.mount_point)
             .collect())
     }
