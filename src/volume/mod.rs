@@ -191,6 +191,21 @@ pub fn crypt_only_sectors(device_size: u64) -> u64 {
     (device_size.saturating_sub(DATA_OFFSET) / devio::ALIGN as u64) * (devio::ALIGN as u64 / SECTOR)
 }
 
+/// The header the stack is built from while format writes (the wipe or the pre-writes, and mkfs): the
+/// volume's own, but with the integrity layer in direct mode. Nothing format writes needs the journal's
+/// crash consistency, because the volume has no header until all of it is flushed: a crash before that
+/// leaves a device that does not open and is formatted again. Direct mode saves the journal's second
+/// write of every block. The integrity superblock and its journal were already laid out by the
+/// journaled probe mapping ([`Volumes::format_integrity`]), so every later open uses the journal as
+/// the header says.
+fn initialization_header(header: &Header) -> Header {
+    let mut for_init = header.clone();
+    if let Profile::AeadHmacSha256 { journal } = &mut for_init.profile {
+        *journal = Journal::Direct;
+    }
+    for_init
+}
+
 /// Refuses option combinations sealcsi does not build, before anything is touched.
 ///
 /// A filesystem over `journal: direct` is refused: without the integrity journal a crash can leave a
@@ -293,7 +308,14 @@ impl<'a> Volumes<'a> {
         } else {
             crypt_only_sectors(size)
         };
-        let opened = stack::open_stack(self.dm, names, dev.path(), header, data_sectors, key)?;
+        let opened = stack::open_stack(
+            self.dm,
+            names,
+            dev.path(),
+            &initialization_header(header),
+            data_sectors,
+            key,
+        )?;
         let data_bytes = data_sectors * SECTOR;
         let report = init::initialize(
             opened.device(),
