@@ -463,3 +463,94 @@ async fn restart_keeps_the_state() {
         .into_inner();
     assert_eq!(snaps.entries.len(), 1);
 }
+
+#[tokio::test]
+async fn node_calls_refuse_bad_requests_with_spec_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bb = start(dir.path()).await;
+    let v = bb
+        .controller()
+        .create_volume(create("node-args", MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let mut n = bb.node();
+    let staging = dir.path().join("staging");
+    fs::create_dir_all(&staging).unwrap();
+    let e = n
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(VolumeCapability {
+                access_type: Some(AccessType::Mount(MountVolume::default())),
+                ..block_cap()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = n
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: "bbv-00000000000000000000000000000000".into(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    for (volume_id, volume_path) in [
+        (
+            "bbv-00000000000000000000000000000000",
+            staging.display().to_string(),
+        ),
+        (v.volume_id.as_str(), "some/path".to_string()),
+        (
+            v.volume_id.as_str(),
+            dir.path().join("missing").display().to_string(),
+        ),
+    ] {
+        let e = n
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: volume_id.into(),
+                volume_path: volume_path.clone(),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            Code::NotFound,
+            "stats {volume_id} {volume_path}: {e:?}"
+        );
+        let e = n
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: volume_id.into(),
+                volume_path,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "expand {volume_id}: {e:?}");
+    }
+    let e = n
+        .node_publish_volume(NodePublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+            target_path: dir.path().join("target").display().to_string(),
+            volume_capability: Some(block_cap()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "not staged: {e:?}");
+    n.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        target_path: dir.path().join("target").display().to_string(),
+    })
+    .await
+    .unwrap();
+}

@@ -634,7 +634,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let r = request.into_inner();
         let id = require(&r.volume_id, "volume_id")?.to_string();
-        let path = path_of(&r.volume_path, "volume_path")?;
+        let path = PathBuf::from(require(&r.volume_path, "volume_path")?);
         let shared = self.0.clone();
         let total = blocking(move || shared.node.stats(&id, &path)).await?;
         Ok(Response::new(NodeGetVolumeStatsResponse {
@@ -654,13 +654,14 @@ impl Node for NodeService {
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         let r = request.into_inner();
         let id = require(&r.volume_id, "volume_id")?.to_string();
-        let path = path_of(&r.volume_path, "volume_path")?;
+        let path = PathBuf::from(require(&r.volume_path, "volume_path")?);
         if let Some(cap) = &r.volume_capability {
             check_cap(Some(cap))?;
         }
         let shared = self.0.clone();
         let bytes = blocking(move || {
-            if !path.exists() {
+            shared.store.existing_volume(&id)?;
+            if !path.is_absolute() || !path.exists() {
                 return Err(BbError::NotFound(format!(
                     "volume_path {} does not exist",
                     path.display()

@@ -175,7 +175,7 @@ impl NodeCore {
     /// The capacity of the volume whose device is published or staged at `path`.
     pub fn stats(&self, volume_id: &str, path: &Path) -> Result<u64, BbError> {
         let v = self.store.existing_volume(volume_id)?;
-        if !path.exists() {
+        if !path.is_absolute() || !path.exists() {
             return Err(BbError::NotFound(format!(
                 "volume_path {} does not exist",
                 path.display()
