@@ -421,19 +421,16 @@ impl Controller for ControllerService {
         request: Request<GetCapacityRequest>,
     ) -> Result<Response<GetCapacityResponse>, Status> {
         let r = request.into_inner();
-        check_caps(&r.volume_capabilities).or_else(|e| {
-            // No capabilities: the total; unsupported ones: none of it is available to them.
-            if r.volume_capabilities.is_empty() {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        })?;
+        // Capabilities blockback does not serve get none of it; so does another node's topology.
+        let unsupported_caps = r
+            .volume_capabilities
+            .iter()
+            .any(|c| unsupported(c).is_some());
         let foreign = r
             .accessible_topology
             .as_ref()
             .is_some_and(|t| *t != self.0.topology());
-        let free = if foreign {
+        let free = if unsupported_caps || foreign {
             0
         } else {
             self.0.store.free_bytes().map_err(Status::from)?

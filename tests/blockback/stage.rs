@@ -5,7 +5,7 @@
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use sealcsi::backend::LoopDevice;
 use sealcsi::node::{BindFlags, Mounter, SystemMounter};
@@ -17,6 +17,8 @@ use crate::store::{StagedRecord, Store};
 pub struct NodeCore {
     store: Arc<Store>,
     mounter: SystemMounter,
+    /// Serializes the node operations (this is a test backend; a real one would lock per volume).
+    lock: Mutex<()>,
 }
 
 /// How many mounts stacked on one target an unpublish takes off at most.
@@ -28,7 +30,12 @@ impl NodeCore {
         Self {
             store,
             mounter: SystemMounter,
+            lock: Mutex::new(()),
         }
+    }
+
+    fn locked(&self) -> MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn attached(&self, volume_id: &str) -> Result<Option<LoopDevice>, BbError> {
@@ -42,6 +49,7 @@ impl NodeCore {
     /// Attaches the volume's file to a loop device (or finds the one it is attached to); returns it
     /// and whether this call attached it.
     pub fn stage(&self, volume_id: &str, staging: &Path) -> Result<(LoopDevice, bool), BbError> {
+        let _l = self.locked();
         self.store.existing_volume(volume_id)?;
         if !staging.is_dir() {
             return Err(BbError::InvalidArgument(format!(
@@ -101,6 +109,7 @@ impl NodeCore {
         target: &Path,
         readonly: bool,
     ) -> Result<PathBuf, BbError> {
+        let _l = self.locked();
         let lo = self.staged_device(volume_id, staging)?;
         if self.mounter.is_bind_of(target, lo.path())? {
             return Ok(lo.path().to_path_buf());
@@ -132,6 +141,7 @@ impl NodeCore {
 
     /// Unmounts whatever is mounted on `target` and removes the file. OK if nothing is there.
     pub fn unpublish(&self, target: &Path) -> Result<(), BbError> {
+        let _l = self.locked();
         for _ in 0..MAX_STACKED_MOUNTS {
             if self.mounter.mounted_at(target)?.is_none() {
                 break;
@@ -156,6 +166,7 @@ impl NodeCore {
     /// Detaches the volume's loop device and forgets the staging. OK if not staged.
     /// FAILED_PRECONDITION while something (a device-mapper stack) holds the device.
     pub fn unstage(&self, volume_id: &str) -> Result<(), BbError> {
+        let _l = self.locked();
         if let Some(lo) = self.attached(volume_id)? {
             lo.detach()?;
         }
@@ -164,6 +175,7 @@ impl NodeCore {
 
     /// Makes the loop device take the file's current size; returns the device's size in bytes.
     pub fn expand(&self, volume_id: &str) -> Result<u64, BbError> {
+        let _l = self.locked();
         self.store.existing_volume(volume_id)?;
         let lo = self.attached(volume_id)?.ok_or_else(|| {
             BbError::FailedPrecondition(format!("volume {volume_id} is not staged"))

@@ -13,6 +13,7 @@
 //! DIR/attachments/<bbv-id>.<hex(node-id)>.json   Attachment (ControllerPublish)
 //! DIR/staged/<bbv-id>.json       StagedRecord (written before the loop device is attached)
 //! DIR/stalled/<RpcName>          written when a `--fault stall:<RpcName>` call has done its work
+//!                                (the directory is emptied at start)
 //! ```
 
 use std::collections::BTreeMap;
@@ -207,6 +208,13 @@ fn now() -> (i64, i32) {
 impl Store {
     /// Opens (creating) the state directory.
     pub fn open(dir: &Path) -> Result<Store, BbError> {
+        // A new process has stalled nothing yet: marks of a killed predecessor go.
+        let stalled = dir.join("stalled");
+        match fs::remove_dir_all(&stalled) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(BbError::io("clear", &stalled, e)),
+        }
         for sub in ["volumes", "snapshots", "attachments", "staged", "stalled"] {
             let d = dir.join(sub);
             fs::create_dir_all(&d).map_err(|e| BbError::io("create", &d, e))?;

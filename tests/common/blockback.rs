@@ -65,13 +65,17 @@ pub fn binary() -> PathBuf {
         .and_then(Path::parent)
         .expect("the test executable lives in target/<profile>/deps");
     let bin = profile_dir.join("examples").join("blockback");
+    // Once per test process: the build is up to date after the first.
+    static BUILT: std::sync::Once = std::sync::Once::new();
     if let Some(cargo) = std::env::var_os("CARGO") {
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "--example", "blockback"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("running cargo build --example blockback");
-        assert!(status.success(), "cargo build --example blockback failed");
+        BUILT.call_once(|| {
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "--example", "blockback"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("running cargo build --example blockback");
+            assert!(status.success(), "cargo build --example blockback failed");
+        });
     }
     assert!(
         bin.is_file(),
