@@ -12,8 +12,10 @@
 //!           [--topology-key topology.blockback.test/node] [--fault stall:<RpcName>[,stall:<RpcName>...]]
 //! ```
 //!
-//! `--fault stall:NodeStageVolume` (also `BLOCKBACK_FAULT`) makes that call do its side effects, create
-//! `DIR/stalled/NodeStageVolume`, and never answer, so a test can SIGKILL the backend mid-step.
+//! `--fault stall:NodeStageVolume` (also `BLOCKBACK_FAULT`) makes every call of that RPC do its side
+//! effects, create `DIR/stalled/NodeStageVolume`, and never answer, so a test can SIGKILL the backend
+//! mid-step. Stallable: every RPC that changes state (Create/DeleteVolume, ControllerPublish/Unpublish,
+//! ControllerExpandVolume, Create/DeleteSnapshot, NodeStage/Unstage/Publish/Unpublish/ExpandVolume).
 
 mod error;
 mod service;
