@@ -336,6 +336,32 @@ async fn expand_capacity_publish_and_paging() {
         .unwrap()
         .into_inner();
     assert!(cap.available_capacity > 0);
+    let none = c
+        .get_capacity(GetCapacityRequest {
+            volume_capabilities: vec![VolumeCapability {
+                access_type: Some(AccessType::Mount(MountVolume::default())),
+                ..block_cap()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none.available_capacity, 0, "nothing for a mount capability");
+    let elsewhere = c
+        .get_capacity(GetCapacityRequest {
+            accessible_topology: Some(Topology {
+                segments: HashMap::from([(
+                    "topology.blockback.test/node".to_string(),
+                    "other-node".to_string(),
+                )]),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(elsewhere.available_capacity, 0, "nothing on another node");
 
     let publish = ControllerPublishVolumeRequest {
         volume_id: v.volume_id.clone(),
