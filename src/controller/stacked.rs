@@ -24,19 +24,14 @@ use crate::backend::csi::{
 use crate::error::{Classify, Kind};
 use crate::header::FsKind;
 use crate::node::capability::AccessMode;
-use crate::store::params::CO_PARAMETER_PREFIX;
 use crate::store::sizing::{
     min_volume_bytes, size_for_range_min, stacked_device_bytes, stacked_usable_bytes,
 };
+use crate::store::stacked::{
+    BACKEND_CONTEXT_PREFIX, BACKEND_PARAMETER_PREFIX, CONTEXT_SOURCE_VOLUME, backend_context,
+    split_parameters,
+};
 use crate::store::{StoreError, VolumeParams};
-
-/// StorageClass parameters with this prefix are the backend's (passed on without it).
-pub const BACKEND_PARAMETER_PREFIX: &str = "backend.";
-/// Volume context keys with this prefix are the backend's volume context (passed back without it).
-pub const BACKEND_CONTEXT_PREFIX: &str = "backend.";
-/// Volume context: the sealcsi volume id whose ciphertext a restored or cloned volume holds (its header
-/// is bound to that id; the node re-binds it to the new id on the first stage).
-pub const CONTEXT_SOURCE_VOLUME: &str = "stacked.sealcsi.io/source-volume";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StackedError {
@@ -58,68 +53,16 @@ impl Classify for StackedError {
     }
 }
 
-/// The RPCs a stacked sealcsi can forward (advertised where the backend has them too).
+/// The RPCs a stacked sealcsi can forward (advertised where the backend has them too). Snapshots and
+/// clones are forwarded by [`StackedProvisioner`] but not advertised yet: the node cannot re-bind a
+/// copied volume to its new id (docs/stacked.md).
 pub const FORWARDED: &[ControllerCap] = &[
     ControllerCap::CreateDeleteVolume,
     ControllerCap::PublishUnpublishVolume,
     ControllerCap::GetCapacity,
-    ControllerCap::CreateDeleteSnapshot,
-    ControllerCap::CloneVolume,
     ControllerCap::ExpandVolume,
     ControllerCap::SingleNodeMultiWriter,
 ];
-
-/// sealcsi's parameters and the backend's, split.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SplitParameters {
-    pub sealcsi: VolumeParams,
-    pub backend: Map,
-}
-
-/// Splits StorageClass parameters (see the module docs).
-pub fn split_parameters(params: &HashMap<String, String>) -> Result<SplitParameters, StackedError> {
-    let mut own = HashMap::new();
-    let mut backend = Map::new();
-    for (k, v) in params {
-        if let Some(key) = k.strip_prefix(BACKEND_PARAMETER_PREFIX) {
-            if key.is_empty() {
-                return Err(StackedError::InvalidArgument(format!(
-                    "parameter {k:?} names no backend parameter"
-                )));
-            }
-            backend.insert(key.to_string(), v.clone());
-        } else if k.starts_with(CO_PARAMETER_PREFIX) {
-            backend.insert(k.clone(), v.clone());
-        } else {
-            own.insert(k.clone(), v.clone());
-        }
-    }
-    Ok(SplitParameters {
-        sealcsi: VolumeParams::parse(&own)?,
-        backend,
-    })
-}
-
-/// The backend's part of a sealcsi volume context.
-pub fn backend_context(context: &HashMap<String, String>) -> Map {
-    context
-        .iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix(BACKEND_CONTEXT_PREFIX)
-                .map(|k| (k.to_string(), v.clone()))
-        })
-        .collect()
-}
-
-/// sealcsi's own parameters in a volume context it made (the backend's keys and the provenance left out).
-pub fn sealcsi_context(context: &HashMap<String, String>) -> Result<VolumeParams, StoreError> {
-    let own: HashMap<String, String> = context
-        .iter()
-        .filter(|(k, _)| !k.starts_with(BACKEND_CONTEXT_PREFIX) && !k.contains(".sealcsi.io/"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    VolumeParams::parse(&own)
-}
 
 /// A CreateVolume in core terms.
 #[derive(Debug, Clone)]
@@ -392,6 +335,8 @@ mod tests {
             source: None,
         }
     }
+
+    use crate::store::stacked::sealcsi_context;
 
     #[test]
     fn parameters_split_between_sealcsi_and_the_backend() {

@@ -252,13 +252,25 @@ impl VolumeEngine for KernelEngine {
         // Read again here, but authenticated before use: the new crypt table needs the key, and unsealing
         // checks every mapping field of this header.
         let header = volume::read_header(backing)?.header;
-        let lo = LoopDevice::find(backing)?
-            .ok_or_else(|| EngineError::NotOpen(format!("loop device of {}", backing.display())))?;
-        lo.set_capacity()?;
-        let device_bytes = crate::devio::size_of(lo.path()).map_err(|source| EngineError::Io {
-            context: format!("size of {}", lo.path().display()),
-            source,
-        })?;
+        // A volume file's loop device (found by its file), or a block device as given (a stacked
+        // volume's backend device); a loop device re-reads its file's size either way.
+        let lower_device = if crate::backend::is_block_device(backing) {
+            if let Ok(Some(lo)) = LoopDevice::find_by_path(backing) {
+                lo.set_capacity()?;
+            }
+            backing.to_path_buf()
+        } else {
+            let lo = LoopDevice::find(backing)?.ok_or_else(|| {
+                EngineError::NotOpen(format!("loop device of {}", backing.display()))
+            })?;
+            lo.set_capacity()?;
+            lo.path().to_path_buf()
+        };
+        let device_bytes =
+            crate::devio::size_of(&lower_device).map_err(|source| EngineError::Io {
+                context: format!("size of {}", lower_device.display()),
+                source,
+            })?;
         let (lower, data_sectors) = match header.profile {
             Profile::AeadHmacSha256 { .. } => {
                 let mut live = self.dm.table(&names.integrity)?;
@@ -268,7 +280,7 @@ impl VolumeEngine for KernelEngine {
                     )
                     .into());
                 };
-                line.target.set_device(lo.path().to_path_buf());
+                line.target.set_device(lower_device.clone());
                 // The integrity target computes the data sectors the grown device provides when its table
                 // is loaded and records them in its superblock on resume; then map all of them.
                 self.dm
@@ -287,7 +299,7 @@ impl VolumeEngine for KernelEngine {
                 (names.integrity.node(), provided)
             }
             Profile::XtsOnly => (
-                lo.path().to_path_buf(),
+                lower_device.clone(),
                 volume::crypt_only_sectors(device_bytes),
             ),
         };

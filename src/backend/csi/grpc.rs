@@ -356,6 +356,32 @@ impl CsiBackend for GrpcBackend {
         .map(drop)
     }
 
+    fn validate_block(&self, volume_id: &str, context: &Map) -> Result<()> {
+        const RPC: &str = "ValidateVolumeCapabilities";
+        let r = self.call(
+            RPC,
+            self.controller().validate_volume_capabilities(
+                proto::ValidateVolumeCapabilitiesRequest {
+                    volume_id: volume_id.into(),
+                    volume_context: hash(context),
+                    volume_capabilities: vec![block(AccessMode::SingleNodeWriter)],
+                    parameters: HashMap::new(),
+                    mutable_parameters: HashMap::new(),
+                    secrets: HashMap::new(),
+                },
+            ),
+        )?;
+        if r.confirmed.is_none() {
+            return Err(BackendCallError {
+                backend: self.endpoint.clone(),
+                rpc: RPC,
+                code: Code::InvalidArgument,
+                message: format!("the backend does not confirm a BLOCK volume: {}", r.message),
+            });
+        }
+        Ok(())
+    }
+
     fn controller_publish(
         &self,
         volume_id: &str,

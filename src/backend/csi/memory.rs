@@ -204,6 +204,19 @@ impl CsiBackend for MemoryBackend {
         Ok(())
     }
 
+    fn validate_block(&self, volume_id: &str, _context: &Map) -> Result<()> {
+        let st = self.enter("ValidateVolumeCapabilities")?;
+        if st.volumes.contains_key(volume_id) {
+            Ok(())
+        } else {
+            Err(err(
+                "ValidateVolumeCapabilities",
+                Code::NotFound,
+                volume_id.to_string(),
+            ))
+        }
+    }
+
     fn controller_publish(
         &self,
         volume_id: &str,

@@ -287,6 +287,9 @@ pub trait CsiBackend: Send + Sync + fmt::Debug {
     fn capabilities(&self) -> Result<Capabilities>;
     fn create_volume(&self, req: &CreateRequest) -> Result<BackendVolume>;
     fn delete_volume(&self, volume_id: &str, secrets: &Secrets) -> Result<()>;
+    /// ValidateVolumeCapabilities with a BLOCK capability: `Ok` if the backend confirms it (its NOT_FOUND
+    /// for an unknown volume kept; a refusal is [`Code::InvalidArgument`]).
+    fn validate_block(&self, volume_id: &str, context: &Map) -> Result<()>;
     /// ControllerPublishVolume (BLOCK); returns the publish context.
     fn controller_publish(
         &self,
