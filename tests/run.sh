@@ -10,6 +10,8 @@ echo "== host tests"
 cargo test --all-targets
 
 echo "== guest tests (real device-mapper in user-mode Linux)"
+# The blockback test backend the guest suites spawn (an example: `cargo test --no-run` does not build it).
+cargo build --example blockback
 guest_suites=()
 for f in tests/guest_*.rs; do guest_suites+=("$(basename "$f" .rs)"); done
 for suite in "${guest_suites[@]}"; do
