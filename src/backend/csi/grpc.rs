@@ -187,6 +187,21 @@ impl GrpcBackend {
     }
 
     fn error(&self, rpc: &'static str, status: &tonic::Status) -> BackendCallError {
+        // A status with a source was made here from a local failure (the connection refused, reset or
+        // closed mid-call: tonic says UNKNOWN), not sent by the backend: the backend did not answer.
+        if let Some(source) = std::error::Error::source(status)
+            && status.code() == tonic::Code::Unknown
+        {
+            return BackendCallError {
+                backend: self.endpoint.clone(),
+                rpc,
+                code: Code::Unavailable,
+                message: format!(
+                    "no answer (the connection failed: {}: {source})",
+                    status.message()
+                ),
+            };
+        }
         BackendCallError {
             backend: self.endpoint.clone(),
             rpc,
