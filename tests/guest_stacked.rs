@@ -581,3 +581,136 @@ async fn guest_stacked_foreign_filesystem_is_never_formatted() {
     .unwrap();
     s.delete(&id).await;
 }
+
+impl Stacked {
+    /// CreateVolume from a content source, ControllerPublished to this node.
+    async fn create_from(
+        &self,
+        name: &str,
+        source: volume_content_source::Type,
+    ) -> (String, HashMap<String, String>, HashMap<String, String>) {
+        let v = self
+            .controller()
+            .create_volume(CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: 64 * MIB,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![fs_cap()],
+                volume_content_source: Some(VolumeContentSource {
+                    r#type: Some(source),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert!(v.content_source.is_some());
+        let publish = self.attach(&v.volume_id, &v.volume_context, fs_cap()).await;
+        (v.volume_id, v.volume_context, publish)
+    }
+
+    /// Stages and publishes, runs `f` on the mounted target, unpublishes and unstages.
+    async fn with_mounted<T>(
+        &self,
+        v: &(String, HashMap<String, String>, HashMap<String, String>),
+        tag: &str,
+        f: impl FnOnce(&Path) -> T,
+    ) -> T {
+        let staging = self.dir.join(format!("staging-{tag}"));
+        let target = self.dir.join(format!("target-{tag}"));
+        self.stage(&v.0, &v.1, &v.2, &staging, fs_cap())
+            .await
+            .unwrap();
+        self.publish(&v.0, &staging, &target, fs_cap()).await;
+        let out = f(&target);
+        self.unpublish(&v.0, &target).await;
+        self.unstage(&v.0, &staging).await;
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+async fn guest_stacked_snapshot_restore_and_clone_keep_the_data_and_are_rebound() {
+    let dir = scratch("copies");
+    let bb = backend(&dir).await;
+    let s = Stacked::start(&dir, "a", "id-a", &bb.options.endpoint()).await;
+    let src = s.create("source", 64 * MIB, fs_cap()).await;
+    let data = pattern(2 << 20, 3);
+    s.with_mounted(&src, "src", |t| write_synced(&t.join("data"), &data))
+        .await;
+    let snap = s
+        .controller()
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: src.0.clone(),
+            name: "snap-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(snap.source_volume_id, src.0);
+
+    // Restore: the same data, opened under its own id (re-bound on the first stage).
+    let restored = s
+        .create_from(
+            "restored",
+            volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            }),
+        )
+        .await;
+    assert_eq!(restored.1["stacked.sealcsi.io/source-volume"], src.0);
+    let back = s
+        .with_mounted(&restored, "restored", |t| fs::read(t.join("data")).unwrap())
+        .await;
+    assert_eq!(back, data);
+    // Restaged (now bound to its own id, no re-bind needed): still the same.
+    let back = s
+        .with_mounted(&restored, "restored", |t| fs::read(t.join("data")).unwrap())
+        .await;
+    assert_eq!(back, data);
+
+    // Clone: the same data, and writes stay on their side.
+    let clone = s
+        .create_from(
+            "clone",
+            volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+                volume_id: src.0.clone(),
+            }),
+        )
+        .await;
+    s.with_mounted(&clone, "clone", |t| {
+        assert_eq!(fs::read(t.join("data")).unwrap(), data);
+        write_synced(&t.join("data"), b"the clone's");
+    })
+    .await;
+    s.with_mounted(&src, "src", |t| {
+        assert_eq!(fs::read(t.join("data")).unwrap(), data);
+        write_synced(&t.join("only-source"), b"x");
+    })
+    .await;
+    s.with_mounted(&clone, "clone", |t| {
+        assert_eq!(fs::read(t.join("data")).unwrap(), b"the clone's");
+        assert!(!t.join("only-source").exists());
+    })
+    .await;
+
+    s.controller()
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+    for v in [&clone.0, &restored.0, &src.0] {
+        s.delete(v).await;
+    }
+    assert_eq!(leftovers(&dir), (vec![], vec![]));
+}

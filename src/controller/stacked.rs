@@ -53,13 +53,13 @@ impl Classify for StackedError {
     }
 }
 
-/// The RPCs a stacked sealcsi can forward (advertised where the backend has them too). Snapshots and
-/// clones are forwarded by [`StackedProvisioner`] but not advertised yet: the node cannot re-bind a
-/// copied volume to its new id (docs/stacked.md).
+/// The RPCs a stacked sealcsi can forward (advertised where the backend has them too).
 pub const FORWARDED: &[ControllerCap] = &[
     ControllerCap::CreateDeleteVolume,
     ControllerCap::PublishUnpublishVolume,
     ControllerCap::GetCapacity,
+    ControllerCap::CreateDeleteSnapshot,
+    ControllerCap::CloneVolume,
     ControllerCap::ExpandVolume,
     ControllerCap::SingleNodeMultiWriter,
 ];

@@ -103,6 +103,15 @@ pub trait VolumeEngine: Send + Sync {
         format: &FormatOptions,
         formatted: Option<[u8; 16]>,
     ) -> Result<StagedDevice, EngineError>;
+    /// Re-binds the (closed) volume on `backing` from volume id `source`'s binding `from` to `to`
+    /// (`crate::volume::Volumes::rebind`); `Ok(false)` if it is bound to `to` already.
+    fn rebind(
+        &self,
+        backing: &Path,
+        source: &str,
+        from: &[u8; header::BINDING_DIGEST_LEN],
+        to: &[u8; header::BINDING_DIGEST_LEN],
+    ) -> Result<bool, EngineError>;
     /// The top device node if `dm_name` is open.
     fn open_device(&self, dm_name: &str) -> Result<Option<PathBuf>, EngineError>;
     /// Closes `dm_name` (and its integrity device); `false` if nothing was open.
@@ -220,6 +229,16 @@ impl VolumeEngine for KernelEngine {
             formatted: init.is_some(),
             init,
         })
+    }
+
+    fn rebind(
+        &self,
+        backing: &Path,
+        source: &str,
+        from: &[u8; header::BINDING_DIGEST_LEN],
+        to: &[u8; header::BINDING_DIGEST_LEN],
+    ) -> Result<bool, EngineError> {
+        Ok(self.volumes().rebind(backing, source, from, to)?)
     }
 
     fn open_device(&self, dm_name: &str) -> Result<Option<PathBuf>, EngineError> {

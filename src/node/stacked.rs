@@ -140,21 +140,28 @@ impl NodeCore {
         if record.formatted_uuid.is_none()
             && let Some(source) = req.volume_context.get(CONTEXT_SOURCE_VOLUME)
         {
-            return Err(self.refuse_unbound_copy(csi_id, source));
+            self.rebind(&local, &device, source)?;
         }
         tracing::info!(volume.id = %csi_id, local.id = %local, device = %device.display(), "backend volume published");
         self.stage(&local, staging, cap)
     }
 
-    /// A restored or cloned volume holds the ciphertext of `source`, and its header (every keyslot's
-    /// wrap) is bound to `source`'s id. Re-binding it to its new id needs the keyslots re-wrapped under
-    /// the new binding, which is not implemented yet: such a volume is refused before anything is
-    /// opened or formatted (its header would fail the binding check anyway).
-    fn refuse_unbound_copy(&self, csi_id: &str, source: &str) -> NodeError {
-        NodeError::FailedPrecondition(format!(
-            "stacked volume {csi_id} is a restore or clone of {source}: re-binding a copied volume to its \
-             new id is not implemented yet (docs/stacked.md)"
-        ))
+    /// A restored or cloned volume holds the ciphertext of `source`, and its header is bound to
+    /// `source`'s local id: before its first open on this node it is re-bound to `local`
+    /// (`crate::volume::Volumes::rebind`: this node unseals it first, and a header bound to anything but
+    /// `source` is refused unchanged). What this trusts: the volume context (the CO's record of the
+    /// volume, written by sealcsi's controller) saying which volume this one was copied from.
+    fn rebind(&self, local: &VolumeId, device: &Path, source: &str) -> Result<(), NodeError> {
+        let source_local = local_id(source);
+        let from = crate::header::volume_binding(source_local.as_str());
+        let to = crate::header::volume_binding(local.as_str());
+        if self
+            .engine
+            .rebind(device, source_local.as_str(), &from, &to)?
+        {
+            tracing::info!(volume.id = %local, source = %source, "re-bound a restored or cloned volume to its new id");
+        }
+        Ok(())
     }
 
     /// NodeUnstageVolume of a stacked volume: [`NodeCore::unstage`], then the backend's unpublish and
@@ -388,21 +395,5 @@ mod tests {
         let info = r.node.stacked_info().unwrap();
         assert_eq!(info.node_id, "n1");
         assert_eq!(info.topology.unwrap()["topology.memory.test/zone"], "z1");
-    }
-
-    #[test]
-    fn a_copied_volume_is_refused_before_anything_is_opened() {
-        let r = rig();
-        let (id, mut stage) = volume(&r, "pvc-c");
-        stage
-            .volume_context
-            .insert(CONTEXT_SOURCE_VOLUME.into(), "mem-other".into());
-        let staging = r.root.join("kubelet/staging-c");
-        let e = r
-            .node
-            .stage_stacked(&id, &staging, &fs_cap(), &stage)
-            .unwrap_err();
-        assert_eq!(e.kind(), Kind::FailedPrecondition);
-        assert!(r.mounter.mounted_at(&staging).unwrap().is_none());
     }
 }
