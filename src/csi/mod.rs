@@ -203,6 +203,8 @@ pub(crate) struct Shared {
     pub provisioner: Option<Arc<Provisioner>>,
     /// The controller core of a stacked plugin (`PluginConfig::backend`), in place of `provisioner`.
     pub stacked: Option<Arc<crate::controller::stacked::StackedProvisioner>>,
+    /// The backend driver of a stacked plugin (Probe asks it too).
+    pub backend: Option<Arc<dyn crate::backend::csi::CsiBackend>>,
     pub node: Option<Arc<NodeCore>>,
 }
 

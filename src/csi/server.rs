@@ -164,6 +164,7 @@ pub async fn serve_until(
         provisioner: (config.mode.controller() && backend.is_none())
             .then(|| Arc::new(Provisioner::new(store.clone(), deps.dm.clone()))),
         stacked,
+        backend: backend.clone(),
         node: config.mode.node().then(|| {
             let core = NodeCore::new(store.clone(), deps.engine.clone(), deps.mounter.clone())
                 .with_metrics(metrics.clone());

@@ -136,6 +136,8 @@ pub struct NodeCore {
     metrics: Option<Arc<crate::metrics::Metrics>>,
     /// The backend driver of a stacked node ([`stacked`]); `None`: node-local volume files.
     backend: Option<Arc<dyn crate::backend::csi::CsiBackend>>,
+    /// The backend's node capabilities, asked once.
+    backend_caps: std::sync::OnceLock<std::collections::BTreeSet<crate::backend::csi::NodeCap>>,
 }
 
 impl std::fmt::Debug for NodeCore {
@@ -154,6 +156,7 @@ impl NodeCore {
             mounter,
             metrics: None,
             backend: None,
+            backend_caps: std::sync::OnceLock::new(),
         }
     }
 

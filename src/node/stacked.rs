@@ -60,8 +60,14 @@ impl NodeCore {
             .contains(&NodeCap::StageUnstageVolume))
     }
 
+    /// The backend's node capabilities (asked on first use, then kept: a driver's capabilities do not
+    /// change while it runs).
     fn backend_node_caps(&self) -> Result<std::collections::BTreeSet<NodeCap>, NodeError> {
-        Ok(self.backend()?.capabilities()?.node)
+        if let Some(caps) = self.backend_caps.get() {
+            return Ok(caps.clone());
+        }
+        let caps = self.backend()?.capabilities()?.node;
+        Ok(self.backend_caps.get_or_init(|| caps).clone())
     }
 
     /// The backend's NodeGetInfo: its node id and topology are this node's (attach and scheduling go
