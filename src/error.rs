@@ -33,6 +33,22 @@ pub enum Kind {
     Unavailable,
     /// Anything else: kernel, I/O, tools, bugs.
     Internal,
+    // Only a stacked-over CSI driver (`crate::backend::csi`) answers with these: they exist so that its
+    // errors keep their gRPC code through the one Kind -> code mapping.
+    /// The backend cancelled the call.
+    Cancelled,
+    /// The backend failed without saying why.
+    Unknown,
+    /// The backend did not answer in time.
+    DeadlineExceeded,
+    /// The backend refused the caller's credentials.
+    PermissionDenied,
+    /// The backend does not implement the call.
+    Unimplemented,
+    /// The backend lost data.
+    DataLoss,
+    /// The backend could not authenticate the call (its secrets).
+    Unauthenticated,
 }
 
 /// An error that knows its [`Kind`].

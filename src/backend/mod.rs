@@ -5,6 +5,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod blockdev;
+pub mod csi;
 pub mod loopfile;
 
 use std::path::{Path, PathBuf};

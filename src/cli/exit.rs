@@ -28,7 +28,14 @@ pub fn code_for(kind: Kind) -> u8 {
         | Kind::ResourceExhausted
         | Kind::Aborted
         | Kind::Unavailable
-        | Kind::Internal => INTERNAL,
+        | Kind::Internal
+        | Kind::Cancelled
+        | Kind::Unknown
+        | Kind::DeadlineExceeded
+        | Kind::PermissionDenied
+        | Kind::Unimplemented
+        | Kind::DataLoss
+        | Kind::Unauthenticated => INTERNAL,
     }
 }
 

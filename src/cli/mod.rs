@@ -129,6 +129,10 @@ struct PluginArgs {
     /// expansions beyond it are RESOURCE_EXHAUSTED, and GetCapacity reports what is left.
     #[arg(long, env = "SEALCSI_OVERCOMMIT_RATIO", default_value_t = 1.0)]
     overcommit_ratio: f64,
+    /// Stack over a block-capable CSI driver running beside sealcsi: csi:unix:///path/to/csi.sock
+    /// (docs/stacked.md). Without it, volumes are files in the state directory.
+    #[arg(long, env = "SEALCSI_BACKEND")]
+    backend: Option<String>,
 }
 
 /// Runs the command line and returns the process's exit code.
@@ -235,6 +239,7 @@ fn run_plugin(global: &Global, args: PluginArgs) -> anyhow::Result<()> {
     config.driver_name = args.driver_name;
     config.metrics_address = args.metrics_address;
     config.overcommit_ratio = args.overcommit_ratio;
+    config.backend = args.backend;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -6,6 +6,7 @@
 //! ([`VolumeId::for_name`]), so a retried create finds the record of the first one.
 
 mod list;
+pub mod stacked;
 
 use std::fmt;
 use std::sync::Arc;

@@ -67,8 +67,15 @@ impl Identity for IdentityService {
         _request: Request<proto::ProbeRequest>,
     ) -> Result<Response<proto::ProbeResponse>, Status> {
         let deps = self.shared.deps.clone();
+        let backend = self.shared.backend.clone();
         let missing = blocking(move || {
             let mut missing = Vec::new();
+            // A stacked plugin is only as ready as the driver it stacks over.
+            match backend.as_ref().map(|b| b.probe()) {
+                None | Some(Ok(true)) => {}
+                Some(Ok(false)) => missing.push("the backend CSI driver is not ready".to_string()),
+                Some(Err(e)) => missing.push(e.to_string()),
+            }
             if let Err(e) = deps.dm.version() {
                 missing.push(format!("device-mapper is not usable: {e}"));
             }

@@ -14,6 +14,7 @@ pub mod guard;
 pub mod identity;
 pub mod node;
 pub mod server;
+pub mod stacked;
 pub mod status;
 
 /// The generated CSI v1.12.0 types and services (`proto/csi.proto`, package `csi.v1`).
@@ -118,6 +119,9 @@ pub struct PluginConfig {
     /// How many times the state directory's disk the sparse volumes may be promised (1.0: never more
     /// than the disk holds).
     pub overcommit_ratio: f64,
+    /// Stack over this CSI driver (`csi:unix:///path/to/csi.sock`, docs/stacked.md); `None`: node-local
+    /// volume files.
+    pub backend: Option<String>,
 }
 
 impl PluginConfig {
@@ -136,6 +140,7 @@ impl PluginConfig {
             state_dir: state_dir.into(),
             metrics_address: None,
             overcommit_ratio: 1.0,
+            backend: None,
         }
     }
 }
@@ -185,6 +190,9 @@ pub enum CsiError {
     Dm(#[from] crate::dm::DmError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The backend driver of a stacked plugin is unusable.
+    #[error("backend: {0}")]
+    Backend(String),
 }
 
 /// What every service shares.
@@ -193,6 +201,10 @@ pub(crate) struct Shared {
     pub deps: PluginDeps,
     pub guards: guard::OpGuards,
     pub provisioner: Option<Arc<Provisioner>>,
+    /// The controller core of a stacked plugin (`PluginConfig::backend`), in place of `provisioner`.
+    pub stacked: Option<Arc<crate::controller::stacked::StackedProvisioner>>,
+    /// The backend driver of a stacked plugin (Probe asks it too).
+    pub backend: Option<Arc<dyn crate::backend::csi::CsiBackend>>,
     pub node: Option<Arc<NodeCore>>,
 }
 

@@ -35,6 +35,16 @@ impl NodeService {
         Self { shared }
     }
 
+    /// The node-local id of a request's volume id: checked (node-local volumes), or derived (stacked
+    /// volumes, whose ids are the backend's).
+    fn volume_id(&self, id: &str) -> Result<crate::store::VolumeId, Status> {
+        if self.core().is_stacked() {
+            Ok(NodeCore::stacked_id(id))
+        } else {
+            convert::volume_id(id)
+        }
+    }
+
     fn core(&self) -> Arc<NodeCore> {
         self.shared
             .node
@@ -74,6 +84,19 @@ impl Node for NodeService {
         async {
             let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
             let cap = required_capability(req.volume_capability.as_ref())?;
+            if self.core().is_stacked() {
+                let stage = crate::node::stacked::StackedStage {
+                    publish_context: req.publish_context.clone().into_iter().collect(),
+                    volume_context: req.volume_context.clone(),
+                    secrets: crate::backend::csi::Secrets::new(req.secrets.clone()),
+                };
+                let csi_id = id.clone();
+                self.guarded(&id, move |core| {
+                    core.stage_stacked(&csi_id, &staging, &cap, &stage)
+                })
+                .await?;
+                return Ok(Response::new(proto::NodeStageVolumeResponse {}));
+            }
             let vid = convert::volume_id(&id)?;
             self.guarded(&id, move |core| core.stage(&vid, &staging, &cap))
                 .await?;
@@ -92,6 +115,12 @@ impl Node for NodeService {
         let span = span("NodeUnstageVolume", &id);
         async {
             let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
+            if self.core().is_stacked() {
+                let csi_id = id.clone();
+                self.guarded(&id, move |core| core.unstage_stacked(&csi_id, &staging))
+                    .await?;
+                return Ok(Response::new(proto::NodeUnstageVolumeResponse {}));
+            }
             let vid = convert::volume_id(&id)?;
             self.guarded(&id, move |core| core.unstage(&vid, &staging))
                 .await?;
@@ -114,7 +143,7 @@ impl Node for NodeService {
             let staging = PathBuf::from(required(&req.staging_target_path, "staging_target_path")?);
             let cap = required_capability(req.volume_capability.as_ref())?;
             let readonly = req.readonly;
-            let vid = convert::volume_id(&id)?;
+            let vid = self.volume_id(&id)?;
             self.guarded(&id, move |core| {
                 core.publish(&vid, &staging, &target, &cap, readonly)
             })
@@ -134,7 +163,7 @@ impl Node for NodeService {
         let span = span("NodeUnpublishVolume", &id);
         async {
             let target = PathBuf::from(required(&req.target_path, "target_path")?);
-            let vid = convert::volume_id(&id)?;
+            let vid = self.volume_id(&id)?;
             self.guarded(&id, move |core| core.unpublish(&vid, &target))
                 .await?;
             Ok(Response::new(proto::NodeUnpublishVolumeResponse {}))
@@ -153,7 +182,7 @@ impl Node for NodeService {
         async {
             let path = PathBuf::from(required(&req.volume_path, "volume_path")?);
             // Read-only: no guard, so the kubelet's periodic stats never collide with a publish.
-            let vid = convert::volume_id(&id)?;
+            let vid = self.volume_id(&id)?;
             let core = self.core();
             let stats =
                 blocking(move || core.stats(&vid, &path).map_err(|e| status::from_error(&e)))
@@ -205,10 +234,24 @@ impl Node for NodeService {
         let span = span("NodeExpandVolume", &id);
         async {
             let path = PathBuf::from(required(&req.volume_path, "volume_path")?);
-            if let Some(cap) = &req.volume_capability {
-                convert::capability(cap).map_err(|e| status::invalid_argument(e.message()))?;
-            }
+            let cap = match &req.volume_capability {
+                Some(cap) => Some(
+                    convert::capability(cap).map_err(|e| status::invalid_argument(e.message()))?,
+                ),
+                None => None,
+            };
             let (required, limit) = convert::range(req.capacity_range.as_ref())?;
+            if self.core().is_stacked() {
+                let csi_id = id.clone();
+                let size = self
+                    .guarded(&id, move |core| {
+                        core.expand_stacked(&csi_id, &path, required, limit, cap.as_ref())
+                    })
+                    .await?;
+                return Ok(Response::new(proto::NodeExpandVolumeResponse {
+                    capacity_bytes: bytes(size),
+                }));
+            }
             let vid = convert::volume_id(&id)?;
             let size = self
                 .guarded(&id, move |core| core.expand(&vid, &path, required, limit))
@@ -240,6 +283,19 @@ impl Node for NodeService {
         &self,
         _request: Request<proto::NodeGetInfoRequest>,
     ) -> Result<Response<proto::NodeGetInfoResponse>, Status> {
+        let core = self.core();
+        if core.is_stacked() {
+            // The backend's node id and topology: ControllerPublish and scheduling go by them.
+            let info =
+                blocking(move || core.stacked_info().map_err(|e| status::from_error(&e))).await?;
+            return Ok(Response::new(proto::NodeGetInfoResponse {
+                node_id: info.node_id,
+                max_volumes_per_node: info.max_volumes,
+                accessible_topology: info.topology.map(|t| proto::Topology {
+                    segments: t.into_iter().collect(),
+                }),
+            }));
+        }
         Ok(Response::new(proto::NodeGetInfoResponse {
             node_id: self.shared.config.node_id.clone(),
             max_volumes_per_node: 0,

@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -90,6 +91,42 @@ pub async fn serve(config: PluginConfig, deps: PluginDeps) -> Result<(), CsiErro
     serve_until(config, deps, shutdown_signal()).await
 }
 
+/// How long the plugin waits at start for the backend driver of a stacked plugin to answer (it runs
+/// in a container of the same pod, which may start later).
+pub const BACKEND_WAIT: Duration = Duration::from_secs(60);
+
+/// The backend driver's client, once it answers a Probe (within [`BACKEND_WAIT`]).
+async fn connect_backend(
+    backend: &str,
+) -> Result<Arc<dyn crate::backend::csi::CsiBackend>, CsiError> {
+    use crate::backend::csi::CsiBackend;
+    let client = crate::backend::csi::GrpcBackend::new(backend).map_err(CsiError::Backend)?;
+    let deadline = tokio::time::Instant::now() + BACKEND_WAIT;
+    loop {
+        let c = client.clone();
+        let probe = tokio::task::spawn_blocking(move || c.probe())
+            .await
+            .map_err(|e| CsiError::Backend(e.to_string()))?;
+        match probe {
+            Ok(true) => break,
+            Ok(false) | Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Ok(false) => {
+                return Err(CsiError::Backend(format!("{backend} says it is not ready")));
+            }
+            Err(e) => return Err(CsiError::Backend(e.to_string())),
+        }
+    }
+    let c = client.clone();
+    let name = tokio::task::spawn_blocking(move || c.plugin_name())
+        .await
+        .map_err(|e| CsiError::Backend(e.to_string()))?
+        .map_err(|e| CsiError::Backend(e.to_string()))?;
+    tracing::info!(backend, backend.plugin = %name, "stacked over a CSI driver");
+    Ok(Arc::new(client))
+}
+
 /// Serves until `shutdown` completes, then drains.
 pub async fn serve_until(
     config: PluginConfig,
@@ -106,16 +143,35 @@ pub async fn serve_until(
     let store = Store::open(&config.state_dir)?.with_overcommit(config.overcommit_ratio)?;
     // Always collected (cheap); served only when an address is configured.
     let metrics = crate::metrics::Metrics::new(Some(deps.dm.clone()));
+    let backend = match &config.backend {
+        Some(b) => Some(connect_backend(b).await?),
+        None => None,
+    };
+    let stacked = match (&backend, config.mode.controller()) {
+        (Some(b), true) => {
+            let b = b.clone();
+            let core = tokio::task::spawn_blocking(move || {
+                crate::controller::stacked::StackedProvisioner::new(b)
+            })
+            .await
+            .map_err(|e| CsiError::Backend(e.to_string()))?
+            .map_err(|e| CsiError::Backend(e.to_string()))?;
+            Some(Arc::new(core))
+        }
+        _ => None,
+    };
     let shared = Arc::new(Shared {
-        provisioner: config
-            .mode
-            .controller()
+        provisioner: (config.mode.controller() && backend.is_none())
             .then(|| Arc::new(Provisioner::new(store.clone(), deps.dm.clone()))),
+        stacked,
+        backend: backend.clone(),
         node: config.mode.node().then(|| {
-            Arc::new(
-                NodeCore::new(store.clone(), deps.engine.clone(), deps.mounter.clone())
-                    .with_metrics(metrics.clone()),
-            )
+            let core = NodeCore::new(store.clone(), deps.engine.clone(), deps.mounter.clone())
+                .with_metrics(metrics.clone());
+            Arc::new(match &backend {
+                Some(b) => core.with_backend(b.clone()),
+                None => core,
+            })
         }),
         guards: guard::OpGuards::new(),
         config,
@@ -148,6 +204,11 @@ pub async fn serve_until(
             shared.clone(),
         ))
     });
+    let stacked_controller = shared.stacked.is_some().then(|| {
+        proto::controller_server::ControllerServer::new(
+            super::stacked::StackedControllerService::new(shared.clone()),
+        )
+    });
     let node = shared
         .node
         .is_some()
@@ -164,6 +225,7 @@ pub async fn serve_until(
         .layer(crate::metrics::MetricsLayer::new(metrics))
         .add_service(identity)
         .add_optional_service(controller)
+        .add_optional_service(stacked_controller)
         .add_optional_service(node);
 
     // Every connection goes through the authority fix: gRPC C-core clients send the socket path as

@@ -23,6 +23,13 @@ pub fn code_for(kind: Kind) -> Code {
         Kind::ResourceExhausted => Code::ResourceExhausted,
         Kind::Unavailable => Code::Unavailable,
         Kind::Internal => Code::Internal,
+        Kind::Cancelled => Code::Cancelled,
+        Kind::Unknown => Code::Unknown,
+        Kind::DeadlineExceeded => Code::DeadlineExceeded,
+        Kind::PermissionDenied => Code::PermissionDenied,
+        Kind::Unimplemented => Code::Unimplemented,
+        Kind::DataLoss => Code::DataLoss,
+        Kind::Unauthenticated => Code::Unauthenticated,
     }
 }
 
@@ -30,7 +37,9 @@ pub fn code_for(kind: Kind) -> Code {
 pub fn from_error<E: Classify + ?Sized>(e: &E) -> Status {
     let kind = e.kind();
     match kind {
-        Kind::Internal | Kind::Unavailable => tracing::error!(error = %e, "request failed"),
+        Kind::Internal | Kind::Unavailable | Kind::Unknown | Kind::DataLoss => {
+            tracing::error!(error = %e, "request failed")
+        }
         _ => tracing::info!(error = %e, code = ?code_for(kind), "request refused"),
     }
     Status::new(code_for(kind), e.to_string())

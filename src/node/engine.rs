@@ -103,6 +103,15 @@ pub trait VolumeEngine: Send + Sync {
         format: &FormatOptions,
         formatted: Option<[u8; 16]>,
     ) -> Result<StagedDevice, EngineError>;
+    /// Re-binds the (closed) volume on `backing` from volume id `source`'s binding `from` to `to`
+    /// (`crate::volume::Volumes::rebind`); `Ok(false)` if it is bound to `to` already.
+    fn rebind(
+        &self,
+        backing: &Path,
+        source: &str,
+        from: &[u8; header::BINDING_DIGEST_LEN],
+        to: &[u8; header::BINDING_DIGEST_LEN],
+    ) -> Result<bool, EngineError>;
     /// The top device node if `dm_name` is open.
     fn open_device(&self, dm_name: &str) -> Result<Option<PathBuf>, EngineError>;
     /// Closes `dm_name` (and its integrity device); `false` if nothing was open.
@@ -222,6 +231,16 @@ impl VolumeEngine for KernelEngine {
         })
     }
 
+    fn rebind(
+        &self,
+        backing: &Path,
+        source: &str,
+        from: &[u8; header::BINDING_DIGEST_LEN],
+        to: &[u8; header::BINDING_DIGEST_LEN],
+    ) -> Result<bool, EngineError> {
+        Ok(self.volumes().rebind(backing, source, from, to)?)
+    }
+
     fn open_device(&self, dm_name: &str) -> Result<Option<PathBuf>, EngineError> {
         let name = DmName::try_from(dm_name)?;
         Ok(self.dm.info(&name)?.map(|i| i.node))
@@ -252,13 +271,25 @@ impl VolumeEngine for KernelEngine {
         // Read again here, but authenticated before use: the new crypt table needs the key, and unsealing
         // checks every mapping field of this header.
         let header = volume::read_header(backing)?.header;
-        let lo = LoopDevice::find(backing)?
-            .ok_or_else(|| EngineError::NotOpen(format!("loop device of {}", backing.display())))?;
-        lo.set_capacity()?;
-        let device_bytes = crate::devio::size_of(lo.path()).map_err(|source| EngineError::Io {
-            context: format!("size of {}", lo.path().display()),
-            source,
-        })?;
+        // A volume file's loop device (found by its file), or a block device as given (a stacked
+        // volume's backend device); a loop device re-reads its file's size either way.
+        let lower_device = if crate::backend::is_block_device(backing) {
+            if let Ok(Some(lo)) = LoopDevice::find_by_path(backing) {
+                lo.set_capacity()?;
+            }
+            backing.to_path_buf()
+        } else {
+            let lo = LoopDevice::find(backing)?.ok_or_else(|| {
+                EngineError::NotOpen(format!("loop device of {}", backing.display()))
+            })?;
+            lo.set_capacity()?;
+            lo.path().to_path_buf()
+        };
+        let device_bytes =
+            crate::devio::size_of(&lower_device).map_err(|source| EngineError::Io {
+                context: format!("size of {}", lower_device.display()),
+                source,
+            })?;
         let (lower, data_sectors) = match header.profile {
             Profile::AeadHmacSha256 { .. } => {
                 let mut live = self.dm.table(&names.integrity)?;
@@ -268,7 +299,7 @@ impl VolumeEngine for KernelEngine {
                     )
                     .into());
                 };
-                line.target.set_device(lo.path().to_path_buf());
+                line.target.set_device(lower_device.clone());
                 // The integrity target computes the data sectors the grown device provides when its table
                 // is loaded and records them in its superblock on resume; then map all of them.
                 self.dm
@@ -287,7 +318,7 @@ impl VolumeEngine for KernelEngine {
                 (names.integrity.node(), provided)
             }
             Profile::XtsOnly => (
-                lo.path().to_path_buf(),
+                lower_device.clone(),
                 volume::crypt_only_sectors(device_bytes),
             ),
         };

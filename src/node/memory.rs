@@ -276,6 +276,17 @@ impl MemoryEngine {
 }
 
 impl VolumeEngine for MemoryEngine {
+    /// The in-memory volumes carry no volume binding: nothing to re-bind.
+    fn rebind(
+        &self,
+        _backing: &Path,
+        _source: &str,
+        _from: &[u8; crate::header::BINDING_DIGEST_LEN],
+        _to: &[u8; crate::header::BINDING_DIGEST_LEN],
+    ) -> Result<bool, EngineError> {
+        Ok(false)
+    }
+
     fn stage_device(
         &self,
         backing: &Path,

@@ -15,6 +15,7 @@ pub mod capability;
 pub mod engine;
 pub mod memory;
 pub mod mount;
+pub mod stacked;
 
 use std::fs;
 use std::io;
@@ -39,6 +40,9 @@ pub enum NodeError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Mount(#[from] MountError),
+    /// The backend driver of a stacked volume failed (its gRPC code kept).
+    #[error(transparent)]
+    Backend(#[from] crate::backend::csi::BackendCallError),
     #[error("{0}")]
     InvalidArgument(String),
     /// The volume is not in the state the call needs (not staged, still in use).
@@ -62,6 +66,7 @@ impl Classify for NodeError {
         match self {
             NodeError::Store(e) => e.kind(),
             NodeError::Engine(e) => e.kind(),
+            NodeError::Backend(e) => e.kind(),
             NodeError::Mount(MountError::BadOption(_)) => Kind::InvalidArgument,
             NodeError::Mount(e) if e.is_busy() => Kind::Busy,
             NodeError::Mount(_) => Kind::Internal,
@@ -129,6 +134,10 @@ pub struct NodeCore {
     engine: Arc<dyn VolumeEngine>,
     mounter: Arc<dyn Mounter>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The backend driver of a stacked node ([`stacked`]); `None`: node-local volume files.
+    backend: Option<Arc<dyn crate::backend::csi::CsiBackend>>,
+    /// The backend's node capabilities, asked once.
+    backend_caps: std::sync::OnceLock<std::collections::BTreeSet<crate::backend::csi::NodeCap>>,
 }
 
 impl std::fmt::Debug for NodeCore {
@@ -146,7 +155,15 @@ impl NodeCore {
             engine,
             mounter,
             metrics: None,
+            backend: None,
+            backend_caps: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Stacks this node over `backend` ([`stacked`]).
+    pub fn with_backend(mut self, backend: Arc<dyn crate::backend::csi::CsiBackend>) -> Self {
+        self.backend = Some(backend);
+        self
     }
 
     /// Records initialization times and unseal failures in `metrics`.
@@ -570,7 +587,12 @@ impl NodeCore {
         } else {
             None
         };
-        let file_bytes = self.store.grow_backing(volume_id, required, limit)?;
+        // A stacked volume's device is the backend's (grown by it): only a volume file grows here.
+        let file_bytes = if self.is_stacked() {
+            0
+        } else {
+            self.store.grow_backing(volume_id, required, limit)?
+        };
         let before = self.engine.size_bytes(&dm)?;
         let from = match self.store.pending_init(volume_id)? {
             Some(pending) => pending.min(before),

@@ -15,6 +15,7 @@
 pub mod id;
 pub mod params;
 pub mod sizing;
+pub mod stacked;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};

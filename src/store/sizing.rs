@@ -84,6 +84,40 @@ pub fn size_for_range_min(
     Ok(size)
 }
 
+/// What a stacked volume's sealed stack may take of its backend device beyond the header region
+/// ([`crate::header::DATA_OFFSET`]): the integrity superblock, its padding and rounding.
+pub const STACKED_SLACK_BYTES: u64 = 4 << 20;
+
+/// The share of a backend device that an AEAD stack's integrity metadata may take, in 256ths: the
+/// journal (dm-integrity's default is 1/128 of the device, `journal_sectors`, at most 64 MiB) and the
+/// tags (48 bytes per 4096-byte block, 3/256). An upper bound: 5/256.
+const AEAD_METADATA_256THS: u64 = 5;
+
+/// The size a backend (stacked-over) device must have so that the sealed volume on it offers at least
+/// `usable` bytes: the header region, and for AEAD the integrity tags and journal, come on top. Whole MiB.
+pub fn stacked_device_bytes(params: VolumeParams, usable: u64) -> u64 {
+    let fixed = crate::header::DATA_OFFSET + STACKED_SLACK_BYTES;
+    let device = match params.integrity {
+        Integrity::HmacSha256 => (usable.saturating_add(fixed))
+            .saturating_mul(256)
+            .div_ceil(256 - AEAD_METADATA_256THS),
+        Integrity::None => usable.saturating_add(fixed),
+    };
+    round_up(device, SIZE_ALIGN)
+}
+
+/// The usable size a sealed volume offers at least on a backend device of `device` bytes (the inverse
+/// of [`stacked_device_bytes`], rounded down to whole MiB; 0 if it is too small for any).
+pub fn stacked_usable_bytes(params: VolumeParams, device: u64) -> u64 {
+    let fixed = crate::header::DATA_OFFSET + STACKED_SLACK_BYTES;
+    let usable = match params.integrity {
+        Integrity::HmacSha256 => (device / 256).saturating_mul(256 - AEAD_METADATA_256THS),
+        Integrity::None => device,
+    }
+    .saturating_sub(fixed);
+    usable / SIZE_ALIGN * SIZE_ALIGN
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +142,28 @@ mod tests {
             Kind::InvalidArgument
         );
         assert_eq!(size_for_range(0, M).unwrap_err().kind(), Kind::OutOfRange);
+    }
+
+    #[test]
+    fn stacked_devices_hold_at_least_what_was_asked() {
+        const M: u64 = 1 << 20;
+        let aead = VolumeParams::default();
+        let xts = VolumeParams {
+            integrity: Integrity::None,
+            ..aead
+        };
+        for params in [aead, xts] {
+            for usable in [64 * M, 100 * M, 307 * M, 1 << 30, 10 << 30, 1 << 40] {
+                let device = stacked_device_bytes(params, usable);
+                assert!(device > usable, "{usable}");
+                assert_eq!(device % M, 0);
+                assert!(stacked_usable_bytes(params, device) >= usable, "{usable}");
+                // Not wildly more than needed: within 1 MiB of the bound.
+                assert!(stacked_usable_bytes(params, device - M) < usable + M);
+            }
+        }
+        assert_eq!(stacked_device_bytes(xts, 64 * M), 69 * M);
+        assert_eq!(stacked_usable_bytes(aead, M), 0);
     }
 
     #[test]

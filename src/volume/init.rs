@@ -211,8 +211,16 @@ fn layout_plan(device: &Path, size_bytes: u64, fs: FsKind) -> Result<Vec<Range<u
     let text = fstools::dry_run(fs, device, size_bytes, true)?;
     match fs {
         FsKind::Ext4 => {
-            let plan = fast_plan(&Layout::Ext4, size_bytes);
-            check_ext4_backups(&plan, &fstools::parse_ext4_backups(&text)?)?;
+            let backups = fstools::parse_ext4_backups(&text)?;
+            // mke2fs may shrink the blocks per group of a small filesystem (to fit its inode tables:
+            // seen at 132 MiB, backups at block 32728), so the blocks it reports are pre-written too.
+            let mut ranges = fast_plan(&Layout::Ext4, size_bytes);
+            ranges.extend(backups.iter().map(|b| {
+                b.saturating_mul(BLOCK_SIZE)..b.saturating_add(1).saturating_mul(BLOCK_SIZE)
+            }));
+            let plan = coalesce(ranges, size_bytes / BLOCK_SIZE * BLOCK_SIZE);
+            // Still refuses a backup the plan cannot cover (beyond the device).
+            check_ext4_backups(&plan, &backups)?;
             Ok(plan)
         }
         FsKind::Xfs => Ok(fast_plan(

@@ -443,6 +443,37 @@ impl Expected<'_> {
     }
 }
 
+impl Volumes<'_> {
+    /// Re-binds the volume on `device` from the volume id `source` (its binding `from`) to `target`'s
+    /// binding `to`: for a restored or cloned copy, whose header still names the volume it was copied
+    /// from. This node must unseal it first, which authenticates the header and so its binding: a header
+    /// bound to anything but `from` is refused, unchanged. The new header keeps only this node's keyslot,
+    /// re-wrapped under the new binding (every keyslot's wrap covers the binding, and the other slots'
+    /// keys are not this node's to re-wrap), and replaces both copies. `Ok(false)`: already bound to
+    /// `to`. Safe to retry: a crash leaves either the old header or the new one in charge.
+    pub fn rebind(
+        &self,
+        device: &Path,
+        source: &str,
+        from: &[u8; BINDING_DIGEST_LEN],
+        to: &[u8; BINDING_DIGEST_LEN],
+    ) -> Result<bool, VolumeError> {
+        let _lock = header_io::lock_device(device)?;
+        let active = header_io::read_header(device)?;
+        if active.header.volume_binding == *to {
+            return Ok(false);
+        }
+        let (index, key) = self.unseal(&active.header)?;
+        check_binding(&active.header, source, from, device)?;
+        let mut new = active.header.clone();
+        new.volume_binding = *to;
+        new.keyslots = Default::default();
+        new.keyslots[index] = Some(self.seal_keyslot(&new, &key)?);
+        header_io::commit_everywhere(device, &active, new)?;
+        Ok(true)
+    }
+}
+
 /// Refuses a volume whose (authenticated) binding is not `binding`.
 fn check_binding(
     header: &Header,

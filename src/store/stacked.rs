@@ -1,0 +1,82 @@
+//! What the controller and the node of a stacked sealcsi (`--backend csi:...`, docs/stacked.md) share:
+//! how StorageClass parameters split between sealcsi and the backend, what the volume context holds,
+//! and the node-local id of a stacked volume.
+//!
+//! Volume context of a stacked volume (made by the controller, read by the node):
+//! - `integrity`, `init`, `journal`: sealcsi's parameters, explicit values ([`VolumeParams::to_map`]);
+//! - `backend.<key>`: the backend's volume context, each key prefixed [`BACKEND_CONTEXT_PREFIX`];
+//! - [`CONTEXT_SOURCE_VOLUME`]: for a restored or cloned volume, the id of the volume whose ciphertext it
+//!   holds.
+
+use std::collections::HashMap;
+
+use super::params::CO_PARAMETER_PREFIX;
+use super::{StoreError, VolumeId, VolumeParams};
+use crate::backend::csi::Map;
+
+/// StorageClass parameters with this prefix are the backend's (passed on without it).
+pub const BACKEND_PARAMETER_PREFIX: &str = "backend.";
+/// Volume context keys with this prefix are the backend's volume context (passed back without it).
+pub const BACKEND_CONTEXT_PREFIX: &str = "backend.";
+/// Volume context: the sealcsi volume id whose ciphertext a restored or cloned volume holds (its header
+/// is bound to that id; the node re-binds it to the new id on the first stage).
+pub const CONTEXT_SOURCE_VOLUME: &str = "stacked.sealcsi.io/source-volume";
+
+/// sealcsi's parameters and the backend's, split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitParameters {
+    pub sealcsi: VolumeParams,
+    pub backend: Map,
+}
+
+/// Splits StorageClass parameters (see the module docs).
+pub fn split_parameters(params: &HashMap<String, String>) -> Result<SplitParameters, StoreError> {
+    let mut own = HashMap::new();
+    let mut backend = Map::new();
+    for (k, v) in params {
+        if let Some(key) = k.strip_prefix(BACKEND_PARAMETER_PREFIX) {
+            if key.is_empty() {
+                return Err(StoreError::InvalidArgument(format!(
+                    "parameter {k:?} names no backend parameter"
+                )));
+            }
+            backend.insert(key.to_string(), v.clone());
+        } else if k.starts_with(CO_PARAMETER_PREFIX) {
+            backend.insert(k.clone(), v.clone());
+        } else {
+            own.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(SplitParameters {
+        sealcsi: VolumeParams::parse(&own)?,
+        backend,
+    })
+}
+
+/// The backend's part of a sealcsi volume context.
+pub fn backend_context(context: &HashMap<String, String>) -> Map {
+    context
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix(BACKEND_CONTEXT_PREFIX)
+                .map(|k| (k.to_string(), v.clone()))
+        })
+        .collect()
+}
+
+/// sealcsi's own parameters in a volume context it made (the backend's keys and the provenance left out).
+pub fn sealcsi_context(context: &HashMap<String, String>) -> Result<VolumeParams, StoreError> {
+    let own: HashMap<String, String> = context
+        .iter()
+        .filter(|(k, _)| !k.starts_with(BACKEND_CONTEXT_PREFIX) && !k.contains(".sealcsi.io/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    VolumeParams::parse(&own)
+}
+
+/// The node-local id of the stacked volume with CSI id `csi_id` (the backend's id): names its record,
+/// the path the backend publishes its device at, and its device-mapper stack. Deterministic, so a retry
+/// after a crash finds everything the first attempt made.
+pub fn local_id(csi_id: &str) -> VolumeId {
+    VolumeId::for_name(&format!("stacked:{csi_id}"))
+}
