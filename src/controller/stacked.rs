@@ -75,6 +75,8 @@ pub struct StackedCreate {
     pub mode: AccessMode,
     /// The filesystem the CO will stage it with, where it matters for the minimum size (xfs).
     pub fs: Option<FsKind>,
+    /// Whether any capability is a Mount (the volume may get a filesystem).
+    pub filesystem: bool,
     pub topology: Option<TopologyRequirement>,
     pub source: Option<ContentSource>,
 }
@@ -140,6 +142,7 @@ impl StackedProvisioner {
     pub fn create(&self, req: StackedCreate) -> Result<StackedVolume, StackedError> {
         let split = split_parameters(&req.parameters)?;
         let params = split.sealcsi;
+        params.check_filesystem_use(req.filesystem)?;
         let min = min_volume_bytes(params, req.fs);
         let usable =
             size_for_range_min(req.required_bytes, req.limit_bytes, min, "a sealcsi volume")?;
@@ -331,12 +334,30 @@ mod tests {
             secrets: Secrets::default(),
             mode: AccessMode::SingleNodeWriter,
             fs: None,
+            filesystem: true,
             topology: None,
             source: None,
         }
     }
 
     use crate::store::stacked::sealcsi_context;
+
+    #[test]
+    fn a_filesystem_volume_in_direct_mode_is_refused_before_the_backend_is_asked() {
+        let (_d, b, p) = provisioner();
+        let err = p
+            .create(create("pvc-d", 64 << 20, &[("journal", "direct")]))
+            .unwrap_err();
+        assert_eq!(err.kind(), Kind::InvalidArgument);
+        assert!(err.to_string().contains("raw block volumes only"), "{err}");
+        let block = StackedCreate {
+            filesystem: false,
+            ..create("pvc-d", 64 << 20, &[("journal", "direct")])
+        };
+        p.create(block).unwrap();
+        let creates = b.calls().iter().filter(|c| **c == "CreateVolume").count();
+        assert_eq!(creates, 1, "only the block volume reached the backend");
+    }
 
     #[test]
     fn parameters_split_between_sealcsi_and_the_backend() {

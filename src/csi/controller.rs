@@ -94,9 +94,9 @@ impl ControllerService {
         let wants_filesystem = caps
             .iter()
             .any(|c| matches!(c.access, AccessType::Mount { .. }));
-        if wants_filesystem && params.profile().journal() == Some(Journal::Direct) {
-            return Err(status::invalid_argument(DIRECT_FILESYSTEM_REFUSED));
-        }
+        params
+            .check_filesystem_use(wants_filesystem)
+            .map_err(|e| status::from_error(&e))?;
         if let Some(reqs) = &req.accessibility_requirements
             && !reqs.requisite.is_empty()
             && !reqs.requisite.iter().any(|t| self.is_this_node(t))

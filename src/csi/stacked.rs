@@ -206,6 +206,9 @@ impl Controller for StackedControllerService {
                 secrets: secrets(&req.secrets),
                 mode: mode_of(&caps),
                 fs: stage_fs(&caps),
+                filesystem: caps
+                    .iter()
+                    .any(|c| matches!(c.access, AccessType::Mount { .. })),
                 topology: req
                     .accessibility_requirements
                     .as_ref()

@@ -299,6 +299,7 @@ mod tests {
                 secrets: Secrets::default(),
                 mode: AccessMode::SingleNodeWriter,
                 fs: None,
+                filesystem: true,
                 topology: None,
                 source: None,
             })

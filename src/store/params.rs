@@ -110,6 +110,17 @@ impl VolumeParams {
     }
 
     /// The mapping profile these parameters ask for.
+    /// Refuses these parameters for a volume the CO may stage with a filesystem (any Mount capability)
+    /// when they say `journal: direct` (see [`crate::volume::check_format_options`]).
+    pub fn check_filesystem_use(self, filesystem: bool) -> Result<(), StoreError> {
+        if filesystem && self.profile().journal() == Some(Journal::Direct) {
+            return Err(StoreError::InvalidArgument(
+                crate::volume::DIRECT_FILESYSTEM_REFUSED.into(),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn profile(self) -> Profile {
         Profile::new(self.integrity, self.journal)
     }
