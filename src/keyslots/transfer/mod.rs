@@ -92,6 +92,13 @@ pub enum TransferError {
     /// A transfer slot's nonce is not its request's.
     #[error("transfer slot {0} carries another request's nonce: the header was altered")]
     NonceMismatch(usize),
+    /// The key in the transfer slot is not the key the source granted.
+    #[error(
+        "the key in transfer slot {0} does not match the key check value the source printed: the \
+         slot was written by someone who knows only the (public) request key, or this is not the \
+         volume that was granted; refusing to use it"
+    )]
+    KeyMismatch(usize),
     /// A part of the protocol this build does not have.
     #[error("{what}")]
     Unsupported { what: String },
@@ -119,9 +126,9 @@ impl Classify for TransferError {
             | TransferError::NotApplicable { .. }
             | TransferError::Replayed { .. } => Kind::Refused,
             TransferError::NoTransferSlot => Kind::WrongIdentity,
-            TransferError::SlotAuthentication(_) | TransferError::NonceMismatch(_) => {
-                Kind::InvalidHeader
-            }
+            TransferError::SlotAuthentication(_)
+            | TransferError::NonceMismatch(_)
+            | TransferError::KeyMismatch(_) => Kind::InvalidHeader,
             TransferError::Unsupported { .. } => Kind::Unavailable,
             TransferError::Key(_) | TransferError::State { .. } => Kind::Internal,
         }
@@ -470,10 +477,7 @@ fn accept_steps(
     if let Some(expected) = expected_key_check
         && *expected != key_check(header, &key)
     {
-        return Err(KeyslotError::KeyMismatch {
-            what: "the key check value the source printed when it granted the transfer",
-        }
-        .into());
+        return Err(TransferError::KeyMismatch(transfer_slot));
     }
     // Step 1: this node's own sealed slot, in one atomic update.
     let binding = node.default_binding();

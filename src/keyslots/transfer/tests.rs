@@ -285,6 +285,7 @@ fn accept_refuses_a_wrong_key_check_a_foreign_node_and_an_altered_slot() {
     n.grant_on_a(&req_path, "sim:node-b").unwrap();
     let before = n.bytes();
     let err = accept(&n.b(), &n.dev, &n.b_state, Some(&[0u8; 32])).unwrap_err();
+    assert!(matches!(err, TransferError::KeyMismatch(1)), "{err}");
     assert_eq!(err.kind(), Kind::InvalidHeader, "{err}");
     // Node C (no pending request) gets nothing.
     let c_state = n.dir.path().join("c");
