@@ -9,7 +9,7 @@ use clap::Subcommand;
 use super::{Global, kernel_dm, open_source, print_json};
 use sealcsi::keyslots::parse_key_check;
 use sealcsi::keyslots::transfer::{self, EvidenceChoice, Expectation, TransferError};
-use sealcsi::sealing::{SIM_DEFAULT_IDENTITY, SourceKind};
+use sealcsi::sealing::{SIM_DEFAULT_IDENTITY, SourceKind, tpm};
 use sealcsi::volume::Volumes;
 
 #[derive(Subcommand)]
@@ -32,7 +32,8 @@ pub(crate) enum TransferCommand {
         device: PathBuf,
         #[arg(long)]
         request: PathBuf,
-        /// What the target must prove: sim:<identity>.
+        /// What the target must prove: sim:<identity>, or tpm:<ak-sha256>:<bank>:<pcr>=<hex>,... (the
+        /// request's `ak_sha256` and the PCR values you expect).
         #[arg(long, value_name = "POLICY")]
         expect: Expectation,
     },
@@ -58,7 +59,13 @@ fn evidence_choice(global: &Global, kind: SourceKind) -> EvidenceChoice {
                 .clone()
                 .unwrap_or_else(|| SIM_DEFAULT_IDENTITY.to_owned()),
         },
-        SourceKind::Tpm => EvidenceChoice::Tpm,
+        SourceKind::Tpm => EvidenceChoice::Tpm {
+            tcti: global
+                .tpm_tcti
+                .clone()
+                .unwrap_or_else(|| tpm::DEFAULT_TCTI.to_owned()),
+            selection: global.tpm_pcrs.clone().unwrap_or_default(),
+        },
         SourceKind::Snp => EvidenceChoice::Snp,
     }
 }

@@ -8,7 +8,9 @@ use std::str::FromStr;
 
 use super::TransferError;
 use super::request::TransferRequest;
+use crate::attest::tpm::{QuoteExpectation, verify_quote};
 use crate::attest::{EvidenceKind, SampleBody};
+use crate::sealing::tpm::{PcrSelection, parse_expected_pcrs};
 
 /// The operator's expectation of the target's identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,12 +18,20 @@ pub enum Expectation {
     /// `sim:<identity>`: a simulated target with this identity string. Unsigned evidence: it checks the
     /// protocol, and protects nothing.
     Sim { identity: String },
+    /// `tpm:<ak-sha256>:<bank>:<pcr>=<hex>,...`: a TPM quote signed by the attestation key whose
+    /// marshalled public area has this SHA-256 (the operator's statement of trust in that AK), over
+    /// exactly these PCRs with exactly these values.
+    Tpm {
+        quote: QuoteExpectation,
+        text: String,
+    },
 }
 
 impl fmt::Display for Expectation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Expectation::Sim { identity } => write!(f, "sim:{identity}"),
+            Expectation::Tpm { text, .. } => f.write_str(text),
         }
     }
 }
@@ -34,20 +44,44 @@ impl FromStr for Expectation {
             text: text.to_owned(),
             reason: reason.to_owned(),
         };
-        let (kind, rest) = text
-            .split_once(':')
-            .ok_or_else(|| invalid("expected sim:<identity>"))?;
+        let (kind, rest) = text.split_once(':').ok_or_else(|| {
+            invalid("expected sim:<identity> or tpm:<ak-sha256>:<bank>:<pcr>=<hex>,...")
+        })?;
         match kind {
             "sim" if rest.is_empty() => Err(invalid("the simulated identity is empty")),
             "sim" => Ok(Expectation::Sim {
                 identity: rest.to_owned(),
             }),
-            "tpm" | "snp" => Err(TransferError::Unsupported {
+            "tpm" => {
+                let (ak, pcrs) = rest
+                    .split_once(':')
+                    .ok_or_else(|| invalid("expected tpm:<ak-sha256>:<bank>:<pcr>=<hex>,..."))?;
+                let mut ak_sha256 = [0u8; 32];
+                hex::decode_to_slice(ak, &mut ak_sha256)
+                    .map_err(|_| invalid("the AK fingerprint is 64 hex digits"))?;
+                let (bank, values) =
+                    parse_expected_pcrs(pcrs).map_err(|e| invalid(&e.to_string()))?;
+                let indices: Vec<u8> = values.iter().map(|(i, _)| *i).collect();
+                let selection =
+                    PcrSelection::new(bank, &indices).map_err(|e| invalid(&e.to_string()))?;
+                if selection.pcrs().len() != values.len() {
+                    return Err(invalid("a PCR is named twice"));
+                }
+                Ok(Expectation::Tpm {
+                    quote: QuoteExpectation {
+                        ak_sha256,
+                        selection,
+                        values,
+                    },
+                    text: text.to_owned(),
+                })
+            }
+            "snp" => Err(TransferError::Unsupported {
                 what: format!(
                     "verifying {kind} evidence for a transfer is not implemented in this build"
                 ),
             }),
-            _ => Err(invalid("the kind is sim")),
+            _ => Err(invalid("the kind is sim or tpm")),
         }
     }
 }
@@ -98,6 +132,19 @@ pub fn verify(expect: &Expectation, request: &TransferRequest) -> Result<Verifie
                 None => Err(rejected("the sample evidence names no simulated identity")),
             }
         }
+        Expectation::Tpm { quote, .. } => {
+            if request.evidence_kind != EvidenceKind::Tpm {
+                return Err(rejected(format!(
+                    "the request carries {:?} evidence; the expectation needs a TPM quote",
+                    request.evidence_kind
+                )));
+            }
+            verify_quote(&request.evidence, quote, &bound).map_err(rejected)?;
+            Ok(Verified {
+                simulated: false,
+                identity: expect.to_string(),
+            })
+        }
     }
 }
 
@@ -133,8 +180,33 @@ mod tests {
             let err = bad.parse::<Expectation>().unwrap_err();
             assert_eq!(err.kind(), Kind::InvalidArgument, "{bad}: {err}");
         }
-        let err = "tpm:ak=x".parse::<Expectation>().unwrap_err();
+        let err = "snp:x".parse::<Expectation>().unwrap_err();
         assert!(err.to_string().contains("not implemented"), "{err}");
+        let ak = "ab".repeat(32);
+        let ok = format!(
+            "tpm:{ak}:sha256:0={},7={}",
+            "00".repeat(32),
+            "11".repeat(32)
+        );
+        match ok.parse::<Expectation>().unwrap() {
+            Expectation::Tpm { quote, text } => {
+                assert_eq!(text, ok);
+                assert_eq!(quote.ak_sha256, [0xab; 32]);
+                assert_eq!(quote.selection.pcrs(), vec![0, 7]);
+                assert_eq!(quote.values, vec![(0, [0; 32]), (7, [0x11; 32])]);
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            "tpm:x".to_owned(),
+            format!("tpm:{ak}"),
+            format!("tpm:abcd:sha256:0={}", "00".repeat(32)),
+            format!("tpm:{ak}:sha256:0=00"),
+            format!("tpm:{ak}:sha256:0={0},0={0}", "00".repeat(32)),
+        ] {
+            let err = bad.parse::<Expectation>().unwrap_err();
+            assert_eq!(err.kind(), Kind::InvalidArgument, "{bad}: {err}");
+        }
     }
 
     #[test]

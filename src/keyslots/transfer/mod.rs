@@ -140,8 +140,11 @@ impl Classify for TransferError {
 pub enum EvidenceChoice {
     /// Sample evidence naming this simulated identity.
     Sim { identity: String },
-    /// A TPM 2.0 quote.
-    Tpm,
+    /// A TPM 2.0 quote through `tcti` over `selection` (the node's sealing PCRs).
+    Tpm {
+        tcti: String,
+        selection: crate::sealing::tpm::PcrSelection,
+    },
     /// An SEV-SNP attestation report.
     Snp,
 }
@@ -161,10 +164,9 @@ pub fn snp_evidence_source() -> Result<Box<dyn EvidenceSource>, TransferError> {
 pub fn evidence_source(choice: &EvidenceChoice) -> Result<Box<dyn EvidenceSource>, TransferError> {
     match choice {
         EvidenceChoice::Sim { identity } => Ok(Box::new(SampleEvidence::new(identity.clone()))),
-        EvidenceChoice::Tpm => Err(TransferError::Unsupported {
-            what: "TPM quote evidence for a transfer request is not implemented in this build"
-                .into(),
-        }),
+        EvidenceChoice::Tpm { tcti, selection } => Ok(Box::new(
+            crate::attest::tpm::TpmQuoteEvidence::new(tcti.clone(), selection.clone()),
+        )),
         EvidenceChoice::Snp => snp_evidence_source(),
     }
 }
@@ -183,6 +185,9 @@ pub struct RequestReport {
     pub volume_uuid: Option<String>,
     /// Where the sealed ephemeral key waits for `transfer-accept`.
     pub pending_key: PathBuf,
+    /// TPM evidence: SHA-256 of the attestation key's public area, for the source's `--expect tpm:`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ak_sha256: Option<String>,
 }
 
 fn uuid_string(uuid: &[u8; 16]) -> String {
@@ -250,6 +255,12 @@ pub fn make_request(
         target_identity: identity.digest,
         volume_uuid: volume.as_ref().map(uuid_string),
         pending_key: pending_path,
+        ak_sha256: match req.evidence_kind {
+            EvidenceKind::Tpm => Some(hex::encode(crate::attest::tpm::ak_fingerprint(
+                &req.evidence,
+            )?)),
+            _ => None,
+        },
     })
 }
 
