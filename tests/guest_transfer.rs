@@ -2,7 +2,7 @@
 //! volume), step by step with the real `sealcsi` binary, the real kernel (dm-crypt over dm-integrity,
 //! loop devices) and ext4. Two simulated nodes: node A (`--sim-identity node-a`, state dir `a/`) and
 //! node B (`--sim-identity node-b`, state dir `b/`), so A and B have different simulator seeds, as two
-//! machines would.
+//! machines would. The TPM variant gives each node its own swtpm (`--tee tpm`).
 //!
 //! They need root, loop devices and device-mapper, so they are ignored in a plain `cargo test`:
 //!
@@ -12,6 +12,7 @@
 //! ```
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +22,10 @@ use sha2::{Digest, Sha256};
 
 mod common;
 use common::{BIN, MIB, Out, p, run, sh};
+
+#[path = "common/swtpm.rs"]
+mod swtpm;
+use swtpm::Swtpm;
 
 const EXIT_WRONG_IDENTITY: i32 = 3;
 const EXIT_INVALID_HEADER: i32 = 4;
@@ -44,6 +49,8 @@ const B: Node = Node {
 
 struct Fixture {
     dir: PathBuf,
+    /// Nodes that use a TPM (swtpm) instead of the simulated TEE: state dir -> TCTI.
+    tctis: RefCell<HashMap<&'static str, String>>,
     names: RefCell<Vec<String>>,
     mounts: RefCell<Vec<PathBuf>>,
 }
@@ -64,6 +71,7 @@ impl Fixture {
         println!("== {test}");
         Fixture {
             dir,
+            tctis: RefCell::new(HashMap::new()),
             names: RefCell::new(Vec::new()),
             mounts: RefCell::new(Vec::new()),
         }
@@ -76,11 +84,23 @@ impl Fixture {
             .env_remove("SEALCSI_STATE_DIR")
             .env_remove("SEALCSI_SIM_IDENTITY")
             .env_remove("SEALCSI_LOG")
-            .args(["--tee", "sim", "--state-dir"])
-            .arg(self.dir.join(node.state))
-            .args(["--sim-identity", node.identity])
-            .args(args);
-        let what = format!("sealcsi [{}] {}", node.identity, args.join(" "));
+            .env_remove("SEALCSI_TPM_TCTI")
+            .env_remove("SEALCSI_TPM_PCRS")
+            .arg("--state-dir")
+            .arg(self.dir.join(node.state));
+        let what = match self.tctis.borrow().get(node.state) {
+            Some(tcti) => {
+                // tpm2-tss logs refused unseals (slots for another TPM) to stderr: docs/keys.md.
+                cmd.env("TSS2_LOG", "all+NONE")
+                    .args(["--tee", "tpm", "--tpm-tcti", tcti]);
+                format!("sealcsi [tpm {}] {}", node.state, args.join(" "))
+            }
+            None => {
+                cmd.args(["--tee", "sim", "--sim-identity", node.identity]);
+                format!("sealcsi [{}] {}", node.identity, args.join(" "))
+            }
+        };
+        cmd.args(args);
         run(cmd, what)
     }
 
@@ -348,4 +368,100 @@ fn guest_transfer_node_local_runbook_sim() {
         .exit(EXIT_REFUSED)
         .error_mentions("already granted");
     assert_eq!(fx.bytes(&on_a), after);
+}
+
+/// Brings the guest's loopback interface up if it is down (swtpm listens on 127.0.0.1).
+fn ensure_loopback() {
+    let flags = fs::read_to_string("/sys/class/net/lo/flags").unwrap_or_default();
+    let up =
+        u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).is_ok_and(|f| f & 1 == 1);
+    if up {
+        return;
+    }
+    if sh("ip", &["link", "set", "lo", "up"]).code != 0 {
+        sh("busybox", &["ifconfig", "lo", "up"]).ok();
+    }
+}
+
+/// migrate-volume.md (b) with TPM nodes: A and B each have their own swtpm. B's quote is checked
+/// against B's attestation key and the PCR values of a fresh TPM (all zero); a request checked against
+/// other PCR values, or A's key, is refused with the file unchanged.
+#[test]
+#[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
+fn guest_transfer_node_local_runbook_tpm() {
+    assert!(swtpm::installed_or_allowed_skip(), "this test needs swtpm");
+    ensure_loopback();
+    let fx = Fixture::new("node-local-tpm");
+    let tpm_a = Swtpm::start(&fx.dir.join("swtpm-a"));
+    let tpm_b = Swtpm::start(&fx.dir.join("swtpm-b"));
+    fx.tctis.borrow_mut().insert(A.state, tpm_a.tcti());
+    fx.tctis.borrow_mut().insert(B.state, tpm_b.tcti());
+
+    let on_a = fx.path(A, "sv-vol.img");
+    fs::File::create(&on_a).unwrap().set_len(64 * MIB).unwrap();
+    fx.on(A, &["volume", "format", p(&on_a)]).ok();
+    let mnt = fx.mount(A, &on_a, "ta");
+    fs::write(mnt.join("marker"), "written on TPM node A").unwrap();
+    fx.unmount_close(A, &mnt, "ta");
+
+    let request = fx.path(B, "request.bin");
+    let made = fx
+        .on(B, &["volume", "transfer-request", "--out", p(&request)])
+        .ok()
+        .json();
+    assert_eq!(made["evidence"], "tpm", "{made}");
+    let ak_b = made["ak_sha256"].as_str().expect("ak_sha256").to_owned();
+    let zeros = "00".repeat(32);
+    let ones = "11".repeat(32);
+    let expect =
+        |ak: &str, pcr7: &str| format!("tpm:{ak}:sha256:0={zeros},2={zeros},4={zeros},7={pcr7}");
+    let grant = |expect: &str| {
+        fx.on(
+            A,
+            &[
+                "volume",
+                "transfer-grant",
+                p(&on_a),
+                "--request",
+                p(&request),
+                "--expect",
+                expect,
+            ],
+        )
+    };
+    let before = fx.bytes(&on_a);
+    grant(&expect(&ak_b, &ones))
+        .exit(EXIT_REFUSED)
+        .error_mentions("PCR values");
+    grant(&expect(&"ab".repeat(32), &zeros))
+        .exit(EXIT_REFUSED)
+        .error_mentions("trusted one");
+    assert_eq!(fx.bytes(&on_a), before, "refusals change nothing");
+    let granted = grant(&expect(&ak_b, &zeros)).ok().json();
+    assert_eq!(granted["simulated"], Value::Bool(false), "{granted}");
+    let key_check = granted["key_check"].as_str().unwrap().to_owned();
+    grant(&expect(&ak_b, &zeros))
+        .exit(EXIT_REFUSED)
+        .error_mentions("already granted");
+
+    let on_b = fx.path(B, "sv-vol.img");
+    sh("cp", &["--sparse=always", p(&on_a), p(&on_b)]).ok();
+    fx.on(
+        B,
+        &[
+            "volume",
+            "transfer-accept",
+            p(&on_b),
+            "--key-check",
+            &key_check,
+        ],
+    )
+    .ok();
+    let mnt = fx.mount(B, &on_b, "tb");
+    assert_eq!(
+        fs::read_to_string(mnt.join("marker")).unwrap(),
+        "written on TPM node A"
+    );
+    fx.unmount_close(B, &mnt, "tb");
+    drop((tpm_a, tpm_b));
 }
