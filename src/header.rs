@@ -274,6 +274,7 @@ const SLOT_EMPTY: u8 = 0;
 const SLOT_ACTIVE: u8 = 1;
 const SLOT_KIND_SEALED: u8 = 1;
 const SLOT_KIND_RECOVERY: u8 = 2;
+const SLOT_KIND_TRANSFER: u8 = 3;
 /// The `source` field of a recovery slot: no sealing source.
 const SOURCE_NONE: u16 = 0;
 /// Bytes of binding in a recovery slot: the HPKE encapsulated key (X25519 public value).
@@ -288,6 +289,17 @@ pub enum SlotKind {
     /// Kind 2: an escrow slot, HPKE-encrypted to an operator-held X25519 key (docs/format.md). No node
     /// unseals it; only `recover` with the operator's private key opens it.
     Recovery,
+    /// Kind 3: an attested-transfer slot, HPKE-encrypted to the ephemeral X25519 key of a transfer
+    /// request (docs/format.md); its salt field carries the request's nonce. Only `transfer-accept` on
+    /// the node holding the request's sealed private key opens it.
+    Transfer,
+}
+
+impl SlotKind {
+    /// Whether the slot is HPKE-encrypted to an X25519 key (recovery, transfer) rather than sealed.
+    pub fn is_hpke(self) -> bool {
+        matches!(self, SlotKind::Recovery | SlotKind::Transfer)
+    }
 }
 
 /// One wrapping of the volume key, sealed to one identity (or escrowed to a recovery key).
@@ -310,7 +322,7 @@ impl Keyslot {
     pub fn source(&self) -> Option<SourceKind> {
         match self.kind {
             SlotKind::Sealed(source) => Some(source),
-            SlotKind::Recovery => None,
+            SlotKind::Recovery | SlotKind::Transfer => None,
         }
     }
 }
@@ -525,6 +537,7 @@ fn encode_slot_meta(slot: &Keyslot, out: &mut [u8]) {
     let (kind, source) = match slot.kind {
         SlotKind::Sealed(source) => (SLOT_KIND_SEALED, source.code()),
         SlotKind::Recovery => (SLOT_KIND_RECOVERY, SOURCE_NONE),
+        SlotKind::Transfer => (SLOT_KIND_TRANSFER, SOURCE_NONE),
     };
     out[1] = kind;
     put_u16(out, 2, source);
@@ -553,15 +566,19 @@ fn decode_slot(buf: &[u8], profile: Profile) -> Result<Option<Keyslot>, HeaderEr
     }
     let kind = match buf[1] {
         SLOT_KIND_SEALED => SlotKind::Sealed(SourceKind::from_code(get_u16(buf, 2))?),
-        SLOT_KIND_RECOVERY => {
+        code @ (SLOT_KIND_RECOVERY | SLOT_KIND_TRANSFER) => {
             let source = get_u16(buf, 2);
             if source != SOURCE_NONE {
                 return Err(invalid(
                     "keyslot.source",
-                    format!("{source} in a recovery slot (must be 0)"),
+                    format!("{source} in an HPKE slot (must be 0)"),
                 ));
             }
-            SlotKind::Recovery
+            if code == SLOT_KIND_RECOVERY {
+                SlotKind::Recovery
+            } else {
+                SlotKind::Transfer
+            }
         }
         other => return Err(invalid("keyslot.kind", format!("unknown kind {other}"))),
     };
@@ -569,15 +586,18 @@ fn decode_slot(buf: &[u8], profile: Profile) -> Result<Option<Keyslot>, HeaderEr
     if binding_len > MAX_BINDING_LEN {
         return Err(invalid("keyslot.binding_len", format!("{binding_len}")));
     }
-    if kind == SlotKind::Recovery {
-        if binding_len != RECOVERY_ENC_LEN {
-            return Err(invalid(
-                "keyslot.binding_len",
-                format!("{binding_len} in a recovery slot (must be {RECOVERY_ENC_LEN})"),
-            ));
-        }
+    if kind.is_hpke() && binding_len != RECOVERY_ENC_LEN {
+        return Err(invalid(
+            "keyslot.binding_len",
+            format!("{binding_len} in an HPKE slot (must be {RECOVERY_ENC_LEN})"),
+        ));
+    }
+    match kind {
         // HPKE needs no salt or nonce of ours: both stay zero, so nothing is left for a host to vary.
-        require_zero(&buf[48..92], "keyslot.salt/nonce (recovery)")?;
+        SlotKind::Recovery => require_zero(&buf[48..92], "keyslot.salt/nonce (recovery)")?,
+        // The salt field carries the transfer request's nonce (authenticated); the nonce stays zero.
+        SlotKind::Transfer => require_zero(&buf[80..92], "keyslot.nonce (transfer)")?,
+        SlotKind::Sealed(_) => {}
     }
     let wrapped_len = usize::from(get_u16(buf, 6));
     if wrapped_len != profile.key_len() + WRAP_TAG_LEN {
@@ -869,9 +889,10 @@ mod tests {
                 ..
             })
         ));
-        // Kind 2 (recovery) exists since the escrow slot; 3 is the first unknown kind.
+        // Kind 2 (recovery) exists since the escrow slot, 3 (transfer) since attested transfer; 4 is
+        // the first unknown kind.
         assert!(matches!(
-            mutated(s + 1, 3),
+            mutated(s + 1, 4),
             Err(HeaderError::Invalid {
                 field: "keyslot.kind",
                 ..
@@ -1029,6 +1050,40 @@ mod tests {
     }
 
     #[test]
+    fn transfer_slot_round_trips_with_the_documented_layout_and_strict_fields() {
+        let mut h = sample();
+        let mut slot = recovery_slot(h.profile.key_len());
+        slot.kind = SlotKind::Transfer;
+        slot.salt = [0x5A; SALT_LEN];
+        h.keyslots[2] = Some(slot);
+        let buf = h.encode();
+        assert_eq!(Header::decode(&buf).unwrap(), h);
+        let s = SLOTS_START + 2 * SLOT_LEN;
+        assert_eq!(&buf[s..s + 2], &[1, 3], "state active, kind 3 (transfer)");
+        assert_eq!(get_u16(&buf, s + 2), 0, "source 0: none");
+        assert_eq!(get_u16(&buf, s + 4), 32, "binding = encapsulated key");
+        assert_eq!(&buf[s + 48..s + 80], &[0x5A; 32], "salt = request nonce");
+        assert!(
+            buf[s + 80..s + 96].iter().all(|&b| b == 0),
+            "nonce, reserved"
+        );
+        assert_eq!(h.keyslots[2].as_ref().unwrap().source(), None);
+        let mutated = |at: usize, value: u8| {
+            let mut b = buf;
+            b[s + at] = value;
+            reseal_checksum(&mut b);
+            match Header::decode(&b) {
+                Err(HeaderError::Invalid { field, .. }) => field,
+                other => panic!("expected an invalid field, got {other:?}"),
+            }
+        };
+        assert_eq!(mutated(2, 1), "keyslot.source");
+        assert_eq!(mutated(4, 31), "keyslot.binding_len");
+        assert_eq!(mutated(80, 1), "keyslot.nonce (transfer)");
+        assert_eq!(mutated(91, 1), "keyslot.nonce (transfer)");
+    }
+
+    #[test]
     fn rejects_bad_recovery_slots() {
         let field = |r: Result<Header, HeaderError>| match r {
             Err(HeaderError::Invalid { field, .. }) => field,
@@ -1052,7 +1107,7 @@ mod tests {
         // A wrapped length that does not fit the profile's key.
         assert_eq!(field(mutated_recovery(6, 80)), "keyslot.wrapped_len");
         // Unknown kinds are still refused (a reader that predates a kind refuses the header).
-        assert_eq!(field(mutated_recovery(1, 3)), "keyslot.kind");
+        assert_eq!(field(mutated_recovery(1, 4)), "keyslot.kind");
         assert_eq!(field(mutated_recovery(1, 0)), "keyslot.kind");
         // A sealed slot relabelled as recovery keeps its source and salt: refused.
         let mut buf = sample().encode();
@@ -1234,10 +1289,30 @@ mod tests {
             })
     }
 
+    fn arb_transfer_slot(key_len: usize) -> impl Strategy<Value = Keyslot> {
+        (
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            any::<[u8; RECOVERY_ENC_LEN]>(),
+            proptest::collection::vec(any::<u8>(), key_len + WRAP_TAG_LEN),
+        )
+            .prop_map(|(created, identity_digest, salt, enc, wrapped)| Keyslot {
+                kind: SlotKind::Transfer,
+                created,
+                identity_digest,
+                salt,
+                nonce: [0; NONCE_LEN],
+                binding: enc.to_vec(),
+                wrapped,
+            })
+    }
+
     fn arb_slot(key_len: usize) -> impl Strategy<Value = Keyslot> {
         prop_oneof![
             3 => arb_sealed_slot(key_len),
             1 => arb_recovery_slot(key_len),
+            1 => arb_transfer_slot(key_len),
         ]
     }
 

@@ -3,6 +3,7 @@
 
 use sealcsi::error::{Classify, Kind};
 use sealcsi::keyslots::KeyslotError;
+use sealcsi::keyslots::transfer::TransferError;
 use sealcsi::volume::VolumeError;
 
 pub const SUCCESS: u8 = 0;
@@ -46,6 +47,7 @@ pub fn code_of(e: &anyhow::Error) -> u8 {
             .downcast_ref::<VolumeError>()
             .map(Classify::kind)
             .or_else(|| cause.downcast_ref::<KeyslotError>().map(Classify::kind))
+            .or_else(|| cause.downcast_ref::<TransferError>().map(Classify::kind))
     });
     kind.map_or(INTERNAL, code_for)
 }

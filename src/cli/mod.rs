@@ -4,10 +4,12 @@
 //!
 //! - [`volume`]: `volume format|open|close|inspect|identity`;
 //! - [`keyslots`]: the keyslot lifecycle and `recovery-keygen`;
+//! - [`transfer`]: attested transfer (`volume transfer-request|transfer-grant|transfer-accept`);
 //! - [`exit`]: the exit codes.
 
 mod exit;
 mod keyslots;
+mod transfer;
 mod volume;
 
 use std::path::PathBuf;

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::keyslots::KeyslotCommand;
+use super::transfer::TransferCommand;
 use super::{Global, kernel_dm, open_source, print_json};
 use sealcsi::header::{self, FsKind, Integrity, Journal, Profile};
 use sealcsi::sealing;
@@ -51,6 +52,9 @@ pub(crate) enum VolumeCommand {
     // module.
     #[command(flatten)]
     Keyslots(KeyslotCommand),
+    // Attested transfer (transfer-request, transfer-grant, transfer-accept): see the transfer module.
+    #[command(flatten)]
+    Transfer(TransferCommand),
 }
 
 pub(crate) fn run(global: &Global, command: VolumeCommand) -> anyhow::Result<()> {
@@ -109,6 +113,7 @@ pub(crate) fn run(global: &Global, command: VolumeCommand) -> anyhow::Result<()>
             print_json(&sealing::identity(source.as_ref()).map_err(VolumeError::from)?)
         }
         VolumeCommand::Keyslots(command) => super::keyslots::run(global, command),
+        VolumeCommand::Transfer(command) => super::transfer::run(global, command),
     }
 }
 

@@ -13,12 +13,12 @@ use crate::volume::{VolumeError, Volumes, read_header};
 #[derive(Debug, Clone, Serialize)]
 pub struct SlotInfo {
     pub index: usize,
-    /// "sealed" or "recovery".
+    /// "sealed", "recovery" or "transfer".
     pub kind: &'static str,
     /// The sealing source; null for a recovery slot.
     pub source: Option<SourceKind>,
     /// Sealed: the digest of the sealing secret (compare with `sealcsi volume identity`). Recovery: the
-    /// SHA-256 fingerprint of the recipient's public key.
+    /// SHA-256 fingerprint of the recipient's public key (transfer: of the request's ephemeral key).
     pub identity_digest: String,
     pub binding: String,
     /// The binding decoded, where its format is known.
@@ -43,6 +43,12 @@ pub enum BindingInfo {
         hpke_suite: &'static str,
         encapsulated_key: String,
     },
+    /// An attested-transfer slot: HPKE to a transfer request's ephemeral key, and that request's nonce.
+    Transfer {
+        hpke_suite: &'static str,
+        encapsulated_key: String,
+        request_nonce: String,
+    },
     /// Sealed to a TPM PCR policy: `pcrs` as `bank:i,j,...`, the policy digest the sealed object requires.
     Tpm {
         pcrs: String,
@@ -59,6 +65,11 @@ pub(super) fn decode_binding(slot: &Keyslot) -> Option<BindingInfo> {
         SlotKind::Recovery => Some(BindingInfo::Recovery {
             hpke_suite: "DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20Poly1305",
             encapsulated_key: hex::encode(&slot.binding),
+        }),
+        SlotKind::Transfer => Some(BindingInfo::Transfer {
+            hpke_suite: "DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, ChaCha20Poly1305",
+            encapsulated_key: hex::encode(&slot.binding),
+            request_nonce: hex::encode(slot.salt),
         }),
         SlotKind::Sealed(SourceKind::Sim) if slot.binding.is_empty() => Some(BindingInfo::Sim),
         SlotKind::Sealed(SourceKind::Snp) => Some(match SnpBinding::decode(&slot.binding) {
@@ -99,6 +110,7 @@ fn slot_info(index: usize, slot: &Keyslot) -> SlotInfo {
         kind: match slot.kind {
             SlotKind::Sealed(_) => "sealed",
             SlotKind::Recovery => "recovery",
+            SlotKind::Transfer => "transfer",
         },
         source: slot.source(),
         identity_digest: hex::encode(slot.identity_digest),

@@ -15,6 +15,7 @@ mod erase;
 mod list;
 mod recovery;
 mod target;
+pub mod transfer;
 
 use std::path::Path;
 

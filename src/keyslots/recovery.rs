@@ -30,6 +30,8 @@ type RecoveryKdf = HkdfSha256;
 type RecoveryAead = ChaCha20Poly1305;
 /// HPKE `info` of a recovery slot: this label, then the volume UUID (16 bytes).
 const RECOVERY_INFO_LABEL: &[u8] = b"sealcsi/v1/recovery";
+/// HPKE `info` of a transfer slot: this label, then the volume UUID (16 bytes).
+const TRANSFER_INFO_LABEL: &[u8] = b"sealcsi/v1/transfer";
 /// Label of the key check value printed by `add-recovery` and checked by `recover`.
 const KEY_CHECK_LABEL: &[u8] = b"sealcsi/v1/key-check";
 const PUBLIC_KEY_TAG: &str = "sealcsi-recovery-public-key-v1 x25519";
@@ -97,6 +99,20 @@ impl RecoveryPrivateKey {
 /// A fresh X25519 recovery key pair from the OS random number generator.
 pub fn recovery_keygen() -> (RecoveryPublicKey, RecoveryPrivateKey) {
     let (sk, pk) = RecoveryKem::gen_keypair();
+    key_pair_bytes(sk, pk)
+}
+
+/// The X25519 key pair HPKE's DeriveKeyPair (RFC 9180, section 7.1.3) makes from `ikm`: how a transfer
+/// request's ephemeral key comes from the seed sealed under the state dir.
+pub fn derive_x25519(ikm: &[u8]) -> (RecoveryPublicKey, RecoveryPrivateKey) {
+    let (sk, pk) = RecoveryKem::derive_keypair(ikm);
+    key_pair_bytes(sk, pk)
+}
+
+fn key_pair_bytes(
+    sk: <RecoveryKem as hpke::Kem>::PrivateKey,
+    pk: <RecoveryKem as hpke::Kem>::PublicKey,
+) -> (RecoveryPublicKey, RecoveryPrivateKey) {
     let mut public = [0u8; RECOVERY_KEY_LEN];
     public.copy_from_slice(&pk.to_bytes());
     let mut private = Zeroizing::new([0u8; RECOVERY_KEY_LEN]);
@@ -208,8 +224,13 @@ pub fn read_private_key(path: &Path) -> Result<RecoveryPrivateKey, KeyslotError>
     )?))
 }
 
-fn recovery_info(header: &Header) -> Vec<u8> {
-    let mut info = RECOVERY_INFO_LABEL.to_vec();
+/// HPKE `info` of an HPKE slot of `kind`: its label, then the volume UUID (16 bytes).
+fn hpke_info(header: &Header, kind: SlotKind) -> Vec<u8> {
+    let label = match kind {
+        SlotKind::Transfer => TRANSFER_INFO_LABEL,
+        _ => RECOVERY_INFO_LABEL,
+    };
+    let mut info = label.to_vec();
     info.extend_from_slice(&header.uuid);
     info
 }
@@ -231,17 +252,30 @@ pub(super) fn seal_recovery_slot(
     key: &VolumeKey,
     recipient: &RecoveryPublicKey,
 ) -> Result<Keyslot, KeyslotError> {
+    seal_hpke_slot(header, key, recipient, SlotKind::Recovery, [0; SALT_LEN])
+}
+
+/// The one HPKE wrap of a volume key into a slot of `kind` (recovery or transfer) for `recipient`;
+/// `salt` is recorded in the slot's salt field (zero for recovery, the request nonce for transfer).
+pub(super) fn seal_hpke_slot(
+    header: &Header,
+    key: &VolumeKey,
+    recipient: &RecoveryPublicKey,
+    kind: SlotKind,
+    salt: [u8; SALT_LEN],
+) -> Result<Keyslot, KeyslotError> {
+    debug_assert!(kind.is_hpke());
     let (enc, mut ctx) = hpke::setup_sender::<RecoveryAead, RecoveryKdf, RecoveryKem>(
         &OpModeS::Base,
         &recipient.hpke()?,
-        &recovery_info(header),
+        &hpke_info(header, kind),
     )
     .map_err(|e| KeyslotError::Hpke(format!("encapsulation: {e}")))?;
     let mut slot = Keyslot {
-        kind: SlotKind::Recovery,
+        kind,
         created: now_unix(),
         identity_digest: recipient.fingerprint(),
-        salt: [0; SALT_LEN],
+        salt,
         nonce: [0; NONCE_LEN],
         binding: enc.to_bytes().to_vec(),
         wrapped: vec![0; key.len() + WRAP_TAG_LEN],
@@ -252,6 +286,7 @@ pub(super) fn seal_recovery_slot(
     Ok(slot)
 }
 
+/// The one HPKE unwrap of a recovery or transfer slot (the info follows the slot's kind).
 pub(super) fn open_recovery_slot(
     header: &Header,
     slot: &Keyslot,
@@ -263,7 +298,7 @@ pub(super) fn open_recovery_slot(
         &OpModeR::Base,
         &private.hpke()?,
         &enc,
-        &recovery_info(header),
+        &hpke_info(header, slot.kind),
     )
     .map_err(|e| KeyslotError::Hpke(format!("decapsulation: {e}")))?;
     let key = Zeroizing::new(

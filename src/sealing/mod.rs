@@ -16,7 +16,7 @@ use serde::Serialize;
 pub use crate::header::SourceKind;
 use crate::keys::SealingSecret;
 pub use probe::Probe;
-pub use sim::SimSource;
+pub use sim::{DEFAULT_IDENTITY as SIM_DEFAULT_IDENTITY, SimSource};
 pub use snp::{SnpPolicy, SnpSource};
 pub use tpm::{PcrBank, PcrSelection, TpmSource};
 

@@ -176,6 +176,11 @@ impl PcrSelection {
             .collect()
     }
 
+    /// The selection as the TPM's `TPML_PCR_SELECTION` (what a quote over it reports).
+    pub fn tss_selection(&self) -> Result<PcrSelectionList, SealError> {
+        self.tss_list()
+    }
+
     fn tss_list(&self) -> Result<PcrSelectionList, SealError> {
         let slots = self
             .pcrs()

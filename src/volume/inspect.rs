@@ -98,6 +98,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, VolumeError> {
                 kind: match s.kind {
                     SlotKind::Sealed(_) => "sealed",
                     SlotKind::Recovery => "recovery",
+                    SlotKind::Transfer => "transfer",
                 },
                 source: s.source(),
                 identity_digest: hex::encode(s.identity_digest),
