@@ -9,7 +9,8 @@
 //!   (created through CreateVolume in a tmpfs state directory, then walked in pages of 100 and in one
 //!   page), written to target/bench/host.json for tests/bench/report.py.
 //!
-//! `SEALCSI_BENCH_TINY=1` shrinks it to seconds (10 volumes, a 500-volume listing).
+//! `SEALCSI_BENCH_TINY=1`, or running it without `--bench` (as `cargo test --all-targets` does), shrinks
+//! it to seconds (10 volumes, a 500-volume listing).
 //! The server is built the way tests/csi_host.rs builds it (that file's helpers are private to it).
 
 use std::collections::{BTreeMap, HashMap};
@@ -36,8 +37,11 @@ use plugin::{Served, serve};
 
 const MIB: i64 = 1 << 20;
 
+/// The tiny configuration: asked for, or not run as a benchmark at all (`cargo test --all-targets`
+/// runs this file without `--bench`, as a smoke test that must not take minutes).
 fn tiny() -> bool {
     std::env::var_os("SEALCSI_BENCH_TINY").is_some_and(|v| v != "0")
+        || !std::env::args().any(|a| a == "--bench")
 }
 
 struct Plugin {
