@@ -8,6 +8,7 @@
 //! matching Trustee verifier expects, so the same bytes serve the KBS and the transfer.
 
 pub mod sample;
+pub mod tsm;
 
 pub use sample::{SampleBody, SampleEvidence};
 
@@ -85,4 +86,20 @@ pub trait EvidenceSource: Send + Sync {
 
     /// Fresh evidence binding `report_data`.
     fn evidence(&self, report_data: &ReportData) -> Result<Evidence, AttestError>;
+}
+
+/// The node's evidence of `kind`: `sample` naming `sim_identity`; SNP and TDX through configfs-tsm
+/// ([`tsm`]). TPM evidence is not provided by this module yet.
+pub fn open(
+    kind: EvidenceKind,
+    sim_identity: &str,
+) -> Result<Box<dyn EvidenceSource>, AttestError> {
+    match kind {
+        EvidenceKind::Sample => Ok(Box::new(SampleEvidence::new(sim_identity))),
+        EvidenceKind::Snp | EvidenceKind::Tdx => Ok(Box::new(tsm::TsmEvidence::open(kind)?)),
+        EvidenceKind::Tpm => Err(AttestError::Unavailable {
+            kind,
+            reason: "TPM evidence for a key broker is not implemented in this build".into(),
+        }),
+    }
 }

@@ -4,11 +4,11 @@
 //!
 //! ```text
 //! u8   version = 1
-//! u16  broker length B (1..=512)   B bytes  broker: the KBS URL or a configured name, UTF-8
-//! u16  path length P (5..=512)     P bytes  resource path <repo>/<type>/<tag>, UTF-8
+//! u16  broker length B (>= 1)   B bytes  broker: the KBS URL or a configured name, UTF-8
+//! u16  path length P (>= 5)     P bytes  resource path <repo>/<type>/<tag>, ASCII
 //! ```
 //!
-//! Nothing may follow. The bytes sit in the keyslot's binding field, which the keyslot AEAD
+//! Nothing may follow; the whole is at most 128 bytes (a keyslot's binding field), so B + P <= 123. The bytes sit in the keyslot's binding field, which the keyslot AEAD
 //! authenticates like every other slot field (docs/format.md), so neither the broker nor the path can be
 //! changed without the slot failing to unwrap.
 
@@ -17,10 +17,11 @@ use std::str::FromStr;
 
 /// The binding format this build writes and reads.
 pub const BINDING_VERSION: u8 = 1;
-/// The longest broker name or URL a binding holds.
-pub const MAX_BROKER_LEN: usize = 512;
-/// The longest resource path a binding holds.
-pub const MAX_PATH_LEN: usize = 512;
+/// The longest broker name or URL plus resource path a binding holds (the keyslot binding field is
+/// 128 bytes; five are the version and the two lengths).
+pub const MAX_NAMES_LEN: usize = crate::header::MAX_BINDING_LEN - 5;
+/// The longest resource path.
+pub const MAX_PATH_LEN: usize = MAX_NAMES_LEN - 1;
 
 /// Why a binding or a resource path is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,9 +90,11 @@ pub struct KbsBinding {
 impl KbsBinding {
     pub fn new(broker: impl Into<String>, resource: ResourcePath) -> Result<Self, BindingError> {
         let broker = broker.into();
-        if broker.is_empty() || broker.len() > MAX_BROKER_LEN {
+        let path_len = resource.to_string().len();
+        if broker.is_empty() || broker.len() + path_len > MAX_NAMES_LEN {
             return Err(BindingError(format!(
-                "the broker name is {} bytes; 1..={MAX_BROKER_LEN} are allowed",
+                "the broker name ({} bytes) and the resource path ({path_len} bytes) must fit in \
+                 {MAX_NAMES_LEN} bytes (use a short --kbs-name)",
                 broker.len()
             )));
         }
@@ -161,6 +164,15 @@ mod tests {
     }
 
     #[test]
+    fn a_binding_never_outgrows_the_slot_field() {
+        let path = ResourcePath::parse("a/b/c").unwrap();
+        let long = "k".repeat(MAX_NAMES_LEN - 5);
+        let b = KbsBinding::new(long.clone(), path.clone()).unwrap();
+        assert_eq!(b.encode().len(), crate::header::MAX_BINDING_LEN);
+        assert!(KbsBinding::new(long + "k", path).is_err());
+    }
+
+    #[test]
     fn bad_paths_are_refused() {
         for p in ["a/b", "a/b/c/d", "a//c", "../b/c", "a/b/c?x", "a/b/ c", ""] {
             assert!(ResourcePath::parse(p).is_err(), "{p}");
@@ -192,7 +204,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = KbsBinding::decode(&bytes);
         }
 

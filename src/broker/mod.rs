@@ -221,6 +221,8 @@ impl SealingSource for KbsSource {
         self.evidence.is_simulated()
     }
 
+    /// Empty when no resource is chosen, or when name and path do not fit a binding (then `secret`
+    /// refuses the empty binding with the reason).
     fn default_binding(&self) -> Vec<u8> {
         self.resource
             .as_ref()
@@ -235,9 +237,13 @@ impl SealingSource for KbsSource {
             reason,
         };
         if binding.is_empty() {
-            return Err(unusable(
-                "no resource chosen (add-slot --for kbs:<repo/type/tag>)".into(),
-            ));
+            return Err(unusable(match &self.resource {
+                Some(r) => match KbsBinding::new(self.name.clone(), r.clone()) {
+                    Err(e) => e.0,
+                    Ok(_) => "an empty kbs binding".into(),
+                },
+                None => "no resource chosen (add-slot --for kbs:<repo/type/tag>)".into(),
+            }));
         }
         let binding = KbsBinding::decode(binding).map_err(|e| unusable(e.0))?;
         if binding.broker != self.name {

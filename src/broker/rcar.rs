@@ -7,7 +7,7 @@
 //! 1. `auth`: `POST /kbs/v0/auth` `{"version":"0.4.0","tee":<tee>,"extra-params":{...}}`; the reply is
 //!    a challenge `{"nonce","extra-params"}` and a `kbs-session-id` cookie.
 //! 2. `attest`: `POST /kbs/v0/attest` with the cookie and
-//!    `{"init_data":null,"runtime_data":{"nonce","tee-pubkey"},"tee_evidence":{"primary_evidence",
+//!    `{"init-data":null,"runtime-data":{"nonce","tee-pubkey"},"tee-evidence":{"primary_evidence",
 //!    "additional_evidence":""}}`; the evidence's report data is SHA-384 of the RFC 8785 (JCS) form of
 //!    `{"additional-evidence":"","nonce":<nonce>,"tee-pubkey":<jwk>}`, zero-padded to 64 bytes.
 //! 3. `resource`: `GET /kbs/v0/resource/<repo>/<type>/<tag>` with the cookie; the reply is a JWE to

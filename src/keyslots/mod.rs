@@ -946,7 +946,7 @@ mod tests {
         // PCR targets parse but need the TPM source.
         let fx = Fixture::new();
         let a = fx.sim("A");
-        let err = open_target(&Target::parse(&text).unwrap(), &a, &fx.state)
+        let err = open_target(&Target::parse(&text).unwrap(), &a, &fx.state, None)
             .err()
             .unwrap();
         assert!(
@@ -954,10 +954,10 @@ mod tests {
             "{err}"
         );
         assert!(matches!(
-            open_target(&Target::Current, &a, &fx.state).unwrap(),
+            open_target(&Target::Current, &a, &fx.state, None).unwrap(),
             TargetSource::Node(_)
         ));
-        let b = open_target(&Target::Sim("B".into()), &a, &fx.state).unwrap();
+        let b = open_target(&Target::Sim("B".into()), &a, &fx.state, None).unwrap();
         assert_eq!(
             b.source().secret(&[]).unwrap().digest(),
             fx.sim("B").secret(&[]).unwrap().digest()
