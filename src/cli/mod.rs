@@ -298,7 +298,9 @@ fn run_plugin(global: &Global, args: PluginArgs) -> anyhow::Result<()> {
         sealcsi::keyring::require().context("the node service cannot serve")?;
     }
     let source = open_source(global)?;
-    let deps = sealcsi::csi::PluginDeps::kernel(source)?;
+    let broker =
+        open_broker(global, source.as_ref())?.map(|b| Box::new(b) as Box<dyn SealingSource>);
+    let deps = sealcsi::csi::PluginDeps::kernel_with_broker(source, broker)?;
     let mut config =
         sealcsi::csi::PluginConfig::new(args.endpoint, args.node_id, args.mode, &global.state_dir);
     config.driver_name = args.driver_name;
