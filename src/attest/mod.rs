@@ -89,14 +89,18 @@ pub trait EvidenceSource: Send + Sync {
 }
 
 /// The node's evidence of `kind`: `sample` naming `sim_identity`; SNP and TDX through configfs-tsm
-/// ([`tsm`]). TPM evidence is not provided by this module yet.
+/// ([`tsm`]), SNP falling back to `/dev/sev-guest`. TPM evidence is not provided by this module yet.
 pub fn open(
     kind: EvidenceKind,
     sim_identity: &str,
 ) -> Result<Box<dyn EvidenceSource>, AttestError> {
     match kind {
         EvidenceKind::Sample => Ok(Box::new(SampleEvidence::new(sim_identity))),
-        EvidenceKind::Snp | EvidenceKind::Tdx => Ok(Box::new(tsm::TsmEvidence::open(kind)?)),
+        EvidenceKind::Snp => match tsm::TsmEvidence::open(kind) {
+            Ok(tsm) => Ok(Box::new(tsm)),
+            Err(_) => Ok(Box::new(tsm::SevGuestEvidence::open()?)),
+        },
+        EvidenceKind::Tdx => Ok(Box::new(tsm::TsmEvidence::open(kind)?)),
         EvidenceKind::Tpm => Err(AttestError::Unavailable {
             kind,
             reason: "TPM evidence for a key broker is not implemented in this build".into(),

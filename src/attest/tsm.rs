@@ -10,7 +10,12 @@
 //!   `attestation_report` with the `sev` crate's serde form, which this build does not produce yet:
 //!   this body is NOT accepted by Trustee today (docs/keys.md).
 //!
-//! NEVER RUN ON SNP OR TDX HARDWARE: tested only against the in-memory [`MemoryTsm`].
+//! Without configfs-tsm, SNP evidence comes from `/dev/sev-guest` ([`SevGuestEvidence`]). There is no
+//! `/dev/tdx_guest` fallback: that device gives a TDREPORT, and a quote needs the host's quoting
+//! service, which this build does not reach.
+//!
+//! NEVER RUN ON SNP OR TDX HARDWARE: tested only against the in-memory [`MemoryTsm`] and a fake
+//! sev-guest device.
 
 use std::path::PathBuf;
 
@@ -137,6 +142,91 @@ impl TsmEvidence {
     }
 }
 
+/// SNP evidence through `/dev/sev-guest` (the fallback without configfs-tsm), with the SNP_GET_REPORT
+/// wrapper of `sealing::snp` ([`SnpDevice::report`](crate::sealing::snp::SnpDevice::report)). The
+/// request is `struct snp_report_req`: user_data = the report data, VMPL 0; the response
+/// (`MSG_REPORT_RSP`) is status (u32), report size (u32), 24 reserved bytes, then the report.
+pub struct SevGuestEvidence {
+    device: Box<dyn crate::sealing::snp::SnpDevice>,
+}
+
+impl SevGuestEvidence {
+    pub fn open() -> Result<Self, AttestError> {
+        let path = std::path::Path::new(crate::sealing::SEV_GUEST_DEVICE);
+        let device = crate::sealing::snp::SevGuestDevice::open(path).map_err(|e| {
+            AttestError::Unavailable {
+                kind: EvidenceKind::Snp,
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Self::with_device(Box::new(device)))
+    }
+
+    pub fn with_device(device: Box<dyn crate::sealing::snp::SnpDevice>) -> Self {
+        Self { device }
+    }
+}
+
+/// Where the report starts in a `MSG_REPORT_RSP`, and its size.
+const SNP_RESPONSE_REPORT_AT: usize = 0x20;
+const SNP_REPORT_LEN: usize = 1184;
+
+impl EvidenceSource for SevGuestEvidence {
+    fn kind(&self) -> EvidenceKind {
+        EvidenceKind::Snp
+    }
+
+    fn evidence(&self, report_data: &ReportData) -> Result<Evidence, AttestError> {
+        let malformed = |reason: String| AttestError::Malformed {
+            kind: EvidenceKind::Snp,
+            reason,
+        };
+        let mut request = crate::sealing::snp::report_request();
+        request[..report_data.len()].copy_from_slice(report_data);
+        let resp = self
+            .device
+            .report(&request)
+            .map_err(|e| AttestError::Unavailable {
+                kind: EvidenceKind::Snp,
+                reason: e.to_string(),
+            })?;
+        let u32_at = |at: usize| {
+            resp.get(at..at + 4)
+                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        };
+        match u32_at(0) {
+            Some(0) => {}
+            Some(status) => return Err(malformed(format!("firmware status {status:#x}"))),
+            None => return Err(malformed(format!("response of {} bytes", resp.len()))),
+        }
+        let size = u32_at(4).unwrap_or(0) as usize;
+        let report = resp
+            .get(SNP_RESPONSE_REPORT_AT..SNP_RESPONSE_REPORT_AT + size)
+            .filter(|_| size >= SNP_REPORT_LEN)
+            .ok_or_else(|| malformed(format!("report size {size}")))?;
+        snp_evidence(&report[..SNP_REPORT_LEN], report_data)
+    }
+}
+
+fn snp_evidence(report: &[u8], report_data: &ReportData) -> Result<Evidence, AttestError> {
+    if report.get(SNP_REPORT_DATA) != Some(&report_data[..]) {
+        return Err(AttestError::Malformed {
+            kind: EvidenceKind::Snp,
+            reason: "the report does not carry the report data asked for".into(),
+        });
+    }
+    let body = serde_json::json!({
+        "attestation_report": null,
+        "cert_chain": null,
+        "sealcsi_raw_report": STANDARD.encode(report),
+    });
+    Ok(Evidence {
+        kind: EvidenceKind::Snp,
+        report_data: *report_data,
+        body: serde_json::to_vec(&body).expect("JSON of strings"),
+    })
+}
+
 /// The SNP report's report-data field: bytes 0x50..0x90.
 const SNP_REPORT_DATA: std::ops::Range<usize> = 0x50..0x90;
 /// A TDX quote (v4) carries the TD report body after the 48-byte header; REPORTDATA is at body
@@ -155,14 +245,7 @@ impl EvidenceSource for TsmEvidence {
                 TDX_REPORT_DATA,
                 serde_json::json!({ "cc_eventlog": null, "quote": STANDARD.encode(&out) }),
             ),
-            _ => (
-                SNP_REPORT_DATA,
-                serde_json::json!({
-                    "attestation_report": null,
-                    "cert_chain": null,
-                    "sealcsi_raw_report": STANDARD.encode(&out),
-                }),
-            ),
+            _ => return snp_evidence(&out, report_data),
         };
         if out.get(range) != Some(&report_data[..]) {
             return Err(AttestError::Malformed {
@@ -282,6 +365,50 @@ mod tests {
         assert_eq!(&report[SNP_REPORT_DATA], &[3u8; 64]);
     }
 
+    /// A sev-guest device that answers SNP_GET_REPORT like the firmware: the request's user data at
+    /// the report's REPORT_DATA.
+    struct EchoDevice(u32);
+
+    impl crate::sealing::snp::SnpDevice for EchoDevice {
+        fn derived_key(
+            &self,
+            _request: &[u8; crate::sealing::snp::REQUEST_LEN],
+        ) -> Result<
+            zeroize::Zeroizing<[u8; crate::sealing::snp::RESPONSE_LEN]>,
+            crate::sealing::snp::SnpDeviceError,
+        > {
+            unreachable!("not used for evidence")
+        }
+        fn report(
+            &self,
+            request: &[u8; crate::sealing::snp::REPORT_REQUEST_LEN],
+        ) -> Result<Vec<u8>, crate::sealing::snp::SnpDeviceError> {
+            let mut resp = vec![0u8; crate::sealing::snp::REPORT_RESPONSE_LEN];
+            resp[0..4].copy_from_slice(&self.0.to_le_bytes());
+            resp[4..8].copy_from_slice(&(SNP_REPORT_LEN as u32).to_le_bytes());
+            let at = SNP_RESPONSE_REPORT_AT + SNP_REPORT_DATA.start;
+            resp[at..at + 64].copy_from_slice(&request[..64]);
+            Ok(resp)
+        }
+    }
+
+    #[test]
+    fn sev_guest_evidence_binds_the_report_data() {
+        let ev = SevGuestEvidence::with_device(Box::new(EchoDevice(0)))
+            .evidence(&[5u8; 64])
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&ev.body).unwrap();
+        let report = STANDARD
+            .decode(body["sealcsi_raw_report"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(report.len(), SNP_REPORT_LEN);
+        assert_eq!(&report[SNP_REPORT_DATA], &[5u8; 64]);
+        let err = SevGuestEvidence::with_device(Box::new(EchoDevice(0x16)))
+            .evidence(&[5u8; 64])
+            .unwrap_err();
+        assert!(err.to_string().contains("0x16"), "{err}");
+    }
+
     #[test]
     fn another_provider_is_refused_and_the_entry_removed() {
         let fs = std::sync::Arc::new(MemoryTsm::new(EvidenceKind::Snp, "tdx_guest"));
@@ -308,8 +435,8 @@ mod tests {
 
     #[test]
     fn the_real_interface_works_on_a_directory_tree() {
-        // A plain directory stands in for configfs: the attributes a kernel would create are
-        // pre-made by a writer thread is not possible, so only the error path is checked here.
+        // A plain directory is not configfs: mkdir creates no `provider` attribute, so the real
+        // interface fails at that step, names it, and still removes the entry it made.
         let dir = tempfile::tempdir().unwrap();
         let tsm = TsmEvidence::with_fs(
             EvidenceKind::Tdx,
