@@ -965,6 +965,19 @@ mod tests {
     }
 
     #[test]
+    fn kbs_targets_parse_and_need_a_configured_broker() {
+        let parsed = Target::parse("kbs:default/sealcsi/vol-1").unwrap();
+        assert_eq!(parsed.to_string(), "kbs:default/sealcsi/vol-1");
+        for bad in ["kbs:", "kbs:a/b", "kbs:a/../c", "kbs:a/b/c d"] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+        let fx = Fixture::new();
+        let a = fx.sim("A");
+        let err = open_target(&parsed, &a, &fx.state, None).err().unwrap();
+        assert!(err.to_string().contains("--kbs-url"), "{err}");
+    }
+
+    #[test]
     fn recovery_key_files() {
         let dir = tempfile::tempdir().unwrap();
         let private = dir.path().join("recovery.key");
