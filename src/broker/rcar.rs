@@ -23,7 +23,7 @@ use sha2::{Digest, Sha384};
 use zeroize::Zeroizing;
 
 use super::binding::ResourcePath;
-use super::jwe::{EphemeralKey, MAX_REPLY_LEN};
+use super::jwe::EphemeralKey;
 use super::{BrokerError, Step};
 use crate::attest::{Evidence, EvidenceKind, EvidenceSource, REPORT_DATA_LEN, ReportData};
 
@@ -40,7 +40,7 @@ pub struct Reply {
     pub status: u16,
     /// The values of `Set-Cookie` headers.
     pub set_cookies: Vec<String>,
-    /// At most [`MAX_REPLY_LEN`] bytes (the transport refuses longer bodies).
+    /// At most [`super::jwe::MAX_REPLY_LEN`] bytes (the transport refuses longer bodies).
     pub body: Vec<u8>,
 }
 
@@ -345,14 +345,6 @@ impl KbsClient {
             )),
         }
     }
-}
-
-/// Bounds a body read: more than [`MAX_REPLY_LEN`] bytes is an error.
-pub fn bounded(body: Vec<u8>) -> Result<Vec<u8>, String> {
-    if body.len() > MAX_REPLY_LEN {
-        return Err(format!("reply longer than {MAX_REPLY_LEN} bytes"));
-    }
-    Ok(body)
 }
 
 #[cfg(test)]
