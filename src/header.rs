@@ -249,6 +249,8 @@ pub enum SourceKind {
     Snp,
     /// TPM 2.0 sealed secret.
     Tpm,
+    /// A secret released by a key broker (Trustee KBS) after attestation (docs/keys.md).
+    Kbs,
 }
 
 impl SourceKind {
@@ -257,6 +259,7 @@ impl SourceKind {
             SourceKind::Sim => 1,
             SourceKind::Snp => 2,
             SourceKind::Tpm => 3,
+            SourceKind::Kbs => 4,
         }
     }
 
@@ -265,6 +268,7 @@ impl SourceKind {
             1 => Ok(SourceKind::Sim),
             2 => Ok(SourceKind::Snp),
             3 => Ok(SourceKind::Tpm),
+            4 => Ok(SourceKind::Kbs),
             other => Err(invalid("keyslot.source", format!("unknown source {other}"))),
         }
     }
@@ -1249,7 +1253,8 @@ mod tests {
             prop_oneof![
                 Just(SourceKind::Sim),
                 Just(SourceKind::Snp),
-                Just(SourceKind::Tpm)
+                Just(SourceKind::Tpm),
+                Just(SourceKind::Kbs)
             ],
             any::<u64>(),
             any::<[u8; 32]>(),

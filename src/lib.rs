@@ -10,6 +10,7 @@
 //! - [`keyslots`]: keyslot lifecycle and recovery escrow over the engine;
 //! - [`header`], [`keys`]: the on-disk format and the key hierarchy;
 //! - [`sealing`]: where secrets come from (SEV-SNP, TPM, simulated);
+//! - [`broker`]: the `kbs` source: secrets a key broker releases after attestation;
 //! - [`attest`]: TEE evidence binding caller data (for key brokers and attested transfer);
 //! - [`dm`], [`backend`], [`keyring`], [`devio`]: the kernel behind small traits;
 //! - [`error`]: the one error taxonomy; [`metrics`], [`clock`].
@@ -19,6 +20,7 @@
 
 pub mod attest;
 pub mod backend;
+pub mod broker;
 pub mod clock;
 pub mod controller;
 pub mod csi;

@@ -9,6 +9,7 @@
 
 pub mod sample;
 pub mod tpm;
+pub mod tsm;
 
 pub use sample::{SampleBody, SampleEvidence};
 
@@ -86,4 +87,25 @@ pub trait EvidenceSource: Send + Sync {
 
     /// Fresh evidence binding `report_data`.
     fn evidence(&self, report_data: &ReportData) -> Result<Evidence, AttestError>;
+}
+
+/// The node's evidence of `kind`: `sample` naming `sim_identity`; SNP and TDX through configfs-tsm
+/// ([`tsm`]), SNP falling back to `/dev/sev-guest`. A TPM quote ([`tpm`]) needs the node's TCTI and PCR
+/// selection and is opened by its one caller, the attested transfer; none is offered to a key broker.
+pub fn open(
+    kind: EvidenceKind,
+    sim_identity: &str,
+) -> Result<Box<dyn EvidenceSource>, AttestError> {
+    match kind {
+        EvidenceKind::Sample => Ok(Box::new(SampleEvidence::new(sim_identity))),
+        EvidenceKind::Snp => match tsm::TsmEvidence::open(kind) {
+            Ok(tsm) => Ok(Box::new(tsm)),
+            Err(_) => Ok(Box::new(tsm::SevGuestEvidence::open()?)),
+        },
+        EvidenceKind::Tdx => Ok(Box::new(tsm::TsmEvidence::open(kind)?)),
+        EvidenceKind::Tpm => Err(AttestError::Unavailable {
+            kind,
+            reason: "TPM evidence is not offered to a key broker by this build".into(),
+        }),
+    }
 }

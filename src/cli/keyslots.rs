@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 
-use super::{Global, kernel_dm, open_source, print_json};
+use super::{Global, kernel_dm, open_broker, open_source, print_json};
 use sealcsi::keyslots::{self, KeyslotError, Target, TargetEnv};
+use sealcsi::sealing::SealingSource;
 use sealcsi::volume::Volumes;
 
 #[derive(Subcommand)]
@@ -18,7 +19,8 @@ pub(crate) enum KeyslotCommand {
     /// Idempotent.
     AddSlot {
         device: PathBuf,
-        /// current | sim:<identity> | tpm-pcrs:<bank>:<idx>=<hex>,... | snp:strict | snp:strict+tcb
+        /// current | sim:<identity> | tpm-pcrs:<bank>:<idx>=<hex>,... | snp:strict | snp:strict+tcb |
+        /// kbs:<repo>/<type>/<tag> (with --kbs-url)
         #[arg(long = "for", value_name = "TARGET")]
         target: Target,
     },
@@ -99,11 +101,14 @@ pub(crate) fn run(global: &Global, command: KeyslotCommand) -> anyhow::Result<()
         }
         KeyslotCommand::AddSlot { device, target } => {
             let source = open_source(global)?;
+            let broker = open_broker(global, source.as_ref())?;
             let dm = kernel_dm()?;
-            let volumes = Volumes::new(&dm, source.as_ref());
+            let volumes = Volumes::new(&dm, source.as_ref())
+                .with_broker(broker.as_ref().map(|b| b as &dyn SealingSource));
             let env = TargetEnv {
                 state_dir: &global.state_dir,
                 tpm_tcti: global.tpm_tcti.as_deref(),
+                kbs: broker.as_ref(),
             };
             let change = keyslots::add_slot_for(&volumes, &device, &target, source.as_ref(), env)?;
             print_json(&serde_json::json!({

@@ -77,6 +77,23 @@ pub(crate) struct Global {
     /// trusts the host (docs/keys.md).
     #[arg(long, env = "SEALCSI_SNP_ALLOW_LEGACY_UPGRADABLE", global = true, value_parser = BoolishValueParser::new())]
     snp_allow_legacy_upgradable: bool,
+    /// Key broker (Trustee KBS) URL: `kbs` keyslots open through it, besides this node's own source.
+    /// https unless --kbs-insecure-http.
+    #[arg(long, env = "SEALCSI_KBS_URL", global = true)]
+    kbs_url: Option<String>,
+    /// The broker's name recorded in new kbs slots [default: the URL].
+    #[arg(long, env = "SEALCSI_KBS_NAME", global = true)]
+    kbs_name: Option<String>,
+    /// PEM bundle of the CAs that sign the broker's TLS certificate [default: the system's roots].
+    #[arg(long, env = "SEALCSI_KBS_CA", global = true)]
+    kbs_ca: Option<PathBuf>,
+    /// Allow a plain http:// broker URL (development only: the session is open to a path attacker).
+    #[arg(long, env = "SEALCSI_KBS_INSECURE_HTTP", global = true, value_parser = BoolishValueParser::new())]
+    kbs_insecure_http: bool,
+    /// The evidence shown to the broker [default: from --tee: sim -> sample, snp -> snp, tpm -> tpm].
+    /// `sample` proves nothing and is allowed only with --tee sim.
+    #[arg(long, env = "SEALCSI_KBS_EVIDENCE", global = true, value_enum)]
+    kbs_evidence: Option<EvidenceChoice>,
     /// Log verbosity (tracing filter), e.g. info or sealcsi=debug.
     #[arg(long, env = "SEALCSI_LOG", default_value = "warn", global = true)]
     log: String,
@@ -89,6 +106,14 @@ pub(crate) struct Global {
         global = true
     )]
     log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum EvidenceChoice {
+    Sample,
+    Snp,
+    Tdx,
+    Tpm,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -217,6 +242,50 @@ pub(crate) fn open_source(global: &Global) -> anyhow::Result<Box<dyn SealingSour
     Ok(source)
 }
 
+/// The node's key broker, when `--kbs-url` is set; `source` is the node's own sealing source (its
+/// kind chooses the evidence unless --kbs-evidence does).
+pub(crate) fn open_broker(
+    global: &Global,
+    source: &dyn SealingSource,
+) -> anyhow::Result<Option<sealcsi::broker::KbsSource>> {
+    use sealcsi::attest::EvidenceKind;
+    let Some(url) = &global.kbs_url else {
+        return Ok(None);
+    };
+    let kind = match (global.kbs_evidence, source.kind()) {
+        (Some(EvidenceChoice::Sample), _) => EvidenceKind::Sample,
+        (Some(EvidenceChoice::Snp), _) => EvidenceKind::Snp,
+        (Some(EvidenceChoice::Tdx), _) => EvidenceKind::Tdx,
+        (Some(EvidenceChoice::Tpm), _) => EvidenceKind::Tpm,
+        (None, sealing::SourceKind::Sim) => EvidenceKind::Sample,
+        (None, sealing::SourceKind::Snp) => EvidenceKind::Snp,
+        (None, sealing::SourceKind::Tpm) => EvidenceKind::Tpm,
+        (None, sealing::SourceKind::Kbs) => anyhow::bail!("--tee cannot be kbs"),
+    };
+    if kind == EvidenceKind::Sample && !source.is_simulated() {
+        return Err(sealcsi::broker::BrokerError::Config(
+            "sample evidence proves nothing and is allowed only with --tee sim".into(),
+        )
+        .into());
+    }
+    let identity = global
+        .sim_identity
+        .clone()
+        .unwrap_or_else(|| "sim-default".to_owned());
+    let evidence = sealcsi::attest::open(kind, &identity)?;
+    if evidence.is_simulated() {
+        eprintln!(
+            "sealcsi: WARNING: SAMPLE EVIDENCE to key broker {url}: unsigned, it proves nothing; \
+             any process can claim it"
+        );
+    }
+    let mut config = sealcsi::broker::KbsConfig::new(url.clone());
+    config.name = global.kbs_name.clone();
+    config.http.ca_bundle = global.kbs_ca.clone();
+    config.http.insecure_http = global.kbs_insecure_http;
+    Ok(Some(config.open(evidence)?))
+}
+
 pub(crate) fn kernel_dm() -> anyhow::Result<KernelDm> {
     Ok(KernelDm::new().map_err(VolumeError::from)?)
 }
@@ -235,7 +304,9 @@ fn run_plugin(global: &Global, args: PluginArgs) -> anyhow::Result<()> {
         sealcsi::keyring::require().context("the node service cannot serve")?;
     }
     let source = open_source(global)?;
-    let deps = sealcsi::csi::PluginDeps::kernel(source)?;
+    let broker =
+        open_broker(global, source.as_ref())?.map(|b| Box::new(b) as Box<dyn SealingSource>);
+    let deps = sealcsi::csi::PluginDeps::kernel_with_broker(source, broker)?;
     let mut config =
         sealcsi::csi::PluginConfig::new(args.endpoint, args.node_id, args.mode, &global.state_dir);
     config.driver_name = args.driver_name;

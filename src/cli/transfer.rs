@@ -51,8 +51,8 @@ pub(crate) enum TransferCommand {
     },
 }
 
-fn evidence_choice(global: &Global, kind: SourceKind) -> EvidenceChoice {
-    match kind {
+fn evidence_choice(global: &Global, kind: SourceKind) -> anyhow::Result<EvidenceChoice> {
+    Ok(match kind {
         SourceKind::Sim => EvidenceChoice::Sim {
             identity: global
                 .sim_identity
@@ -67,14 +67,18 @@ fn evidence_choice(global: &Global, kind: SourceKind) -> EvidenceChoice {
             selection: global.tpm_pcrs.clone().unwrap_or_default(),
         },
         SourceKind::Snp => EvidenceChoice::Snp,
-    }
+        SourceKind::Kbs => anyhow::bail!(
+            "a key broker is not a node identity: a transfer request needs this node's own TEE \
+             (--tee sim|tpm|snp)"
+        ),
+    })
 }
 
 pub(crate) fn run(global: &Global, command: TransferCommand) -> anyhow::Result<()> {
     match command {
         TransferCommand::Request { out, volume_uuid } => {
             let source = open_source(global)?;
-            let evidence = transfer::evidence_source(&evidence_choice(global, source.kind()))?;
+            let evidence = transfer::evidence_source(&evidence_choice(global, source.kind())?)?;
             if evidence.is_simulated() {
                 eprintln!(
                     "sealcsi: WARNING: sample evidence is signed by nobody: this request proves \

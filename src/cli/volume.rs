@@ -7,7 +7,7 @@ use clap::Subcommand;
 
 use super::keyslots::KeyslotCommand;
 use super::transfer::TransferCommand;
-use super::{Global, kernel_dm, open_source, print_json};
+use super::{Global, kernel_dm, open_broker, open_source, print_json};
 use sealcsi::header::{self, FsKind, Integrity, Journal, Profile};
 use sealcsi::sealing;
 use sealcsi::volume::init::InitMode;
@@ -96,8 +96,10 @@ pub(crate) fn run(global: &Global, command: VolumeCommand) -> anyhow::Result<()>
                 None => volume::default_name(&volume::inspect(&device)?.uuid)?,
             };
             let source = open_source(global)?;
+            let broker = open_broker(global, source.as_ref())?;
             let dm = kernel_dm()?;
             let report = Volumes::new(&dm, source.as_ref())
+                .with_broker(broker.as_ref().map(|b| b as &dyn sealing::SealingSource))
                 .open(&device, &name)
                 .with_context(|| format!("opening {}", device.display()))?;
             print_json(&report)

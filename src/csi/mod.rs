@@ -163,10 +163,19 @@ impl std::fmt::Debug for PluginDeps {
 impl PluginDeps {
     /// The real kernel: device-mapper through ioctls, mount(2), and `source` for sealing.
     pub fn kernel(source: Box<dyn SealingSource>) -> Result<Self, CsiError> {
+        Self::kernel_with_broker(source, None)
+    }
+
+    /// As [`PluginDeps::kernel`], with the node's key broker for `kbs` keyslots.
+    pub fn kernel_with_broker(
+        source: Box<dyn SealingSource>,
+        broker: Option<Box<dyn SealingSource>>,
+    ) -> Result<Self, CsiError> {
         let dm: Arc<dyn DeviceMapper> = Arc::new(crate::dm::KernelDm::new()?);
         let source: Arc<dyn SealingSource> = Arc::from(source);
+        let broker = broker.map(Arc::from);
         Ok(Self {
-            engine: Arc::new(KernelEngine::new(dm.clone(), source)),
+            engine: Arc::new(KernelEngine::new(dm.clone(), source).with_broker(broker)),
             dm,
             mounter: Arc::new(SystemMounter),
         })

@@ -54,6 +54,11 @@ pub enum BindingInfo {
         pcrs: String,
         policy_digest: String,
     },
+    /// Released by a key broker: the broker's name or URL and the resource path.
+    Kbs {
+        broker: String,
+        resource: String,
+    },
     /// The binding does not decode (a slot this build's source would not use).
     Invalid {
         reason: String,
@@ -90,6 +95,15 @@ pub(super) fn decode_binding(slot: &Keyslot) -> Option<BindingInfo> {
         SlotKind::Sealed(SourceKind::Sim) => Some(BindingInfo::Invalid {
             reason: "a sim slot has no binding".into(),
         }),
+        SlotKind::Sealed(SourceKind::Kbs) => {
+            Some(match crate::broker::KbsBinding::decode(&slot.binding) {
+                Ok(b) => BindingInfo::Kbs {
+                    broker: b.broker,
+                    resource: b.resource.to_string(),
+                },
+                Err(e) => BindingInfo::Invalid { reason: e.0 },
+            })
+        }
         SlotKind::Sealed(SourceKind::Tpm) => Some(
             match crate::sealing::tpm::TpmBinding::decode(&slot.binding) {
                 Ok(b) => BindingInfo::Tpm {

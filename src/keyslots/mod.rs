@@ -947,7 +947,7 @@ mod tests {
         // PCR targets parse but need the TPM source.
         let fx = Fixture::new();
         let a = fx.sim("A");
-        let err = open_target(&Target::parse(&text).unwrap(), &a, &fx.state)
+        let err = open_target(&Target::parse(&text).unwrap(), &a, &fx.state, None)
             .err()
             .unwrap();
         assert!(
@@ -955,14 +955,27 @@ mod tests {
             "{err}"
         );
         assert!(matches!(
-            open_target(&Target::Current, &a, &fx.state).unwrap(),
+            open_target(&Target::Current, &a, &fx.state, None).unwrap(),
             TargetSource::Node(_)
         ));
-        let b = open_target(&Target::Sim("B".into()), &a, &fx.state).unwrap();
+        let b = open_target(&Target::Sim("B".into()), &a, &fx.state, None).unwrap();
         assert_eq!(
             b.source().secret(&[]).unwrap().digest(),
             fx.sim("B").secret(&[]).unwrap().digest()
         );
+    }
+
+    #[test]
+    fn kbs_targets_parse_and_need_a_configured_broker() {
+        let parsed = Target::parse("kbs:default/sealcsi/vol-1").unwrap();
+        assert_eq!(parsed.to_string(), "kbs:default/sealcsi/vol-1");
+        for bad in ["kbs:", "kbs:a/b", "kbs:a/../c", "kbs:a/b/c d"] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+        let fx = Fixture::new();
+        let a = fx.sim("A");
+        let err = open_target(&parsed, &a, &fx.state, None).err().unwrap();
+        assert!(err.to_string().contains("--kbs-url"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use super::{KeyslotError, SlotChange, add_sealed, add_slot};
+use crate::broker::{KbsSource, ResourcePath};
 use crate::header::SourceKind;
 use crate::sealing::snp::{SnpPolicy, SnpSource};
 use crate::sealing::{SealingSource, SimSource, tpm};
@@ -18,7 +19,9 @@ use crate::volume::Volumes;
 ///   string (development and tests: "another image");
 /// - `tpm-pcrs:<bank>:<idx>=<hex>[,<idx>=<hex>...]`: the TPM, for expected PCR values (the grammar and
 ///   the banks are the TPM module's: `sealing::tpm::parse_expected_pcrs`, sha256 today);
-/// - `snp:strict`, `snp:strict+tcb`: this SEV-SNP guest, under the named policy.
+/// - `snp:strict`, `snp:strict+tcb`: this SEV-SNP guest, under the named policy;
+/// - `kbs:<repo>/<type>/<tag>`: the secret the node's key broker releases as that resource (any node
+///   the broker's policy admits opens the slot; `--kbs-url` must be configured).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Current,
@@ -26,6 +29,7 @@ pub enum Target {
     /// The text after `tpm-pcrs:` (`<bank>:<idx>=<hex>,...`), checked by the TPM module's parser.
     TpmPcrs(String),
     Snp(SnpPolicy),
+    Kbs(ResourcePath),
 }
 
 impl Target {
@@ -40,7 +44,7 @@ impl Target {
         let (scheme, rest) = text.split_once(':').ok_or_else(|| {
             bad(
                 "expected current, sim:<identity>, tpm-pcrs:<bank>:<idx>=<hex>,... or \
-                 snp:strict|strict+tcb"
+                 snp:strict|strict+tcb or kbs:<repo>/<type>/<tag>"
                     .into(),
             )
         })?;
@@ -48,6 +52,9 @@ impl Target {
             "sim" if !rest.is_empty() => Ok(Target::Sim(rest.to_owned())),
             "sim" => Err(bad("the simulated identity is empty".into())),
             "snp" => rest.parse().map(Target::Snp).map_err(bad),
+            "kbs" => ResourcePath::parse(rest)
+                .map(Target::Kbs)
+                .map_err(|e| bad(e.0)),
             "tpm-pcrs" => crate::sealing::tpm::parse_expected_pcrs(rest)
                 .map(|_| Target::TpmPcrs(rest.to_owned()))
                 .map_err(|e| bad(e.to_string())),
@@ -70,6 +77,7 @@ impl fmt::Display for Target {
             Target::Sim(id) => write!(f, "sim:{id}"),
             Target::Snp(policy) => write!(f, "snp:{policy}"),
             Target::TpmPcrs(spec) => write!(f, "tpm-pcrs:{spec}"),
+            Target::Kbs(path) => write!(f, "kbs:{path}"),
         }
     }
 }
@@ -94,8 +102,18 @@ pub fn open_target<'a>(
     target: &Target,
     node: &'a dyn SealingSource,
     state_dir: &Path,
+    kbs: Option<&KbsSource>,
 ) -> Result<TargetSource<'a>, KeyslotError> {
     match target {
+        Target::Kbs(path) => match kbs {
+            Some(broker) => Ok(TargetSource::Opened(Box::new(
+                broker.for_resource(path.clone()),
+            ))),
+            None => Err(KeyslotError::TargetUnavailable {
+                target: target.to_string(),
+                reason: "no key broker is configured (--kbs-url)".into(),
+            }),
+        },
         Target::Current => Ok(TargetSource::Node(node)),
         Target::Sim(identity) => Ok(TargetSource::Opened(Box::new(SimSource::open(
             state_dir, identity,
@@ -116,6 +134,8 @@ pub fn open_target<'a>(
 pub struct TargetEnv<'a> {
     pub state_dir: &'a Path,
     pub tpm_tcti: Option<&'a str>,
+    /// The node's key broker, for `kbs:` targets.
+    pub kbs: Option<&'a KbsSource>,
 }
 
 /// Adds a keyslot for `target` (see [`add_slot`]). A `tpm-pcrs:` target is a pre-authorised TPM policy:
@@ -139,6 +159,6 @@ pub fn add_slot_for(
             tpm::seal_for_pcrs(env.state_dir, env.tpm_tcti, bank, &pcrs, &values)?;
         return add_sealed(volumes, device, SourceKind::Tpm, binding, &secret);
     }
-    let to = open_target(target, node, env.state_dir)?;
+    let to = open_target(target, node, env.state_dir, env.kbs)?;
     add_slot(volumes, device, to.source(), None)
 }

@@ -168,6 +168,8 @@ pub fn dm_size_bytes(dm: &dyn DeviceMapper, name: &DmName) -> Result<u64, Engine
 pub struct KernelEngine {
     dm: Arc<dyn DeviceMapper>,
     source: Arc<dyn SealingSource>,
+    /// The node's key broker (`--kbs-url`): `kbs` slots open through it.
+    broker: Option<Arc<dyn SealingSource>>,
 }
 
 impl std::fmt::Debug for KernelEngine {
@@ -178,11 +180,21 @@ impl std::fmt::Debug for KernelEngine {
 
 impl KernelEngine {
     pub fn new(dm: Arc<dyn DeviceMapper>, source: Arc<dyn SealingSource>) -> Self {
-        Self { dm, source }
+        Self {
+            dm,
+            source,
+            broker: None,
+        }
+    }
+
+    /// The same engine, also opening `kbs` keyslots through `broker`.
+    pub fn with_broker(mut self, broker: Option<Arc<dyn SealingSource>>) -> Self {
+        self.broker = broker;
+        self
     }
 
     fn volumes(&self) -> Volumes<'_> {
-        Volumes::new(&*self.dm, &*self.source)
+        Volumes::new(&*self.dm, &*self.source).with_broker(self.broker.as_deref())
     }
 }
 

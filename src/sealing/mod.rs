@@ -31,6 +31,9 @@ pub enum SealError {
     /// A keyslot's binding parameters are not understood by this source.
     #[error("keyslot binding is not valid for source {kind:?}: {reason}")]
     Binding { kind: SourceKind, reason: String },
+    /// The key broker did not release the secret (the failed step is named).
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
 }
 
 /// A source of TEE-bound secrets.
@@ -262,6 +265,13 @@ pub fn open_source(
         )?),
         SourceKind::Snp => open_snp(opts)?,
         SourceKind::Tpm => open_tpm(opts)?,
+        // `select` never chooses the broker: it is configured beside the node's own source.
+        SourceKind::Kbs => {
+            return Err(SealError::Unavailable {
+                kind: SourceKind::Kbs,
+                reason: "the key broker is not a --tee choice; configure it with --kbs-url".into(),
+            });
+        }
     };
     if selection.warn {
         tracing::warn!(tee = ?choice, source = ?selection.kind, "sealing source: {}", selection.because);

@@ -133,6 +133,7 @@ impl Classify for VolumeError {
             VolumeError::Busy(_) => Kind::Busy,
             VolumeError::Mapping(e) => e.kind(),
             VolumeError::Dm(e) => e.kind(),
+            VolumeError::Seal(SealError::Broker(e)) => e.kind(),
             VolumeError::Backend(_)
             | VolumeError::Seal(_)
             | VolumeError::Init(_)
@@ -184,6 +185,9 @@ pub struct OpenReport {
 pub struct Volumes<'a> {
     dm: &'a dyn DeviceMapper,
     source: &'a dyn SealingSource,
+    /// The node's key broker, when configured: `kbs` slots open through it when no slot of the node's
+    /// own source does.
+    broker: Option<&'a dyn SealingSource>,
 }
 
 /// Usable data sectors behind the header region for a crypt-only volume (whole 4 KiB blocks).
@@ -235,7 +239,17 @@ pub const DIRECT_FILESYSTEM_REFUSED: &str = "journal direct is for raw block vol
 
 impl<'a> Volumes<'a> {
     pub fn new(dm: &'a dyn DeviceMapper, source: &'a dyn SealingSource) -> Self {
-        Self { dm, source }
+        Self {
+            dm,
+            source,
+            broker: None,
+        }
+    }
+
+    /// The same engine, also opening `kbs` keyslots through `broker`.
+    pub fn with_broker(mut self, broker: Option<&'a dyn SealingSource>) -> Self {
+        self.broker = broker;
+        self
     }
 
     /// Creates a new sealed volume on `path` (a block device or a file, attached to a loop device).
@@ -368,8 +382,27 @@ impl<'a> Volumes<'a> {
     }
 
     /// Finds a keyslot sealed to this node and unwraps the volume key.
+    /// With a key broker configured, a volume no slot of the node's own source opens is tried through
+    /// its `kbs` slots; the broker is asked only then, and only if such a slot exists.
     pub fn unseal(&self, header: &Header) -> Result<(usize, VolumeKey), VolumeError> {
-        seal::unseal_with(self.source, header)
+        let local = seal::unseal_with(self.source, header);
+        let Some(broker) = self.broker else {
+            return local;
+        };
+        let has_kbs_slot = header
+            .active_slots()
+            .any(|(_, slot)| slot.kind == crate::header::SlotKind::Sealed(broker.kind()));
+        match local {
+            Err(VolumeError::WrongIdentity { .. }) if has_kbs_slot => {
+                match seal::unseal_with(broker, header) {
+                    // The broker's own identity (for the message) has no default binding: report
+                    // the node's.
+                    Err(VolumeError::Seal(SealError::Binding { .. })) => local,
+                    other => other,
+                }
+            }
+            other => other,
+        }
     }
 
     /// Opens the volume on `path` as /dev/mapper/`name`. Idempotent: an identical open stack is success,

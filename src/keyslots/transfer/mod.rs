@@ -149,15 +149,11 @@ pub enum EvidenceChoice {
     Snp,
 }
 
-/// The SEV-SNP evidence source for a transfer request. The SNP report generation lives with the
-/// key-broker client (configfs-tsm, `/dev/sev-guest`); this is the one place a transfer request asks
-/// for it.
+/// The SEV-SNP evidence source for a transfer request: the same report source the key-broker client
+/// uses (configfs-tsm, falling back to `/dev/sev-guest`; [`crate::attest::open`]). Never run on SNP
+/// hardware.
 pub fn snp_evidence_source() -> Result<Box<dyn EvidenceSource>, TransferError> {
-    Err(TransferError::Unsupported {
-        what: "SNP evidence generation is not wired yet: a transfer request from an SNP node \
-               cannot be made by this build"
-            .into(),
-    })
+    Ok(crate::attest::open(EvidenceKind::Snp, "")?)
 }
 
 /// The evidence source for `choice`.
