@@ -1036,6 +1036,144 @@ fn check_slots(
     Ok(())
 }
 
+/// Workload 3b: an attested transfer (grant on the source, accept on the target) on the logged device.
+/// The source's slot is never touched, so every point must open as the source with the marker intact;
+/// the slot set must be the old one, or the new one, or (inside accept) the target's slot beside the
+/// transfer slot, never a granted volume with neither.
+fn transfer_workload() -> Tally {
+    let bed = Bed::new("transfer");
+    let backing = bed.file("vol.img", EXT4_SIZE);
+    bed.sealcsi(&["volume", "format", p(&backing), "--fs", "ext4"])
+        .ok();
+    let name = "cc-work";
+    bed.track_name(name);
+    let report = bed
+        .sealcsi(&["volume", "open", p(&backing), "--name", name])
+        .ok()
+        .json();
+    let mnt = bed
+        .mount(Path::new(report["device"].as_str().unwrap()), "ext4")
+        .unwrap();
+    let marker = pattern(43, 12 * 1024);
+    create_with(&mnt.join("marker"), &marker, 0)
+        .sync_all()
+        .unwrap();
+    bed.umount(&mnt);
+    bed.close(name, Some(&backing));
+    let original = bed.dir.join("original.img");
+    harness::sparse_copy(&backing, &original);
+    let digest_b = bed
+        .sealcsi_as("node-b", &["volume", "identity"])
+        .ok()
+        .json()["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let request = bed.dir.join("transfer.req");
+    bed.sealcsi_as(
+        "node-b",
+        &["volume", "transfer-request", "--out", p(&request)],
+    )
+    .ok();
+
+    let logged = Logged::start(&bed, &backing, 256 * MIB);
+    let mut steps = Steps::new(&logged);
+    let grant = steps.begin();
+    let granted = bed
+        .sealcsi(&[
+            "volume",
+            "transfer-grant",
+            logged.dev(),
+            "--request",
+            p(&request),
+            "--expect",
+            "sim:node-b",
+        ])
+        .ok()
+        .json();
+    steps.ack(grant);
+    let key_check = granted["key_check"].as_str().unwrap().to_owned();
+    let accept = steps.begin();
+    bed.sealcsi_as(
+        "node-b",
+        &[
+            "volume",
+            "transfer-accept",
+            logged.dev(),
+            "--key-check",
+            &key_check,
+        ],
+    )
+    .ok();
+    steps.ack(accept);
+    let (log, log_file) = logged.finish();
+
+    harness::replay_each(
+        &bed,
+        &original,
+        &log,
+        &log_file,
+        &points_for(&log, usize::MAX),
+        |point, images| {
+            let image = images.writable();
+            let progress = Progress::at(&log, point);
+            check_transfer_slots(&bed, image, &progress, &digest_b, [grant, accept])?;
+            check_volume(&bed, image, Fs::Ext4, Tolerance::default(), |root| {
+                let found = fs::read(root.join("marker")).map_err(|e| format!("marker: {e}"))?;
+                if found != marker {
+                    Err("marker differs".into())
+                } else {
+                    Ok(())
+                }
+            })
+        },
+    )
+}
+
+fn check_transfer_slots(
+    bed: &Bed,
+    image: &Path,
+    progress: &Progress,
+    digest_b: &str,
+    [grant, accept]: [usize; 2],
+) -> Result<(), String> {
+    let inspect = harness::inspect(bed, image)?;
+    let slots = inspect["keyslots"].as_array().cloned().unwrap_or_default();
+    let transfer = slots.iter().filter(|s| s["kind"] == "transfer").count();
+    let has_b = slots
+        .iter()
+        .any(|s| s["kind"] == "sealed" && s["identity_digest"] == digest_b);
+    let done = |s: usize| progress.acked.contains(&s);
+    let started = |s: usize| progress.begun.contains(&s);
+    let ok = if !started(grant) {
+        transfer == 0 && !has_b
+    } else if !done(grant) {
+        transfer <= 1 && !has_b
+    } else if !started(accept) {
+        transfer == 1 && !has_b
+    } else if !done(accept) {
+        // Accept adds the target's slot before it removes the transfer slot.
+        transfer <= 1 && (transfer == 1 || has_b)
+    } else {
+        transfer == 0 && has_b
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "slot set at this point: {transfer} transfer slot(s), node-b's slot {}: {inspect}",
+            if has_b { "present" } else { "absent" }
+        ))
+    }
+}
+
+#[test]
+#[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
+fn guest_crash_transfer() {
+    let tally = transfer_workload();
+    harness::report("transfer", &tally);
+}
+
 #[test]
 #[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
 fn guest_crash_keyslots() {
