@@ -11,8 +11,8 @@ use super::proto::controller_service_capability::{Rpc, Type as CapType, rpc::Typ
 use super::proto::{self, controller_server::Controller};
 use super::{Shared, blocking, status};
 use crate::controller::{Created, Provisioner};
-use crate::header::{FsKind, Journal};
-use crate::node::capability::{AccessType, Capability};
+use crate::header::Journal;
+use crate::node::capability::{AccessType, stage_fs, wants_filesystem};
 use crate::store::sizing::min_volume_bytes;
 use crate::store::{StoreError, VolumeId, VolumeInfo, VolumeParams};
 use crate::volume::DIRECT_FILESYSTEM_REFUSED;
@@ -91,11 +91,8 @@ impl ControllerService {
             ));
         }
         let params = VolumeParams::parse(&req.parameters).map_err(|e| status::from_error(&e))?;
-        let wants_filesystem = caps
-            .iter()
-            .any(|c| matches!(c.access, AccessType::Mount { .. }));
         params
-            .check_filesystem_use(wants_filesystem)
+            .check_filesystem_use(wants_filesystem(&caps))
             .map_err(|e| status::from_error(&e))?;
         if let Some(reqs) = &req.accessibility_requirements
             && !reqs.requisite.is_empty()
@@ -341,22 +338,6 @@ impl ControllerService {
             }),
         }))
     }
-}
-
-/// The filesystem a volume with these capabilities will be staged with, where it matters for its size:
-/// xfs if any capability asks for it (its minimum is the largest).
-fn stage_fs(caps: &[Capability]) -> Option<FsKind> {
-    caps.iter()
-        .any(|c| {
-            matches!(
-                c.access,
-                AccessType::Mount {
-                    fs: Some(FsKind::Xfs),
-                    ..
-                }
-            )
-        })
-        .then_some(FsKind::Xfs)
 }
 
 fn span(rpc: &'static str, volume_id: &str) -> tracing::Span {

@@ -218,6 +218,30 @@ pub(crate) struct Shared {
 }
 
 /// Runs `f` on a blocking thread (the core does ioctls, runs mkfs, mounts), inside the caller's span.
+/// Runs `op` on `core` under the guard of `key` (ABORTED while another call holds it), on a blocking
+/// thread; the core's error becomes a status here, once.
+pub(crate) async fn guarded<C, T, E, F>(
+    guards: &guard::OpGuards,
+    key: &str,
+    core: Arc<C>,
+    op: F,
+) -> Result<T, Status>
+where
+    C: Send + Sync + ?Sized + 'static,
+    T: Send + 'static,
+    E: crate::error::Classify,
+    F: FnOnce(&C) -> Result<T, E> + Send + 'static,
+{
+    let guard = guards
+        .try_acquire(key)
+        .map_err(|e| status::from_error(&e))?;
+    blocking(move || {
+        let _guard = guard;
+        op(&core).map_err(|e| status::from_error(&e))
+    })
+    .await
+}
+
 pub(crate) async fn blocking<T, F>(f: F) -> Result<T, Status>
 where
     T: Send + 'static,

@@ -58,17 +58,7 @@ impl NodeService {
         T: Send + 'static,
         F: FnOnce(&NodeCore) -> Result<T, crate::node::NodeError> + Send + 'static,
     {
-        let guard = self
-            .shared
-            .guards
-            .try_acquire(volume_id)
-            .map_err(|e| status::from_error(&e))?;
-        let core = self.core();
-        blocking(move || {
-            let _guard = guard;
-            op(&core).map_err(|e| status::from_error(&e))
-        })
-        .await
+        super::guarded(&self.shared.guards, volume_id, self.core(), op).await
     }
 }
 

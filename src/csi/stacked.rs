@@ -14,8 +14,7 @@ use super::proto::{self, controller_server::Controller};
 use super::{Shared, blocking, status};
 use crate::backend::csi::{ContentSource, ControllerCap, Secrets, Topology, TopologyRequirement};
 use crate::controller::stacked::{StackedCreate, StackedProvisioner, StackedVolume};
-use crate::header::FsKind;
-use crate::node::capability::{AccessMode, AccessType, Capability};
+use crate::node::capability::{AccessMode, Capability, stage_fs, wants_filesystem};
 
 pub struct StackedControllerService {
     shared: Arc<Shared>,
@@ -96,21 +95,6 @@ fn capabilities(caps: &[proto::VolumeCapability]) -> Result<Vec<Capability>, Sta
         .collect()
 }
 
-/// xfs if any capability asks for it (its minimum size is the largest).
-fn stage_fs(caps: &[Capability]) -> Option<FsKind> {
-    caps.iter()
-        .any(|c| {
-            matches!(
-                c.access,
-                AccessType::Mount {
-                    fs: Some(FsKind::Xfs),
-                    ..
-                }
-            )
-        })
-        .then_some(FsKind::Xfs)
-}
-
 /// The access mode the backend volume is asked for: the first capability's (they are all single-node).
 fn mode_of(caps: &[Capability]) -> AccessMode {
     caps.first()
@@ -151,17 +135,7 @@ impl StackedControllerService {
             + Send
             + 'static,
     {
-        let guard = self
-            .shared
-            .guards
-            .try_acquire(key)
-            .map_err(|e| status::from_error(&e))?;
-        let core = self.core();
-        blocking(move || {
-            let _guard = guard;
-            op(&core).map_err(|e| status::from_error(&e))
-        })
-        .await
+        super::guarded(&self.shared.guards, key, self.core(), op).await
     }
 }
 
@@ -206,9 +180,7 @@ impl Controller for StackedControllerService {
                 secrets: secrets(&req.secrets),
                 mode: mode_of(&caps),
                 fs: stage_fs(&caps),
-                filesystem: caps
-                    .iter()
-                    .any(|c| matches!(c.access, AccessType::Mount { .. })),
+                filesystem: wants_filesystem(&caps),
                 topology: req
                     .accessibility_requirements
                     .as_ref()

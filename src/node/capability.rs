@@ -36,3 +36,25 @@ pub struct Capability {
     pub access: AccessType,
     pub mode: AccessMode,
 }
+
+/// The filesystem volumes with these capabilities will be staged with, where it matters for their
+/// size: xfs if any capability asks for it (its minimum is the largest).
+pub fn stage_fs(caps: &[Capability]) -> Option<FsKind> {
+    caps.iter()
+        .any(|c| {
+            matches!(
+                c.access,
+                AccessType::Mount {
+                    fs: Some(FsKind::Xfs),
+                    ..
+                }
+            )
+        })
+        .then_some(FsKind::Xfs)
+}
+
+/// Whether any capability is a Mount: the volume may get a filesystem.
+pub fn wants_filesystem(caps: &[Capability]) -> bool {
+    caps.iter()
+        .any(|c| matches!(c.access, AccessType::Mount { .. }))
+}
