@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 mod common;
 use common::{MIB, p};
@@ -901,12 +901,13 @@ fn slot_view(inspect: &serde_json::Value) -> (Vec<String>, usize) {
     (digests, recovery)
 }
 
-fn keyslots_workload() -> Tally {
-    let bed = Bed::new("keyslots");
+/// A formatted ext4 volume holding a marker file (written through a normal open) that every replay
+/// point must still show, and a copy of its file before the logged workload: (backing, original,
+/// marker).
+fn marked_volume(bed: &Bed, seed: u64) -> (PathBuf, PathBuf, Vec<u8>) {
     let backing = bed.file("vol.img", EXT4_SIZE);
     bed.sealcsi(&["volume", "format", p(&backing), "--fs", "ext4"])
         .ok();
-    // A marker file, written through a normal open, that every replay point must still show.
     let name = "cc-work";
     bed.track_name(name);
     let report = bed
@@ -916,7 +917,7 @@ fn keyslots_workload() -> Tally {
     let mnt = bed
         .mount(Path::new(report["device"].as_str().unwrap()), "ext4")
         .unwrap();
-    let marker = pattern(42, 12 * 1024);
+    let marker = pattern(seed, 12 * 1024);
     create_with(&mnt.join("marker"), &marker, 0)
         .sync_all()
         .unwrap();
@@ -924,13 +925,32 @@ fn keyslots_workload() -> Tally {
     bed.close(name, Some(&backing));
     let original = bed.dir.join("original.img");
     harness::sparse_copy(&backing, &original);
-    let digest_b = bed
-        .sealcsi_as("node-b", &["volume", "identity"])
+    (backing, original, marker)
+}
+
+/// The identity digest of the simulated node `identity`.
+fn identity_digest(bed: &Bed, identity: &str) -> String {
+    bed.sealcsi_as(identity, &["volume", "identity"])
         .ok()
         .json()["digest"]
         .as_str()
         .unwrap()
-        .to_owned();
+        .to_owned()
+}
+
+fn marker_intact(root: &Path, marker: &[u8]) -> Result<(), String> {
+    let found = fs::read(root.join("marker")).map_err(|e| format!("marker: {e}"))?;
+    if found != marker {
+        Err("marker differs".into())
+    } else {
+        Ok(())
+    }
+}
+
+fn keyslots_workload() -> Tally {
+    let bed = Bed::new("keyslots");
+    let (backing, original, marker) = marked_volume(&bed, 42);
+    let digest_b = identity_digest(&bed, "node-b");
     let private = bed.dir.join("recovery.key");
     let public = bed.dir.join("recovery.pub");
     bed.sealcsi(&[
@@ -989,12 +1009,7 @@ fn keyslots_workload() -> Tally {
             let progress = Progress::at(&log, point);
             check_slots(&bed, image, &progress, &digest_b, [add, recovery, remove])?;
             check_volume(&bed, image, Fs::Ext4, Tolerance::default(), |root| {
-                let found = fs::read(root.join("marker")).map_err(|e| format!("marker: {e}"))?;
-                if found != marker {
-                    Err("marker differs".into())
-                } else {
-                    Ok(())
-                }
+                marker_intact(root, &marker)
             })
         },
     )
@@ -1042,33 +1057,8 @@ fn check_slots(
 /// transfer slot, never a granted volume with neither.
 fn transfer_workload() -> Tally {
     let bed = Bed::new("transfer");
-    let backing = bed.file("vol.img", EXT4_SIZE);
-    bed.sealcsi(&["volume", "format", p(&backing), "--fs", "ext4"])
-        .ok();
-    let name = "cc-work";
-    bed.track_name(name);
-    let report = bed
-        .sealcsi(&["volume", "open", p(&backing), "--name", name])
-        .ok()
-        .json();
-    let mnt = bed
-        .mount(Path::new(report["device"].as_str().unwrap()), "ext4")
-        .unwrap();
-    let marker = pattern(43, 12 * 1024);
-    create_with(&mnt.join("marker"), &marker, 0)
-        .sync_all()
-        .unwrap();
-    bed.umount(&mnt);
-    bed.close(name, Some(&backing));
-    let original = bed.dir.join("original.img");
-    harness::sparse_copy(&backing, &original);
-    let digest_b = bed
-        .sealcsi_as("node-b", &["volume", "identity"])
-        .ok()
-        .json()["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (backing, original, marker) = marked_volume(&bed, 43);
+    let digest_b = identity_digest(&bed, "node-b");
     let request = bed.dir.join("transfer.req");
     bed.sealcsi_as(
         "node-b",
@@ -1119,12 +1109,7 @@ fn transfer_workload() -> Tally {
             let progress = Progress::at(&log, point);
             check_transfer_slots(&bed, image, &progress, &digest_b, [grant, accept])?;
             check_volume(&bed, image, Fs::Ext4, Tolerance::default(), |root| {
-                let found = fs::read(root.join("marker")).map_err(|e| format!("marker: {e}"))?;
-                if found != marker {
-                    Err("marker differs".into())
-                } else {
-                    Ok(())
-                }
+                marker_intact(root, &marker)
             })
         },
     )
