@@ -46,6 +46,17 @@ done
 [ ${#missing[@]} -eq 0 ] || bed_fail "kernel modules not loaded: ${missing[*]}"
 
 /bin/busybox ip link set lo up || log "note: could not bring lo up"
+if [ -n "${SEALCSI_VM_HOSTNAME:-}" ]; then
+    /bin/busybox hostname "$SEALCSI_VM_HOSTNAME" || bed_fail "cannot set the hostname"
+fi
+# --net: the UML vector interface vec0, attached to the host's tap device.
+if [ -n "${SEALCSI_VM_NET_ADDR:-}" ]; then
+    /bin/busybox ip link set vec0 up && /bin/busybox ip addr add "$SEALCSI_VM_NET_ADDR" dev vec0 \
+        || bed_fail "cannot configure vec0 with $SEALCSI_VM_NET_ADDR"
+    if [ -n "${SEALCSI_VM_NET_GW:-}" ]; then
+        /bin/busybox ip route add default via "$SEALCSI_VM_NET_GW" || bed_fail "cannot add the default route"
+    fi
+fi
 
 # --- run CMD ----------------------------------------------------------------------------
 cd "$SEALCSI_VM_CWD" || bed_fail "cd $SEALCSI_VM_CWD"

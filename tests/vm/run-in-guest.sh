@@ -2,7 +2,8 @@
 # Run a command inside a user-mode-linux guest with device-mapper (dm-crypt, dm-integrity),
 # loop devices and a fresh scratch file system. See tests/vm/README.md.
 #
-#   tests/vm/run-in-guest.sh [--mem 2G] [--timeout SECONDS] [--scratch-size 200G] [--keep] -- CMD [ARGS...]
+#   tests/vm/run-in-guest.sh [--mem 2G] [--timeout SECONDS] [--scratch-size 200G] [--keep]
+#                            [--net tap:IFNAME:ADDR/PREFIX[:GATEWAY]] [--hostname NAME] -- CMD [ARGS...]
 #
 # Exit status: CMD's exit status; 124 on timeout; 125 on any failure of the bed itself.
 set -euo pipefail
@@ -10,7 +11,7 @@ set -euo pipefail
 prog=run-in-guest
 die() { echo "$prog: ERROR: $*" >&2; exit 125; }
 usage() {
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 125
 }
 
@@ -18,6 +19,8 @@ MEM=2G
 TIMEOUT=1200
 SCRATCH_SIZE=200G
 KEEP=0
+NET=
+GUEST_HOSTNAME=
 while [ $# -gt 0 ]; do
     case "$1" in
         --mem) [ $# -ge 2 ] || usage; MEM=$2; shift 2 ;;
@@ -27,6 +30,10 @@ while [ $# -gt 0 ]; do
         --scratch-size) [ $# -ge 2 ] || usage; SCRATCH_SIZE=$2; shift 2 ;;
         --scratch-size=*) SCRATCH_SIZE=${1#*=}; shift ;;
         --keep) KEEP=1; shift ;;
+        --net) [ $# -ge 2 ] || usage; NET=$2; shift 2 ;;
+        --net=*) NET=${1#*=}; shift ;;
+        --hostname) [ $# -ge 2 ] || usage; GUEST_HOSTNAME=$2; shift 2 ;;
+        --hostname=*) GUEST_HOSTNAME=${1#*=}; shift ;;
         -h|--help) usage ;;
         --) shift; break ;;
         -*) echo "$prog: unknown option $1" >&2; usage ;;
@@ -37,6 +44,19 @@ done
 if ! [[ $TIMEOUT =~ ^[1-9][0-9]*$ ]]; then die "--timeout wants a positive number of seconds, got '$TIMEOUT'"; fi
 [[ $MEM =~ ^[0-9]+[KMG]?$ ]] || die "--mem wants e.g. 1G or 2048M, got '$MEM'"
 [[ $SCRATCH_SIZE =~ ^[0-9]+[KMGT]?$ ]] || die "--scratch-size wants e.g. 200G, got '$SCRATCH_SIZE'"
+# --net: the guest's interface vec0 is attached to a tap device of the caller's network namespace
+# (it must exist and be up; the caller owns its address and routes), with a static address.
+NET_IF= NET_ADDR= NET_GW=
+if [ -n "$NET" ]; then
+    re='^tap:([A-Za-z0-9_.-]{1,15}):([0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2})(:([0-9]{1,3}(\.[0-9]{1,3}){3}))?$'
+    [[ $NET =~ $re ]] || die "--net wants tap:IFNAME:ADDR/PREFIX[:GATEWAY], e.g. tap:sctap0:10.203.0.2/24:10.203.0.1; got '$NET'"
+    NET_IF=${BASH_REMATCH[1]} NET_ADDR=${BASH_REMATCH[2]} NET_GW=${BASH_REMATCH[5]}
+    [ -e "/sys/class/net/$NET_IF" ] || die "--net: no network interface $NET_IF in this network namespace (create it first: ip tuntap add dev $NET_IF mode tap)"
+    [ -c /dev/net/tun ] || die "--net: /dev/net/tun is missing"
+fi
+if [ -n "$GUEST_HOSTNAME" ] && ! [[ $GUEST_HOSTNAME =~ ^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$ ]]; then
+    die "--hostname wants a lower-case DNS name, got '$GUEST_HOSTNAME'"
+fi
 
 # ---------------------------------------------------------------------------------------------
 UML=${SEALCSI_VM_KERNEL:-/usr/bin/linux.uml}
@@ -171,6 +191,7 @@ mkdir -p "$UML_TMP" "$RUNDIR/uml"
         "dm-mod dm-bufio dm-crypt dm-integrity loop xts authenc hmac gcm ghash-generic cbc ecb ctr seqiv"
     printf 'SEALCSI_VM_MODULES_OPTIONAL=(%s)\n' \
         "essiv chacha20poly1305 chacha_generic poly1305_generic sha512_generic sha3_generic crc32_generic echainiv cryptd af_alg algif_skcipher algif_hash algif_aead dm-zero dm-delay dm-flakey dm-dust dm-log-writes"
+    printf 'SEALCSI_VM_NET_ADDR=%q\nSEALCSI_VM_NET_GW=%q\nSEALCSI_VM_HOSTNAME=%q\n' "$NET_ADDR" "$NET_GW" "$GUEST_HOSTNAME"
 } >"$RUNDIR/guest.env"
 printf '%s\n' "${MOUNTS[@]}" >"$RUNDIR/guest.mounts"
 {
@@ -183,13 +204,15 @@ printf '%s\n' "${MOUNTS[@]}" >"$RUNDIR/guest.mounts"
 } >"$RUNDIR/cmd.env"
 
 # --- boot -------------------------------------------------------------------------------------
+NET_ARGS=()
+[ -z "$NET_IF" ] || NET_ARGS=("vec0:transport=tap,ifname=$NET_IF")
 START=$SECONDS
 # setsid: UML and every helper it forks share one new process group we can kill as a whole.
 # stdin </dev/null and con0=null,fd:1: works without a tty; the console (kernel + bed
 # messages) goes to boot.log, CMD's stdout/stderr go to files streamed below.
 TMPDIR=$UML_TMP LD_PRELOAD=$SHIM setsid "$UML" \
     mem="$MEM" initrd="$INITRD" ubd0="$SCRATCH_IMG" \
-    con0=null,fd:1 con=null ssl=null \
+    con0=null,fd:1 con=null ssl=null "${NET_ARGS[@]}" \
     umid="$UMID" uml_dir="$RUNDIR/uml" \
     loglevel=4 panic=1 \
     sealcsi.rundir="$RUNDIR" sealcsi.runner="$VMDIR/guest-run.sh" \
