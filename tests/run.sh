@@ -2,6 +2,10 @@
 # The test command: host unit and integration tests, then every guest suite in the real kernel
 # (user-mode Linux), then a short fuzzing run of the header parser. Fails if anything fails.
 #   SEALCSI_FUZZ_SECONDS (default 60): how long the fuzzer runs; 0 skips it.
+# Interop tiers against real peers built outside the repo, each run only when its env path is set
+# (one line says so otherwise): SEALCSI_CSI_SANITY (csi-sanity), SEALCSI_BACKEND_HOSTPATH with
+# SEALCSI_CSI_SANITY (stacked over the hostpath driver), SEALCSI_TRUSTEE_KBS (the Trustee KBS),
+# SEALCSI_KUBE_BIN_DIR (a real Kubernetes cluster, tests/e2e/run.sh; docs/e2e.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/install-deps.sh
@@ -24,6 +28,28 @@ for line in sys.stdin:
     echo "-- $suite ($bin)"
     bash tests/vm/run-in-guest.sh --timeout 1800 -- "$bin" --ignored --test-threads=1 --nocapture
 done
+
+echo "== interop tiers (real peers from env paths)"
+if [ -n "${SEALCSI_CSI_SANITY:-}" ]; then
+    bash tests/vm/csi-sanity.sh "$SEALCSI_CSI_SANITY"
+else
+    echo "csi-sanity tier: not run (SEALCSI_CSI_SANITY is not set)"
+fi
+if [ -n "${SEALCSI_BACKEND_HOSTPATH:-}" ] && [ -n "${SEALCSI_CSI_SANITY:-}" ]; then
+    bash tests/vm/csi-sanity-stacked.sh stacked
+else
+    echo "stacked-over-hostpath tier: not run (needs SEALCSI_BACKEND_HOSTPATH and SEALCSI_CSI_SANITY)"
+fi
+if [ -n "${SEALCSI_TRUSTEE_KBS:-}" ]; then
+    cargo test --test kbs_interop -- --ignored --nocapture
+else
+    echo "Trustee KBS tier: not run (SEALCSI_TRUSTEE_KBS is not set)"
+fi
+if [ -n "${SEALCSI_KUBE_BIN_DIR:-}" ]; then
+    bash tests/e2e/run.sh
+else
+    echo "Kubernetes e2e tier: not run (SEALCSI_KUBE_BIN_DIR is not set; docs/e2e.md)"
+fi
 
 fuzz_seconds=${SEALCSI_FUZZ_SECONDS:-60}
 if [ "$fuzz_seconds" -gt 0 ]; then
