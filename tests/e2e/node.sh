@@ -32,7 +32,7 @@ prepare_kernel() {
     modprobe -a overlay bridge veth br_netfilter nf_conntrack nf_nat xt_conntrack xt_MASQUERADE \
         xt_addrtype xt_comment xt_mark xt_nat xt_statistic xt_multiport xt_physdev xt_tcpudp \
         iptable_nat iptable_filter iptable_mangle ip_tables tun || return 1
-    update-alternatives --quiet --set iptables /usr/sbin/iptables-legacy || return 1
+    update-alternatives --quiet --set iptables /usr/sbin/iptables-legacy && update-alternatives --quiet --set ip6tables /usr/sbin/ip6tables-legacy || return 1
     sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1
     mount -t cgroup2 cgroup2 /sys/fs/cgroup || return 1
     # Delegate every controller to the kubelet's hierarchy.
@@ -136,6 +136,7 @@ start_kube_proxy() {
 
 # --- sealcsi as plain processes, with the ServiceAccount and RBAC of deploy/ -------------------------
 PROC_PIDS=()
+PLUGIN_ARGS=()
 start_driver_processes() {
     mkdir -p "$PLUGIN_DIR" /var/lib/kubelet/plugins_registry
     # The sidecars act as deploy/'s ServiceAccount, so deploy/rbac.yaml is what authorizes them.
@@ -166,12 +167,24 @@ PLUGIN_PID=
 start_plugin() {
     SEALCSI_TEE=sim SEALCSI_STATE_DIR=$STATE SEALCSI_LOG=info \
         sealcsi plugin --endpoint "unix://$PLUGIN_DIR/csi.sock" --node-id "$E2E_NODE_NAME" --mode all \
-        >>"$LOGS/sealcsi-plugin.log" 2>&1 &
+        "${PLUGIN_ARGS[@]}" >>"$LOGS/sealcsi-plugin.log" 2>&1 &
     PLUGIN_PID=$!
     wait_for 30 "the plugin's socket" test -S "$PLUGIN_DIR/csi.sock"
 }
 
+# Scenario 8: the same driver stacked over the reference hostpath driver, whose socket only it uses.
+start_stacked_processes() {
+    mkdir -p /var/lib/sealcsi-backend "$HOSTPATH_STATE"
+    hostpathplugin --endpoint unix:///var/lib/sealcsi-backend/hostpath.sock --nodeid "$E2E_NODE_NAME" \
+        --drivername hostpath.csi.k8s.io --statedir "$HOSTPATH_STATE" --v=2 >"$LOGS/hostpath.log" 2>&1 &
+    PROC_PIDS+=($!)
+    wait_for 30 "the hostpath driver's socket" test -S /var/lib/sealcsi-backend/hostpath.sock || return 1
+    PLUGIN_ARGS=(--backend csi:unix:///var/lib/sealcsi-backend/hostpath.sock)
+    start_driver_processes
+}
+
 stop_driver_processes() {
+    PLUGIN_ARGS=()
     kill "${PROC_PIDS[@]}" "$PLUGIN_PID" 2>/dev/null
     wait "${PROC_PIDS[@]}" "$PLUGIN_PID" 2>/dev/null
     PROC_PIDS=() PLUGIN_PID=
@@ -186,6 +199,12 @@ deploy_daemonset() {
     kubectl -n sealcsi rollout status daemonset/sealcsi-node --timeout=300s || return 1
     wait_for 60 "the kubelet to register sealcsi.io (DaemonSet)" \
         sh -c "kubectl get csinode $E2E_NODE_NAME -o jsonpath='{.spec.drivers[*].name}' | grep -qw sealcsi.io"
+}
+
+remove_daemonset() {
+    kubectl delete --wait=true --timeout=180s -n sealcsi daemonset/sealcsi-node || return 1
+    wait_for 120 "the kubelet to unregister sealcsi.io" \
+        sh -c "! kubectl get csinode $E2E_NODE_NAME -o jsonpath='{.spec.drivers[*].name}' | grep -qw sealcsi.io"
 }
 
 collect_logs() {
@@ -218,6 +237,8 @@ main() {
     run_scenario 10 udev_leaves_devices_alone
     timed "stop the process-mode driver" stop_driver_processes
     run_scenario 11 deployed_daemonset
+    run_scenario 11 remove_daemonset
+    run_scenario 8 stacked_over_hostpath
     run_scenario 12 node_left_clean
     collect_logs
     scenarios_summary

@@ -151,7 +151,7 @@ in_ns "$KUBE_BIN/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 \
     --service-account-key-file="$P/sa.pub" --service-account-signing-key-file="$P/sa.key" \
     --service-cluster-ip-range="$SERVICE_CIDR" --allow-privileged=true \
     --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
-    --endpoint-reconciler-type=lease --v=1 \
+    --endpoint-reconciler-type=lease --kubelet-preferred-address-types=InternalIP --v=1 \
     >"$RUN/logs/kube-apiserver.log" 2>&1 &
 wait_for 60 "the API server to be ready" in_ns "$KUBECTL" --kubeconfig "$RUN/admin.kubeconfig" get --raw /readyz
 in_ns "$KUBE_BIN/kube-controller-manager" --kubeconfig="$RUN/kube-controller-manager.kubeconfig" \
