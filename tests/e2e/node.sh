@@ -149,7 +149,8 @@ start_driver_processes() {
     # shellcheck disable=SC2086
     {
         csi-node-driver-registrar --csi-address="$PLUGIN_DIR/csi.sock" \
-            --kubelet-registration-path="$PLUGIN_DIR/csi.sock" --v=2 >"$LOGS/registrar.log" 2>&1 &
+            --kubelet-registration-path="$PLUGIN_DIR/csi.sock" \
+            --plugin-registration-path=/var/lib/kubelet/plugins_registry --v=2 >"$LOGS/registrar.log" 2>&1 &
         PROC_PIDS+=($!)
         NODE_NAME=$E2E_NODE_NAME NAMESPACE=sealcsi POD_NAME=e2e-processes csi-provisioner $sc --v=2 \
             --node-deployment=true --node-deployment-immediate-binding=false --strict-topology=true \
@@ -237,7 +238,7 @@ main() {
     run_scenario 10 udev_leaves_devices_alone
     timed "stop the process-mode driver" stop_driver_processes
     run_scenario 11 deployed_daemonset
-    run_scenario 11 remove_daemonset
+    run_scenario 11/remove remove_daemonset
     run_scenario 8 stacked_over_hostpath
     run_scenario 12 node_left_clean
     collect_logs
