@@ -38,12 +38,20 @@ fn env_filter(filter: &str) -> EnvFilter {
 }
 
 /// The subscriber writing to `writer`: `filter` is an `EnvFilter` directive string; `json` selects one
-/// JSON object per line (with the current span) instead of text.
-pub fn subscriber<W>(filter: &str, json: bool, writer: W) -> impl Subscriber + Send + Sync + 'static
+/// JSON object per line (with the current span) instead of text. Text has ANSI colours only when
+/// `writer` is a terminal (`ansi`): a log file or a collector gets plain text.
+pub fn subscriber<W>(
+    filter: &str,
+    json: bool,
+    ansi: bool,
+    writer: W,
+) -> impl Subscriber + Send + Sync + 'static
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi && !json)
+        .with_writer(writer);
     let fmt = if json {
         fmt.json().with_current_span(true).boxed()
     } else {
@@ -58,7 +66,8 @@ where
 /// Installs the subscriber on stderr as the global default, and bridges `log` records (the
 /// devicemapper crate uses `log`) into it. A second call does nothing.
 pub fn init(filter: &str, json: bool) {
-    let _ = subscriber(filter, json, std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = subscriber(filter, json, ansi, std::io::stderr).try_init();
 }
 
 #[cfg(test)]
@@ -104,6 +113,17 @@ mod tests {
     }
 
     #[test]
+    fn colours_only_for_a_terminal() {
+        for ansi in [false, true] {
+            let buf = Buffer::default();
+            tracing::subscriber::with_default(subscriber("info", false, ansi, buf.clone()), || {
+                tracing::info!(volume.id = "v1", "staged")
+            });
+            assert_eq!(buf.text().contains('\x1b'), ansi, "{}", buf.text());
+        }
+    }
+
+    #[test]
     fn no_filter_lifts_the_devicemapper_cap() {
         for filter in [
             "trace",
@@ -113,7 +133,10 @@ mod tests {
         ] {
             for json in [false, true] {
                 let buf = Buffer::default();
-                tracing::subscriber::with_default(subscriber(filter, json, buf.clone()), emit);
+                tracing::subscriber::with_default(
+                    subscriber(filter, json, false, buf.clone()),
+                    emit,
+                );
                 let out = buf.text();
                 assert!(
                     !out.contains("MARKER"),
@@ -166,7 +189,7 @@ mod tests {
     #[test]
     fn a_bad_filter_falls_back() {
         let buf = Buffer::default();
-        tracing::subscriber::with_default(subscriber("=[[[", false, buf.clone()), || {
+        tracing::subscriber::with_default(subscriber("=[[[", false, false, buf.clone()), || {
             tracing::warn!("warned");
             tracing::info!("not shown");
         });

@@ -104,7 +104,7 @@ dm_open() { dmsetup info "$(dm_of "$1")" >/dev/null 2>&1; }
 backing_file() { # CSI volume id -> the file that holds its ciphertext
     if [ "$BACKEND" = stacked ]; then echo "$HOSTPATH_STATE/$1"; else echo "$STATE/volumes/$1.img"; fi
 }
-no_plaintext() { ! grep -aqF "$MARKER" "$1"; }
+no_plaintext() { python3 "$E2E_DIR/plaintext.py" "$1" "$MARKER"; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 WRITE_DATA="set -e; D=\${DIR:-/data}; head -c 4194304 /dev/urandom >\$D/random; \
