@@ -11,7 +11,10 @@ RUN=$1
 E2E_DIR=$E2E_REPO/tests/e2e
 # shellcheck source=tests/e2e/lib.sh
 . "$E2E_DIR/lib.sh"
-export PATH=$RUN/bin:$PATH KUBECONFIG=$RUN/admin.kubeconfig
+# The binaries run from the guest's tmpfs: executing them from hostfs pages them in slowly, and the
+# scenarios start kubectl a few hundred times.
+mkdir -p /run/e2e-bin && cp "$RUN"/bin/* /run/e2e-bin/
+export PATH=/run/e2e-bin:$PATH KUBECONFIG=$RUN/admin.kubeconfig
 LOGS=$RUN/logs
 STATE=/var/lib/sealcsi
 PLUGIN_DIR=/var/lib/kubelet/plugins/sealcsi.io

@@ -16,13 +16,14 @@ run_scenario() {
         return 0
     fi
     log "scenario $id: $fn $*"
+    local logfile=$LOGS/scenario-${id//\//-}-$fn${*:+-${*// /-}}.log
     SKIP_REASON=
-    if "$fn" "$@" >"$LOGS/scenario-${id//\//-}.log" 2>&1; then
+    if "$fn" "$@" >"$logfile" 2>&1; then
         result=PASS detail=
     elif [ -n "$SKIP_REASON" ]; then
         result=SKIP detail=$SKIP_REASON
     else
-        result=FAIL detail="see logs/scenario-${id//\//-}.log: $(tail -n 1 "$LOGS/scenario-${id//\//-}.log")"
+        result=FAIL detail="see logs/${logfile##*/}: $(tail -n 1 "$logfile")"
         FAILED=1
     fi
     log "scenario $id: $result (${detail:-ok}) in $((SECONDS - t))s"
@@ -168,7 +169,9 @@ recreate_reads_back() { # FS MODE
     id=$(volume_handle "$name") || return 1
     dm=$(dm_of "$id")
     check "pod w-$name deleted" pod_gone "w-$name" || return 1
-    check "NodeUnstage removed the dm stack of $id" sh -c "! dmsetup info $dm >/dev/null 2>&1 && ! dmsetup info $dm-integrity >/dev/null 2>&1" || return 1
+    # The kubelet unpublishes and unstages after the pod object is gone.
+    check "NodeUnstage removed the dm stack of $id" wait_for 120 "dm devices of $id removed" \
+        sh -c "! dmsetup info $dm && ! dmsetup info $dm-integrity" || return 1
     check "no loop device holds the backing file" sh -c "! losetup -j $(backing_file "$id") | grep -q ." || return 1
     pod "r-$name" "$name" fs "true" || return 1
     check "pod r-$name is Ready" pod_ready "r-$name" || return 1
@@ -246,7 +249,7 @@ plugin_restart() {
     start_plugin || return 1
     check "the pod still reads its data after the restart" in_pod w-restart sh -c "$READ_DATA" || return 1
     check "pod w-restart deleted (unstaged by the restarted plugin)" pod_gone w-restart || return 1
-    check "the dm stack is gone" sh -c "! dmsetup info sealcsi-$id >/dev/null 2>&1" || return 1
+    check "the dm stack is gone" wait_for 120 "dm devices of $id removed" sh -c "! dmsetup info sealcsi-$id" || return 1
     pod r-restart restart fs "true" || return 1
     check "a new pod after the restart is Ready" pod_ready r-restart || return 1
     check "and reads the data back" in_pod r-restart sh -c "$READ_DATA" || return 1
@@ -318,7 +321,7 @@ udev_leaves_devices_alone() {
 
 # --- 8: the same flow stacked over the reference hostpath driver ----------------------------------------
 stacked_over_hostpath() {
-    if [ ! -x "$RUN/bin/hostpathplugin" ]; then
+    if [ ! -x /run/e2e-bin/hostpathplugin ]; then
         SKIP_REASON="SEALCSI_BACKEND_HOSTPATH is not set (the kubernetes-csi hostpath driver binary)"
         return 1
     fi
