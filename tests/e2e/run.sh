@@ -181,11 +181,13 @@ E2E_SCENARIOS="$SCENARIOS"
 EOF
 note "booting the node (guest); its progress is in $RUN/logs/node.log"
 t=$SECONDS
-set +e
+# In the background and waited for, so that a signal runs the cleanup at once.
 in_ns bash "$REPO/tests/vm/run-in-guest.sh" --mem 4G --timeout "$TIMEOUT" --scratch-size 100G \
     --hostname "$NODE_NAME" --net "tap:$TAP:$NODE_IP/24:$HOST_IP" \
-    -- bash "$E2E_DIR/node.sh" "$RUN" 2>&1 | tee "$RUN/logs/node.log"
-rc=${PIPESTATUS[0]}
+    -- bash "$E2E_DIR/node.sh" "$RUN" > >(tee "$RUN/logs/node.log") 2>&1 &
+set +e
+wait $!
+rc=$?
 set -e
 step "guest: boot, node, scenarios, shutdown" $((SECONDS - t))
 [ "$rc" = 0 ] || note "the node exited with status $rc"
