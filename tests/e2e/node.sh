@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Guest side of tests/e2e/run.sh: makes this user-mode-linux guest a Kubernetes node (containerd,
-# kubelet, kube-proxy, udevd), runs sealcsi's node plugin and sidecars as plain processes, then as
-# deploy/'s DaemonSet, and runs the scenarios (tests/e2e/scenarios.sh) against both.
+# kubelet, kube-proxy, udevd), then serves the host's scenarios (tests/e2e/scenarios.sh) through
+# tests/e2e/agent.py, which runs the node-side steps (tests/e2e/node-lib.sh) they send.
 #
 #   node.sh RUN_DIR        (RUN_DIR/e2e.env says the rest)
 set -uo pipefail
@@ -11,13 +11,11 @@ RUN=$1
 E2E_DIR=$E2E_REPO/tests/e2e
 # shellcheck source=tests/e2e/lib.sh
 . "$E2E_DIR/lib.sh"
-# The binaries run from the guest's tmpfs: executing them from hostfs pages them in slowly, and the
-# scenarios start kubectl a few hundred times.
+# The binaries run from the guest's tmpfs: executing them from hostfs pages them in slowly.
 mkdir -p /run/e2e-bin && cp "$RUN"/bin/* /run/e2e-bin/
-export PATH=/run/e2e-bin:$PATH KUBECONFIG=$RUN/admin.kubeconfig
+export PATH=/run/e2e-bin:$PATH
 LOGS=$RUN/logs
 STATE=/var/lib/sealcsi
-PLUGIN_DIR=/var/lib/kubelet/plugins/sealcsi.io
 log() { echo "node: $(date +%T) $*"; }
 fail() { log "FATAL: $*"; exit 1; }
 timed() { # timed STEP CMD...: run, record the duration, stop the run on failure
@@ -126,7 +124,6 @@ EOF
     kubelet --config=/var/lib/kubelet/config.yaml --kubeconfig="$RUN/kubelet.kubeconfig" \
         --hostname-override="$E2E_NODE_NAME" --node-ip="$E2E_NODE_IP" --v=2 \
         >"$LOGS/kubelet.log" 2>&1 &
-    wait_for 120 "node $E2E_NODE_NAME Ready" kubectl wait --for=condition=Ready "node/$E2E_NODE_NAME" --timeout=5s
 }
 
 start_kube_proxy() {
@@ -137,115 +134,24 @@ start_kube_proxy() {
     wait_for 60 "kube-proxy's service rules" sh -c 'iptables-save -t nat | grep -q KUBE-SERVICES'
 }
 
-# --- sealcsi as plain processes, with the ServiceAccount and RBAC of deploy/ -------------------------
-PROC_PIDS=()
-PLUGIN_ARGS=()
-start_driver_processes() {
-    mkdir -p "$PLUGIN_DIR" /var/lib/kubelet/plugins_registry
-    # The sidecars act as deploy/'s ServiceAccount, so deploy/rbac.yaml is what authorizes them.
-    local token
-    token=$(kubectl -n sealcsi create token sealcsi-node --duration=2h) || return 1
-    sed -e '/client-certificate-data/d' -e "s|client-key-data: .*|token: $token|" \
-        "$RUN/admin.kubeconfig" >"$RUN/sealcsi-node.kubeconfig"
-    start_plugin || return 1
-    local sc="--kubeconfig=$RUN/sealcsi-node.kubeconfig --csi-address=$PLUGIN_DIR/csi.sock"
-    # shellcheck disable=SC2086
-    {
-        csi-node-driver-registrar --csi-address="$PLUGIN_DIR/csi.sock" \
-            --kubelet-registration-path="$PLUGIN_DIR/csi.sock" \
-            --plugin-registration-path=/var/lib/kubelet/plugins_registry --v=2 >"$LOGS/registrar.log" 2>&1 &
-        PROC_PIDS+=($!)
-        NODE_NAME=$E2E_NODE_NAME NAMESPACE=sealcsi POD_NAME=e2e-processes csi-provisioner $sc --v=2 \
-            --node-deployment=true --node-deployment-immediate-binding=false --strict-topology=true \
-            --immediate-topology=false --enable-capacity=true --capacity-ownerref-level=-1 \
-            >"$LOGS/provisioner.log" 2>&1 &
-        PROC_PIDS+=($!)
-        csi-resizer $sc --v=2 --handle-volume-inuse-error=false >"$LOGS/resizer.log" 2>&1 &
-        PROC_PIDS+=($!)
-    }
-    wait_for 60 "the kubelet to register sealcsi.io" \
-        sh -c "kubectl get csinode $E2E_NODE_NAME -o jsonpath='{.spec.drivers[*].name}' | grep -qw sealcsi.io"
-}
-
-PLUGIN_PID=
-start_plugin() {
-    SEALCSI_TEE=sim SEALCSI_STATE_DIR=$STATE SEALCSI_LOG=info \
-        sealcsi plugin --endpoint "unix://$PLUGIN_DIR/csi.sock" --node-id "$E2E_NODE_NAME" --mode all \
-        "${PLUGIN_ARGS[@]}" >>"$LOGS/sealcsi-plugin.log" 2>&1 &
-    PLUGIN_PID=$!
-    wait_for 30 "the plugin's socket" test -S "$PLUGIN_DIR/csi.sock"
-}
-
-# Scenario 8: the same driver stacked over the reference hostpath driver, whose socket only it uses.
-start_stacked_processes() {
-    mkdir -p /var/lib/sealcsi-backend "$HOSTPATH_STATE"
-    hostpathplugin --endpoint unix:///var/lib/sealcsi-backend/hostpath.sock --nodeid "$E2E_NODE_NAME" \
-        --drivername hostpath.csi.k8s.io --statedir "$HOSTPATH_STATE" --v=2 >"$LOGS/hostpath.log" 2>&1 &
-    PROC_PIDS+=($!)
-    wait_for 30 "the hostpath driver's socket" test -S /var/lib/sealcsi-backend/hostpath.sock || return 1
-    PLUGIN_ARGS=(--backend csi:unix:///var/lib/sealcsi-backend/hostpath.sock)
-    start_driver_processes
-}
-
-stop_driver_processes() {
-    PLUGIN_ARGS=()
-    kill "${PROC_PIDS[@]}" "$PLUGIN_PID" 2>/dev/null
-    wait "${PROC_PIDS[@]}" "$PLUGIN_PID" 2>/dev/null
-    PROC_PIDS=() PLUGIN_PID=
-    rm -f "$PLUGIN_DIR/csi.sock" /var/lib/kubelet/plugins_registry/sealcsi.io-reg.sock
-    wait_for 60 "the kubelet to unregister sealcsi.io" \
-        sh -c "! kubectl get csinode $E2E_NODE_NAME -o jsonpath='{.spec.drivers[*].name}' | grep -qw sealcsi.io"
-}
-
-# --- sealcsi as deploy/'s DaemonSet -------------------------------------------------------------------
-deploy_daemonset() {
-    kubectl apply --validate=false -k "$E2E_DIR/deploy-sim" >"$LOGS/apply-deploy.log" 2>&1 || return 1
-    kubectl -n sealcsi rollout status daemonset/sealcsi-node --timeout=300s || return 1
-    wait_for 60 "the kubelet to register sealcsi.io (DaemonSet)" \
-        sh -c "kubectl get csinode $E2E_NODE_NAME -o jsonpath='{.spec.drivers[*].name}' | grep -qw sealcsi.io"
-}
-
-remove_daemonset() {
-    kubectl delete --wait=true --timeout=180s -n sealcsi daemonset/sealcsi-node || return 1
-    wait_for 120 "the kubelet to unregister sealcsi.io" \
-        sh -c "! kubectl get csinode $E2E_NODE_NAME -o jsonpath='{.spec.drivers[*].name}' | grep -qw sealcsi.io"
-}
-
-collect_logs() {
-    kubectl get all,pvc,pv,csinode,csidriver,csistoragecapacity,storageclass -A -o wide >"$LOGS/cluster-state.txt" 2>&1
-    kubectl get events -A --sort-by=.lastTimestamp >"$LOGS/events.txt" 2>&1
-    local p c
-    for p in $(kubectl -n sealcsi get pods -o name 2>/dev/null); do
-        for c in sealcsi csi-provisioner csi-resizer node-driver-registrar liveness-probe; do
-            kubectl -n sealcsi logs "$p" -c "$c" >"$LOGS/daemonset-${p#pod/}-$c.log" 2>&1
-        done
-    done
-    dmsetup ls >"$LOGS/dmsetup-ls.txt" 2>&1
-    losetup -a >"$LOGS/losetup.txt" 2>&1
-    dmesg >"$LOGS/guest-dmesg.txt" 2>&1
+collect_node_logs() {
+    dmsetup ls >"$LOGS/node-dmsetup-ls.txt" 2>&1
+    losetup -a >"$LOGS/node-losetup.txt" 2>&1
+    grep -E 'sealcsi|kubelet' /proc/mounts >"$LOGS/node-mounts.txt" 2>&1
+    dmesg >"$LOGS/node-dmesg.txt" 2>&1
 }
 
 main() {
-    # shellcheck source=tests/e2e/scenarios.sh
-    . "$E2E_DIR/scenarios.sh"
     timed "kernel modules, cgroup2, mounts" prepare_kernel
     timed "systemd-udevd" start_udevd
     timed "containerd + image import" start_containerd
-    timed "kubelet registered, node Ready" start_kubelet
-    timed "kube-proxy" start_kube_proxy
-    run_scenario 1 apply_deploy_objects
-    timed "sealcsi plugin + sidecars as processes" start_driver_processes
-    run_scenarios_against "processes"
-    run_scenario 7 plugin_restart
-    run_scenario 9 tamper_is_reported
-    run_scenario 10 udev_leaves_devices_alone
-    timed "stop the process-mode driver" stop_driver_processes
-    run_scenario 11 deployed_daemonset
-    run_scenario 11/remove remove_daemonset
-    run_scenario 8 stacked_over_hostpath
-    run_scenario 12 node_left_clean
-    collect_logs
-    scenarios_summary
+    timed "kubelet started" start_kubelet
+    timed "kube-proxy started" start_kube_proxy
+    # The host runs the scenarios from here on, through the agent, until it says shutdown.
+    log "agent serving the host's scenarios"
+    E2E_RUN=$RUN python3 "$E2E_DIR/agent.py" "$E2E_NODE_IP" 7000 "$E2E_DIR/node-lib.sh" >"$LOGS/agent.log" 2>&1
+    log "agent stopped"
+    collect_node_logs
 }
 
 main

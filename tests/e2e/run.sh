@@ -26,6 +26,7 @@ KUBE_BIN=${SEALCSI_KUBE_BIN_DIR:?"set SEALCSI_KUBE_BIN_DIR to a directory of Kub
 SIDECAR_BIN=${SEALCSI_CSI_SIDECAR_DIR:-$KUBE_BIN}
 TIMEOUT=${SEALCSI_E2E_TIMEOUT:-1500}
 SCENARIOS="$*"
+export SCENARIOS
 
 # Addresses: the host end of the tap device is the control plane; the guest is the node.
 NETNS=sealcsi-e2e-$$
@@ -169,26 +170,55 @@ in_ns "$KUBE_BIN/kube-scheduler" --kubeconfig="$RUN/kube-scheduler.kubeconfig" \
     >"$RUN/logs/kube-scheduler.log" 2>&1 &
 step "control plane up (etcd, apiserver ready, controller-manager, scheduler)" $((SECONDS - t))
 
-# --- the node: the guest runs node.sh, which brings up the node and runs the scenarios ------------
+# --- the node: the guest runs node.sh, then serves the scenarios through its agent -----------------------
 cat >"$RUN/e2e.env" <<EOF
 E2E_RUN=$RUN
 E2E_REPO=$REPO
 E2E_NODE_NAME=$NODE_NAME
 E2E_NODE_IP=$NODE_IP
 E2E_HOST_IP=$HOST_IP
-E2E_SERVICE_CIDR=$SERVICE_CIDR
-E2E_SCENARIOS="$SCENARIOS"
 EOF
-note "booting the node (guest); its progress is in $RUN/logs/node.log"
+note "booting the node (guest); its console is in $RUN/logs/node.log"
 t=$SECONDS
 # In the background and waited for, so that a signal runs the cleanup at once.
 in_ns bash "$REPO/tests/vm/run-in-guest.sh" --mem 4G --timeout "$TIMEOUT" --scratch-size 100G \
     --hostname "$NODE_NAME" --net "tap:$TAP:$NODE_IP/24:$HOST_IP" \
-    -- bash "$E2E_DIR/node.sh" "$RUN" > >(tee "$RUN/logs/node.log") 2>&1 &
+    -- bash "$E2E_DIR/node.sh" "$RUN" >"$RUN/logs/node.log" 2>&1 &
+GUEST_PID=$!
+agent_up() {
+    if ! kill -0 "$GUEST_PID" 2>/dev/null; then
+        tail -n 20 "$RUN/logs/node.log" >&2
+        die "the node exited during its setup"
+    fi
+    in_ns curl -sf --max-time 5 --data-binary true "http://$NODE_IP:7000/run" >/dev/null
+}
+wait_for 900 "the node's agent" agent_up || die "the node did not come up"
+wait_for 180 "node $NODE_NAME Ready" in_ns "$KUBECTL" --kubeconfig "$RUN/admin.kubeconfig" \
+    wait --for=condition=Ready "node/$NODE_NAME" --timeout=5s || die "the node did not become Ready"
+step "guest booted, node set up, kubelet Ready" $((SECONDS - t))
+
+# --- the scenarios ---------------------------------------------------------------------------------------
+# shellcheck source=tests/e2e/scenarios.sh
+. "$E2E_DIR/scenarios.sh"
+t=$SECONDS
+run_all_scenarios
+step "scenarios" $((SECONDS - t))
+
+collect_cluster_logs() {
+    k get all,pvc,pv,csinode,csidriver,csistoragecapacity,storageclass -A -o wide >"$RUN/logs/cluster-state.txt" 2>&1
+    k get events -A --sort-by=.lastTimestamp >"$RUN/logs/events.txt" 2>&1
+    local p c
+    for p in $(k -n sealcsi get pods -o name 2>/dev/null); do
+        for c in sealcsi csi-provisioner csi-resizer node-driver-registrar liveness-probe; do
+            k -n sealcsi logs "$p" -c "$c" >"$RUN/logs/daemonset-${p#pod/}-$c.log" 2>&1
+        done
+    done
+}
+collect_cluster_logs
+in_ns curl -s --max-time 10 -X POST "http://$NODE_IP:7000/shutdown" >/dev/null || note "the node's agent did not answer the shutdown"
 set +e
-wait $!
-rc=$?
+wait "$GUEST_PID"
+guest_rc=$?
 set -e
-step "guest: boot, node, scenarios, shutdown" $((SECONDS - t))
-[ "$rc" = 0 ] || note "the node exited with status $rc"
-exit "$rc"
+[ "$guest_rc" = 0 ] || note "the node exited with status $guest_rc"
+[ "$FAILED" = 0 ] && [ "$guest_rc" = 0 ]

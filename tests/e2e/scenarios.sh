@@ -1,22 +1,24 @@
 # shellcheck shell=bash
-# The e2e scenarios (docs/e2e.md), sourced by tests/e2e/node.sh inside the guest node. Each asserts
-# what Kubernetes reports (through kubectl) and what is on the node (device-mapper, files, mounts).
-# A scenario is a function that returns non-zero on the first failed check, after saying why.
+# The e2e scenarios (docs/e2e.md), sourced by tests/e2e/run.sh on the host. Each asserts what Kubernetes
+# reports (kubectl against the API server) and what is on the node (through the node's agent:
+# `node SCRIPT` runs SCRIPT there with tests/e2e/node-lib.sh's functions). A scenario is a function that
+# returns non-zero at its first failed check, after saying which.
 
 NS=e2e
 MARKER=sealcsi-e2e-plaintext-$RANDOM$RANDOM-marker
 FAILED=0
+BACKEND=local   # or stacked (scenario 8): how the node finds a volume's devices and ciphertext
 
-# run_scenario ID FUNCTION [ARGS...]: run it unless E2E_SCENARIOS names others; record the result.
+# run_scenario ID FUNCTION [ARGS...]: run it unless SCENARIOS names others; record the result.
 run_scenario() {
-    local id=$1 fn=$2 t=$SECONDS result detail
+    local id=$1 fn=$2 t=$SECONDS result detail logfile
     shift 2
     # Scenario 1 (deploy/'s objects) is what every other one stands on: it always runs.
-    if [ "$id" != 1 ] && [ -n "${E2E_SCENARIOS// /}" ] && ! [[ " $E2E_SCENARIOS " == *" ${id%%/*} "* ]]; then
+    if [ "$id" != 1 ] && [ -n "${SCENARIOS// /}" ] && ! [[ " $SCENARIOS " == *" ${id%%/*} "* ]]; then
         return 0
     fi
-    log "scenario $id: $fn $*"
-    local logfile=$LOGS/scenario-${id//\//-}-$fn${*:+-${*// /-}}.log
+    note "scenario $id: $fn $*"
+    logfile=$RUN/logs/scenario-${id//\//-}-$fn${*:+-${*// /-}}.log
     SKIP_REASON=
     if "$fn" "$@" >"$logfile" 2>&1; then
         result=PASS detail=
@@ -26,13 +28,8 @@ run_scenario() {
         result=FAIL detail="see logs/${logfile##*/}: $(tail -n 1 "$logfile")"
         FAILED=1
     fi
-    log "scenario $id: $result (${detail:-ok}) in $((SECONDS - t))s"
-    printf '%s\t%s\t%s\t%s\n' "$id" "$result" $((SECONDS - t)) "$fn $* ${detail:+- $detail}" >>"$RUN/results.tsv"
-}
-
-scenarios_summary() {
-    [ "$FAILED" = 0 ] || { log "some scenarios failed"; exit 1; }
-    log "every scenario that ran passed"
+    note "scenario $id: $result${detail:+ ($detail)} in $((SECONDS - t))s"
+    printf '%s\t%s\t%s\t%s\n' "$id" "$result" $((SECONDS - t)) "$fn $*${detail:+ - $detail}" >>"$RUN/results.tsv"
 }
 
 check() { # check DESCRIPTION CMD...: a named assertion
@@ -40,9 +37,25 @@ check() { # check DESCRIPTION CMD...: a named assertion
     shift
     if "$@"; then echo "ok: $what"; else echo "FAILED: $what"; return 1; fi
 }
-k() { kubectl --request-timeout=30s "$@"; }
+k() { in_ns "$KUBECTL" --kubeconfig "$RUN/admin.kubeconfig" --request-timeout=60s "$@"; }
+kq() { k "$@" >/dev/null 2>&1; }   # quiet, for wait_for
+jp() { k "${@:1:$#-1}" -o jsonpath="${!#}"; } # jp ARGS... JSONPATH
 
-# --- objects ----------------------------------------------------------------------------------------
+# node SCRIPT: run SCRIPT on the node (tests/e2e/agent.py); its output is printed, its status returned.
+node() {
+    local reply rc
+    reply=$(printf 'BACKEND=%s\n%s\n' "$BACKEND" "$1" |
+        in_ns curl -sS --max-time 960 --data-binary @- "http://$NODE_IP:7000/run") || {
+        echo "the node's agent did not answer"
+        return 125
+    }
+    rc=${reply%%$'\n'*}
+    [ "$reply" = "$rc" ] || printf '%s\n' "${reply#*$'\n'}"
+    return "$rc"
+}
+nodeq() { node "$1" >/dev/null 2>&1; }
+
+# --- objects ------------------------------------------------------------------------------------------
 pvc() { # pvc NAME STORAGECLASS SIZE [Filesystem|Block]
     k -n $NS apply --validate=false -f - <<EOF
 apiVersion: v1
@@ -56,7 +69,7 @@ spec:
 EOF
 }
 
-pod() { # pod NAME PVC fs|block SCRIPT: runs SCRIPT, then sleeps
+pod() { # pod NAME PVC fs|block SCRIPT: runs SCRIPT, is Ready once it is done, then sleeps
     local vol
     if [ "$3" = block ]; then
         vol="volumeDevices: [{name: v, devicePath: /dev/sealed}]"
@@ -85,28 +98,12 @@ EOF
 pod_ready() { k -n $NS wait --for=condition=Ready "pod/$1" --timeout="${2:-180}s"; }
 pod_gone() { k -n $NS delete pod "$1" --wait=true --timeout=120s; }
 in_pod() { local p=$1; shift; k -n $NS exec "$p" -- "$@"; }
-volume_handle() { # PVC -> the CSI volume id of its PV
-    local pv
-    pv=$(k -n $NS get pvc "$1" -o jsonpath='{.spec.volumeName}') || return 1
-    k get pv "$pv" -o jsonpath='{.spec.csi.volumeHandle}'
+pv_of() { jp -n $NS get pvc "$1" '{.spec.volumeName}'; }
+volume_handle() { local pv; pv=$(pv_of "$1") && jp get pv "$pv" '{.spec.csi.volumeHandle}'; }
+has_event() { # has_event OBJECT REASON
+    [ -n "$(k -n $NS get events --field-selector "involvedObject.name=$1,reason=$2" -o name 2>/dev/null)" ]
 }
-pv_of() { k -n $NS get pvc "$1" -o jsonpath='{.spec.volumeName}'; }
-# BACKEND is local (node-local files) or stacked (over the hostpath driver, scenario 8).
-BACKEND=local
-HOSTPATH_STATE=/scratch/hostpath
-dm_of() { # CSI volume id -> the name of its dm-crypt device
-    if [ "$BACKEND" = stacked ]; then
-        echo "sealcsi-sv-$(printf 'stacked:%s' "$1" | sha256sum | cut -c1-32)"
-    else
-        echo "sealcsi-$1"
-    fi
-}
-dm_open() { dmsetup info "$(dm_of "$1")" >/dev/null 2>&1; }
-backing_file() { # CSI volume id -> the file that holds its ciphertext
-    if [ "$BACKEND" = stacked ]; then echo "$HOSTPATH_STATE/$1"; else echo "$STATE/volumes/$1.img"; fi
-}
-no_plaintext() { python3 "$E2E_DIR/plaintext.py" "$1" "$MARKER"; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+driver_registered() { jp get csinode "$NODE_NAME" '{.spec.drivers[*].name}' 2>/dev/null | grep -qw sealcsi.io; }
 
 WRITE_DATA="set -e; D=\${DIR:-/data}; head -c 4194304 /dev/urandom >\$D/random; \
 i=0; while [ \$i -lt 2048 ]; do echo $MARKER; i=\$((i+1)); done >\$D/marker; \
@@ -114,17 +111,32 @@ dd if=\$D/random of=\$D/random.copy bs=1M conv=fsync 2>/dev/null; sync; \
 sha256sum \$D/random \$D/marker >\$D/sums; sync"
 READ_DATA="set -e; cd /data; sha256sum -c sums; cmp random random.copy"
 
+# --- the driver as processes on the node --------------------------------------------------------------
+start_driver_processes() { # [PLUGIN ARGS...]
+    local token
+    token=$(k -n sealcsi create token sealcsi-node --duration=2h) || return 1
+    sed -e '/client-certificate-data/d' -e "s|client-key-data: .*|token: $token|" \
+        "$RUN/admin.kubeconfig" >"$RUN/sealcsi-node.kubeconfig"
+    node "start_plugin $* && start_sidecars" || return 1
+    wait_for 90 "the kubelet to register sealcsi.io" driver_registered
+}
+stop_driver_processes() {
+    node stop_driver || return 1
+    wait_for 90 "the kubelet to unregister sealcsi.io" eval '! driver_registered'
+}
+
 # --- 1: deploy/'s cluster objects, as they are -------------------------------------------------------
 apply_deploy_objects() {
     local f
     for f in namespace csidriver rbac storageclasses; do
-        check "kubectl apply -f deploy/$f.yaml" k apply --validate=false -f "$E2E_REPO/deploy/$f.yaml" || return 1
+        check "kubectl apply -f deploy/$f.yaml" k apply --validate=false -f "$REPO/deploy/$f.yaml" || return 1
     done
-    check "CSIDriver sealcsi.io exists with storageCapacity" \
-        sh -c "[ \"\$(kubectl get csidriver sealcsi.io -o jsonpath='{.spec.storageCapacity}')\" = true ]" || return 1
+    check "CSIDriver sealcsi.io exists with storageCapacity" test "$(jp get csidriver sealcsi.io '{.spec.storageCapacity}')" = true || return 1
     check "StorageClasses sealcsi-ext4 and sealcsi-xfs exist" k get storageclass sealcsi-ext4 sealcsi-xfs || return 1
     check "ServiceAccount sealcsi-node exists" k -n sealcsi get serviceaccount sealcsi-node || return 1
-    k create namespace $NS >/dev/null 2>&1 || k get namespace $NS >/dev/null
+    kq get namespace $NS || k create namespace $NS
+    # Pods are admitted once the namespace's default ServiceAccount exists.
+    wait_for 60 "the default ServiceAccount of $NS" kq -n $NS get serviceaccount default
 }
 
 # --- 2-6: the PVC lifecycle, against the process-mode driver and the DaemonSet ----------------------
@@ -140,69 +152,60 @@ run_scenarios_against() {
 }
 
 provision_write() { # FS MODE
-    local fs=$1 name=$1-$2 id file dm
-    pvc "$name" "sealcsi-$fs" 256Mi || return 1
-    check "PVC $name waits for its first consumer (the PV controller says so)" wait_for 60 "event WaitForFirstConsumer" \
-        sh -c "kubectl -n $NS get events --field-selector involvedObject.name=$name,reason=WaitForFirstConsumer -o name | grep -q ." || return 1
-    check "and is not bound yet" \
-        sh -c "[ \"\$(kubectl -n $NS get pvc $name -o jsonpath='{.status.phase}')\" = Pending ]" || return 1
+    local fs=$1 name=$1-$2 id size=256Mi
+    [ "$fs" = xfs ] && size=320Mi   # mkfs.xfs refuses filesystems under 300 MB
+    pvc "$name" "sealcsi-$fs" "$size" || return 1
+    check "PVC $name waits for its first consumer (the PV controller's event)" \
+        wait_for 60 "event WaitForFirstConsumer" has_event "$name" WaitForFirstConsumer || return 1
+    check "and is not bound yet" test "$(jp -n $NS get pvc "$name" '{.status.phase}')" = Pending || return 1
     pod "w-$name" "$name" fs "$WRITE_DATA" || return 1
-    check "pod w-$name scheduled, volume provisioned, staged, published, data written" pod_ready "w-$name" 240 || return 1
-    check "PVC $name is Bound" sh -c "[ \"\$(kubectl -n $NS get pvc $name -o jsonpath='{.status.phase}')\" = Bound ]" || return 1
+    check "pod w-$name scheduled, volume provisioned, staged, published, data written" pod_ready "w-$name" 300 || return 1
+    check "PVC $name is Bound" test "$(jp -n $NS get pvc "$name" '{.status.phase}')" = Bound || return 1
     id=$(volume_handle "$name") || return 1
     echo "volume id $id"
-    check "PV has node affinity to $E2E_NODE_NAME" \
-        sh -c "kubectl get pv $(pv_of "$name") -o jsonpath='{.spec.nodeAffinity.required}' | grep -q $E2E_NODE_NAME" || return 1
-    check "the pod's filesystem is $fs" sh -c "kubectl -n $NS exec w-$name -- cat /proc/mounts | grep ' /data ' | grep -qw $fs" || return 1
-    dm=$(dm_of "$id")
-    check "dm-crypt over dm-integrity for the volume" \
-        sh -c "dmsetup table $dm | grep -qw crypt && dmsetup table $dm-integrity | grep -qw integrity" || return 1
-    file=$(backing_file "$id")
-    check "backing file $file exists" test -f "$file" || return 1
-    drop_caches
-    check "the backing file holds no plaintext" no_plaintext "$file" || return 1
+    check "the PV has node affinity to $NODE_NAME" pv_bound_to_node "$(pv_of "$name")" || return 1
+    check "the pod's /data is $fs" pod_data_is "w-$name" "$fs" || return 1
+    check "on the node: dm-crypt over dm-integrity" node "dm=\$(dm_of $id); dmsetup table \$dm | grep -qw crypt && dmsetup table \$dm-integrity | grep -qw integrity" || return 1
+    check "on the node: the backing file holds no plaintext" node "test -e \$(backing_file $id) && no_plaintext $id $MARKER" || return 1
     check "the pod reads its data back" in_pod "w-$name" sh -c "$READ_DATA" || return 1
 }
 
 recreate_reads_back() { # FS MODE
-    local name=$1-$2 id dm
+    local name=$1-$2 id
     id=$(volume_handle "$name") || return 1
-    dm=$(dm_of "$id")
     check "pod w-$name deleted" pod_gone "w-$name" || return 1
     # The kubelet unpublishes and unstages after the pod object is gone.
-    check "NodeUnstage removed the dm stack of $id" wait_for 120 "dm devices of $id removed" \
-        sh -c "! dmsetup info $dm && ! dmsetup info $dm-integrity" || return 1
-    check "no loop device holds the backing file" sh -c "! losetup -j $(backing_file "$id") | grep -q ." || return 1
+    check "NodeUnstage removed both dm devices" wait_for 120 "the dm stack of $id removed" nodeq "stack_gone $id" || return 1
+    check "and no loop device holds the ciphertext" node "! losetup -j \$(backing_file $id) | grep -q ." || return 1
     pod "r-$name" "$name" fs "true" || return 1
     check "pod r-$name is Ready" pod_ready "r-$name" || return 1
-    check "NodeStage rebuilt the dm stack" dm_open "$id" || return 1
+    check "NodeStage rebuilt the dm stack" node "stack_open $id" || return 1
     check "the new pod reads back what the first wrote" in_pod "r-$name" sh -c "$READ_DATA" || return 1
 }
 
 raw_block() { # MODE
-    local name=block-$1 id dm
+    local name=block-$1 id
     pvc "$name" sealcsi-ext4 64Mi Block || return 1
     pod "w-$name" "$name" block "head -c 4194304 /dev/urandom >/tmp/r; \
 i=0; while [ \$i -lt 2048 ]; do echo $MARKER; i=\$((i+1)); done >>/tmp/r; \
 dd if=/tmp/r of=/dev/sealed bs=1M conv=fsync 2>/dev/null; sha256sum </tmp/r >/tmp/sum" || return 1
-    check "raw block pod is Ready" pod_ready "w-$name" 240 || return 1
+    check "raw block pod is Ready" pod_ready "w-$name" 300 || return 1
     id=$(volume_handle "$name") || return 1
-    drop_caches
+    nodeq drop_caches
     check "the block device reads back what was written" in_pod "w-$name" sh -c \
         'n=$(stat -c %s /tmp/r); [ "$(head -c $n /dev/sealed | sha256sum)" = "$(cat /tmp/sum)" ]' || return 1
-    dm=$(dm_of "$id")
-    check "the pod's device is the dm-crypt mapping of $id" sh -c "dmsetup table $dm | grep -qw crypt" || return 1
-    echo "usable size of the device: $(blockdev --getsize64 "/dev/mapper/$dm") bytes (asked: 67108864)"
-    check "it offers at least the 64 MiB the PVC asked for" test "$(blockdev --getsize64 "/dev/mapper/$dm")" -ge 67108864 || return 1
-    check "the backing file holds no plaintext" no_plaintext "$(backing_file "$id")" || return 1
+    check "on the node: the pod's device is the dm-crypt mapping" node "dmsetup table \$(dm_of $id) | grep -qw crypt" || return 1
+    node "echo usable size: \$(blockdev --getsize64 /dev/mapper/\$(dm_of $id)) bytes, asked 67108864"
+    check "it offers at least the 64 MiB the PVC asked for" node "[ \$(blockdev --getsize64 /dev/mapper/\$(dm_of $id)) -ge 67108864 ]" || return 1
+    check "on the node: the backing file holds no plaintext" node "no_plaintext $id $MARKER" || return 1
 }
 
 online_expansion() { # FS MODE: grows the PVC the r- pod uses, while it runs
     local name=$1-$2 before after
     before=$(in_pod "r-$name" df -k /data | awk 'NR==2 {print $2}') || return 1
     check "PVC $name patched to 512Mi" k -n $NS patch pvc "$name" -p '{"spec":{"resources":{"requests":{"storage":"512Mi"}}}}' || return 1
-    check "PVC capacity becomes 512Mi (csi-resizer, then the kubelet's NodeExpand)" wait_for 180 "PVC capacity 512Mi" \
-        sh -c "[ \"\$(kubectl -n $NS get pvc $name -o jsonpath='{.status.capacity.storage}')\" = 512Mi ]" || return 1
+    check "PVC capacity becomes 512Mi (csi-resizer, then the kubelet's NodeExpand)" wait_for 240 "PVC capacity 512Mi" \
+        eval "[ \"\$(jp -n $NS get pvc $name '{.status.capacity.storage}')\" = 512Mi ]" || return 1
     after=$(in_pod "r-$name" df -k /data | awk 'NR==2 {print $2}') || return 1
     echo "filesystem size before ${before} KiB, after ${after} KiB"
     check "the running pod sees the grown filesystem" test "$after" -gt $((before * 3 / 2)) || return 1
@@ -218,140 +221,145 @@ delete_erases() { # MODE: deletes this mode's pods and PVCs
     k -n $NS delete pod "r-ext4-$mode" "r-xfs-$mode" "w-block-$mode" --wait=true --timeout=120s || return 1
     k -n $NS delete pvc "ext4-$mode" "xfs-$mode" "block-$mode" --wait=true --timeout=120s || return 1
     for pv in "${pvs[@]}"; do
-        check "PV $pv deleted" wait_for 120 "PV $pv deleted" sh -c "! kubectl get pv $pv >/dev/null 2>&1" || return 1
+        check "PV $pv deleted" wait_for 180 "PV $pv deleted" eval "! kq get pv $pv" || return 1
     done
     for id in "${ids[@]}"; do
-        check "the ciphertext of $id is gone: $(backing_file "$id")" sh -c "[ ! -e $(backing_file "$id") ]" || return 1
+        check "on the node: the ciphertext of $id is gone" node "[ ! -e \$(backing_file $id) ]" || return 1
         if [ "$BACKEND" = local ]; then
-            check "the record of $id is gone" test ! -e "$STATE/volumes/$id.json" || return 1
-            check "the plugin crypto-erased $id before removing it" sh -c "plugin_logs | grep 'crypto-erased' | grep -q $id" || return 1
+            check "on the node: the record of $id is gone" node "[ ! -e \$STATE/volumes/$id.json ]" || return 1
+            check "the plugin crypto-erased $id before removing it" plugin_erased "$id" || return 1
         fi
     done
 }
 
-plugin_logs() { # the node plugin's log, in either mode
-    if [ -s "$LOGS/sealcsi-plugin.log" ]; then cat "$LOGS/sealcsi-plugin.log"; fi
-    kubectl -n sealcsi logs daemonset/sealcsi-node -c sealcsi 2>/dev/null
-}
-export -f plugin_logs
-export LOGS
+pv_bound_to_node() { jp get pv "$1" '{.spec.nodeAffinity.required}' | grep -q "$NODE_NAME"; }
+pod_data_is() { in_pod "$1" cat /proc/mounts | grep ' /data ' | grep -qw "$2"; }
+plugin_erased() { plugin_logs | grep crypto-erased | grep -q "$1"; }
+daemonset_runs_image() { jp -n sealcsi get pods '{.items[0].status.containerStatuses[*].image}' | grep -q "$1"; }
 
-# --- 7: the node plugin restarted under a running pod ------------------------------------------------
+plugin_logs() { # the node plugin's log, in either mode
+    cat "$RUN/logs/sealcsi-plugin.log" 2>/dev/null
+    k -n sealcsi logs daemonset/sealcsi-node -c sealcsi 2>/dev/null
+}
+
+# --- 7: the node plugin killed under a running pod ------------------------------------------------------
 plugin_restart() {
     local id
     pvc restart sealcsi-ext4 128Mi || return 1
     pod w-restart restart fs "$WRITE_DATA" || return 1
-    check "pod w-restart is Ready" pod_ready w-restart 240 || return 1
+    check "pod w-restart is Ready" pod_ready w-restart 300 || return 1
     id=$(volume_handle restart) || return 1
-    kill -KILL "$PLUGIN_PID"
-    wait "$PLUGIN_PID" 2>/dev/null
+    check "the plugin is killed (SIGKILL)" node kill_plugin || return 1
     check "the pod reads its data while the plugin is down" in_pod w-restart sh -c "$READ_DATA" || return 1
-    rm -f "$PLUGIN_DIR/csi.sock"
-    start_plugin || return 1
+    check "the plugin is started again" node start_plugin || return 1
     check "the pod still reads its data after the restart" in_pod w-restart sh -c "$READ_DATA" || return 1
-    check "pod w-restart deleted (unstaged by the restarted plugin)" pod_gone w-restart || return 1
-    check "the dm stack is gone" wait_for 120 "dm devices of $id removed" sh -c "! dmsetup info sealcsi-$id" || return 1
+    check "pod w-restart deleted" pod_gone w-restart || return 1
+    check "the restarted plugin unstaged it" wait_for 120 "the dm stack of $id removed" nodeq "stack_gone $id" || return 1
     pod r-restart restart fs "true" || return 1
     check "a new pod after the restart is Ready" pod_ready r-restart || return 1
     check "and reads the data back" in_pod r-restart sh -c "$READ_DATA" || return 1
     k -n $NS delete pod r-restart --wait=true --timeout=120s && k -n $NS delete pvc restart --wait=true || return 1
 }
 
-# --- 9: the host flips data blocks under a running pod -------------------------------------------------
+# --- 9: the host flips bytes of a running pod's ciphertext ---------------------------------------------
 tamper_is_reported() {
-    local id file
+    local id
     pvc tamper sealcsi-ext4 128Mi || return 1
     pod w-tamper tamper fs "head -c 33554432 /dev/urandom >/data/big; sync" || return 1
-    check "pod w-tamper is Ready" pod_ready w-tamper 240 || return 1
+    check "pod w-tamper is Ready" pod_ready w-tamper 300 || return 1
     id=$(volume_handle tamper) || return 1
-    file=$(backing_file "$id")
-    drop_caches
-    # The host's move: one byte flipped every 64 KiB of the file's allocated data past its header.
-    check "bytes flipped in the backing file" python3 - "$file" <<'EOF' || return 1
-import os, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
-size, pos, flipped = os.fstat(fd).st_size, 1 << 20, 0
-while pos < size:
-    try:
-        pos = os.lseek(fd, pos, os.SEEK_DATA)
-    except OSError:
-        break
-    end = os.lseek(fd, pos, os.SEEK_HOLE)
-    for off in range(pos, end, 65536):
-        b = os.pread(fd, 1, off)
-        os.pwrite(fd, bytes([b[0] ^ 0x55]), off)
-        flipped += 1
-    pos = end
-os.fsync(fd)
-print(f"flipped {flipped} bytes")
-EOF
-    drop_caches
-    check "the pod's read of the tampered file fails" sh -c "! kubectl -n $NS exec w-tamper -- cat /data/big >/dev/null 2>/tmp/tamper-read.err"
-    cat /tmp/tamper-read.err
-    check "the failure is an I/O error" grep -qi "i/o error" /tmp/tamper-read.err || return 1
-    check "the kubelet reports VolumeConditionAbnormal on the pod" wait_for 120 "event VolumeConditionAbnormal" \
-        sh -c "kubectl -n $NS get events --field-selector involvedObject.name=w-tamper,reason=VolumeConditionAbnormal -o name | grep -q ." || return 1
+    # The host's move: one byte flipped every 64 KiB of the file's data past its first MiB.
+    check "on the node: bytes flipped in the ciphertext" node "drop_caches; python3 \$E2E_REPO/tests/e2e/flip.py \$(backing_file $id); drop_caches" || return 1
+    check "the pod's read of the tampered file fails" eval "! in_pod w-tamper cat /data/big >/dev/null 2>$RUN/logs/tamper-read.err"
+    cat "$RUN/logs/tamper-read.err"
+    check "with an I/O error" grep -qi "i/o error" "$RUN/logs/tamper-read.err" || return 1
+    check "the kubelet reports VolumeConditionAbnormal on the pod" \
+        wait_for 180 "event VolumeConditionAbnormal" has_event w-tamper VolumeConditionAbnormal || return 1
     k -n $NS get events --field-selector involvedObject.name=w-tamper,reason=VolumeConditionAbnormal \
         -o jsonpath='{.items[0].message}{"\n"}'
     k -n $NS delete pod w-tamper --wait=true --timeout=120s && k -n $NS delete pvc tamper --wait=true || return 1
 }
 
-# --- 10: udevd runs, and leaves sealcsi's devices alone --------------------------------------------------
+# --- 10: udevd runs on the node, and leaves sealcsi's devices alone --------------------------------------
 udev_leaves_devices_alone() {
-    if ! pgrep -x systemd-udevd >/dev/null; then
-        SKIP_REASON="systemd-udevd is not installed (apt-get install udev)"
+    if ! nodeq "pgrep -x systemd-udevd"; then
+        SKIP_REASON="systemd-udevd does not run on the node (apt-get install udev)"
         return 1
     fi
     pvc udev sealcsi-ext4 128Mi || return 1
     pod w-udev udev fs "true" || return 1
-    check "pod w-udev is Ready" pod_ready w-udev 240 || return 1
-    udevadm settle -t 30
-    local id dev props
+    check "pod w-udev is Ready" pod_ready w-udev 300 || return 1
+    local id dev
     id=$(volume_handle udev) || return 1
+    node "udevadm settle -t 30"
     for dev in "sealcsi-$id" "sealcsi-$id-integrity"; do
-        props=$(udevadm info --query=property --name="/dev/mapper/$dev" 2>&1 || udevadm info --query=property \
-            --path="/sys/block/$(basename "$(readlink -f "/dev/mapper/$dev")")")
-        echo "$dev: $props" | grep -E 'DM_NAME|DM_UDEV|ID_FS' 
-        check "$dev carries DM_UDEV_DISABLE_DISK_RULES_FLAG=1" grep -q DM_UDEV_DISABLE_DISK_RULES_FLAG=1 <<<"$props" || return 1
-        check "$dev carries DM_UDEV_DISABLE_OTHER_RULES_FLAG=1" grep -q DM_UDEV_DISABLE_OTHER_RULES_FLAG=1 <<<"$props" || return 1
-        check "udev did not probe $dev (no ID_FS_TYPE)" sh -c "! grep -q '^ID_FS_TYPE=' <<<'$props'" || return 1
+        node "udevadm info --query=property --name=/dev/mapper/$dev" >"$RUN/logs/udev-$dev.txt" 2>&1
+        grep -E 'DM_NAME|DM_UDEV|ID_FS' "$RUN/logs/udev-$dev.txt"
+        check "$dev carries DM_UDEV_DISABLE_DISK_RULES_FLAG=1" grep -q '^DM_UDEV_DISABLE_DISK_RULES_FLAG=1' "$RUN/logs/udev-$dev.txt" || return 1
+        check "$dev carries DM_UDEV_DISABLE_OTHER_RULES_FLAG=1" grep -q '^DM_UDEV_DISABLE_OTHER_RULES_FLAG=1' "$RUN/logs/udev-$dev.txt" || return 1
+        check "udev did not probe $dev (no ID_FS_TYPE)" eval "! grep -q '^ID_FS_TYPE=' $RUN/logs/udev-$dev.txt" || return 1
     done
-    check "no AEAD or integrity errors in the kernel log so far" sh -c "! dmesg | grep -Eqi 'AEAD ERROR|Checksum failed'" || return 1
+    check "no AEAD or integrity errors in the node's kernel log so far" node "! dmesg | grep -Eqi 'AEAD ERROR|Checksum failed'" || return 1
     k -n $NS delete pod w-udev --wait=true --timeout=120s && k -n $NS delete pvc udev --wait=true || return 1
 }
 
 # --- 8: the same flow stacked over the reference hostpath driver ----------------------------------------
 stacked_over_hostpath() {
-    if [ ! -x /run/e2e-bin/hostpathplugin ]; then
+    if ! nodeq "command -v hostpathplugin"; then
         SKIP_REASON="SEALCSI_BACKEND_HOSTPATH is not set (the kubernetes-csi hostpath driver binary)"
         return 1
     fi
-    check "sealcsi stacked over hostpath, as processes" start_stacked_processes || return 1
+    check "the hostpath driver runs on the node" node start_hostpath || return 1
+    check "sealcsi stacked over it, with the sidecars" \
+        start_driver_processes --backend "csi:unix:///var/lib/sealcsi-backend/hostpath.sock" || return 1
     BACKEND=stacked
     run_scenarios_against stacked
     BACKEND=local
     stop_driver_processes
-    grep -q $'^[2-6]/stacked\tFAIL' "$RUN/results.tsv" && return 1
-    return 0
+    ! grep -q $'^[2-6]/stacked\tFAIL' "$RUN/results.tsv"
 }
 
 # --- 11: deploy/'s DaemonSet, scenarios 2-6 against it -----------------------------------------------
 deployed_daemonset() {
-    check "kubectl apply -k deploy/ and the DaemonSet rolls out" deploy_daemonset || return 1
-    check "the plugin container runs the imported sealcsi image" sh -c \
-        "kubectl -n sealcsi get pods -o jsonpath='{.items[0].spec.containers[0].image}' | grep -q sealcsi" || return 1
-    check "the DaemonSet's provisioner publishes CSIStorageCapacity" wait_for 60 "CSIStorageCapacity" \
-        sh -c "kubectl -n sealcsi get csistoragecapacity -o name | grep -q ." || return 1
+    check "kubectl apply -k (deploy/ with the sim sealing source)" k apply --validate=false -k "$E2E_DIR/deploy-sim" || return 1
+    check "the DaemonSet rolls out" k -n sealcsi rollout status daemonset/sealcsi-node --timeout=300s || return 1
+    check "the kubelet registers sealcsi.io" wait_for 90 "sealcsi.io registered" driver_registered || return 1
+    check "the plugin container runs the imported sealcsi image" daemonset_runs_image sealcsi:latest || return 1
+    check "its provisioner publishes CSIStorageCapacity" wait_for 90 "CSIStorageCapacity" \
+        eval '[ -n "$(k -n sealcsi get csistoragecapacity -o name)" ]' || return 1
     run_scenarios_against daemonset
-    grep -q $'^[2-6]/daemonset\tFAIL' "$RUN/results.tsv" && return 1
-    return 0
+    ! grep -q $'^[2-6]/daemonset\tFAIL' "$RUN/results.tsv"
 }
 
-# --- 12: nothing left on the node ---------------------------------------------------------------------
+remove_daemonset() {
+    k -n sealcsi delete daemonset/sealcsi-node --wait=true --timeout=180s || return 1
+    check "the kubelet unregisters sealcsi.io" wait_for 120 "sealcsi.io unregistered" eval '! driver_registered'
+}
+
+# --- 12: nothing left ----------------------------------------------------------------------------------
 node_left_clean() {
-    check "no PersistentVolumes left" sh -c "[ -z \"\$(kubectl get pv -o name)\" ]" || return 1
-    check "no sealcsi device-mapper devices left" sh -c "! dmsetup ls | grep -q '^sealcsi-'" || return 1
-    check "no loop devices on sealcsi's state dir" sh -c "! losetup -a | grep -q $STATE" || return 1
-    check "no volume files left" sh -c "[ -z \"\$(ls $STATE/volumes 2>/dev/null)\" ]" || return 1
-    check "no kubelet mounts of sealcsi volumes left" sh -c "! grep -q 'kubernetes.io/csi/sealcsi.io' /proc/mounts" || return 1
+    check "no PersistentVolumes left" test -z "$(k get pv -o name)" || return 1
+    check "on the node: no sealcsi device-mapper devices" node "! dmsetup ls | grep -q '^sealcsi-'" || return 1
+    check "on the node: no loop devices over sealcsi's state" node "! losetup -a | grep -q \$STATE" || return 1
+    check "on the node: no volume files" node "[ -z \"\$(ls \$STATE/volumes 2>/dev/null)\" ]" || return 1
+    check "on the node: no kubelet mounts of sealcsi volumes" node "! grep -q kubernetes.io/csi/sealcsi.io /proc/mounts" || return 1
+}
+
+# The whole run, in order.
+run_all_scenarios() {
+    run_scenario 1 apply_deploy_objects
+    if ! start_driver_processes; then
+        note "the process-mode driver did not start"
+        FAILED=1
+        return
+    fi
+    run_scenarios_against processes
+    run_scenario 7 plugin_restart
+    run_scenario 10 udev_leaves_devices_alone
+    run_scenario 9 tamper_is_reported
+    stop_driver_processes || FAILED=1
+    run_scenario 11 deployed_daemonset
+    run_scenario 11/remove remove_daemonset
+    run_scenario 8 stacked_over_hostpath
+    run_scenario 12 node_left_clean
 }

@@ -1,0 +1,96 @@
+# shellcheck shell=bash
+# What the host's scenarios run on the e2e node (tests/e2e/agent.py sources this for every request):
+# the driver's processes and the node-side checks. Processes are remembered in /run/e2e/*.pid, since
+# every request is a new shell.
+
+# shellcheck source=/dev/null
+. "$E2E_RUN/e2e.env"
+RUN=$E2E_RUN
+LOGS=$RUN/logs
+STATE=/var/lib/sealcsi
+PLUGIN_DIR=/var/lib/kubelet/plugins/sealcsi.io
+BACKEND_DIR=/var/lib/sealcsi-backend
+HOSTPATH_STATE=/scratch/hostpath
+PIDS=/run/e2e
+export PATH=/run/e2e-bin:$PATH
+mkdir -p "$PIDS"
+# shellcheck source=tests/e2e/lib.sh
+. "$E2E_REPO/tests/e2e/lib.sh"
+
+# spawn NAME LOG CMD...: start CMD in the background, detached from this request's shell.
+spawn() {
+    local name=$1 log=$2
+    shift 2
+    setsid "$@" </dev/null >>"$log" 2>&1 &
+    echo $! >"$PIDS/$name.pid"
+}
+
+alive() { [ -e "/proc/$1" ] && ! grep -q '^[0-9]* (.*) Z' "/proc/$1/stat" 2>/dev/null; }
+
+stop() { # stop NAME...: SIGTERM, then wait for it to go
+    local name pid
+    for name in "$@"; do
+        [ -s "$PIDS/$name.pid" ] || continue
+        pid=$(cat "$PIDS/$name.pid")
+        kill "$pid" 2>/dev/null
+        wait_for 30 "$name to stop" eval "! alive $pid" || kill -KILL "$pid" 2>/dev/null
+        rm -f "$PIDS/$name.pid"
+    done
+}
+
+# start_plugin [ARGS...]: sealcsi's plugin as the node's CSI driver, with the simulated sealing source.
+start_plugin() {
+    rm -f "$PLUGIN_DIR/csi.sock"
+    mkdir -p "$PLUGIN_DIR"
+    SEALCSI_TEE=sim SEALCSI_STATE_DIR=$STATE SEALCSI_LOG=info spawn plugin "$LOGS/sealcsi-plugin.log" \
+        sealcsi plugin --endpoint "unix://$PLUGIN_DIR/csi.sock" --node-id "$E2E_NODE_NAME" --mode all "$@"
+    wait_for 60 "the plugin's socket" test -S "$PLUGIN_DIR/csi.sock"
+}
+
+kill_plugin() { # what a crash does: no cleanup at all
+    kill -KILL "$(cat "$PIDS/plugin.pid")" && rm -f "$PIDS/plugin.pid"
+}
+
+# start_sidecars: deploy/node.yaml's sidecars, as deploy/'s ServiceAccount (the host wrote its kubeconfig).
+start_sidecars() {
+    mkdir -p /var/lib/kubelet/plugins_registry
+    local sc=(--kubeconfig="$RUN/sealcsi-node.kubeconfig" --csi-address="$PLUGIN_DIR/csi.sock" --v=2)
+    # --timeout: the plugin's first answers take more than the default second on this slow node.
+    spawn registrar "$LOGS/registrar.log" csi-node-driver-registrar --csi-address="$PLUGIN_DIR/csi.sock" \
+        --kubelet-registration-path="$PLUGIN_DIR/csi.sock" --timeout=30s \
+        --plugin-registration-path=/var/lib/kubelet/plugins_registry --v=2
+    NODE_NAME=$E2E_NODE_NAME NAMESPACE=sealcsi POD_NAME=e2e-processes spawn provisioner "$LOGS/provisioner.log" \
+        csi-provisioner "${sc[@]}" --timeout=60s --node-deployment=true --node-deployment-immediate-binding=false \
+        --strict-topology=true --immediate-topology=false --enable-capacity=true --capacity-ownerref-level=-1
+    spawn resizer "$LOGS/resizer.log" csi-resizer "${sc[@]}" --timeout=60s --handle-volume-inuse-error=false
+}
+
+stop_driver() {
+    stop registrar provisioner resizer plugin hostpath
+    rm -f "$PLUGIN_DIR/csi.sock" /var/lib/kubelet/plugins_registry/sealcsi.io-reg.sock
+}
+
+# Scenario 8: the reference hostpath driver, on a socket only sealcsi uses.
+start_hostpath() {
+    mkdir -p "$BACKEND_DIR" "$HOSTPATH_STATE"
+    spawn hostpath "$LOGS/hostpath.log" hostpathplugin --endpoint "unix://$BACKEND_DIR/hostpath.sock" \
+        --nodeid "$E2E_NODE_NAME" --drivername hostpath.csi.k8s.io --statedir "$HOSTPATH_STATE" --v=2
+    wait_for 60 "the hostpath driver's socket" test -S "$BACKEND_DIR/hostpath.sock"
+}
+
+# --- node-side views of a volume ------------------------------------------------------------------------
+# BACKEND (local or stacked) comes with each request from the host.
+dm_of() { # CSI volume id -> the name of its dm-crypt device
+    if [ "${BACKEND:-local}" = stacked ]; then
+        echo "sealcsi-sv-$(printf 'stacked:%s' "$1" | sha256sum | cut -c1-32)"
+    else
+        echo "sealcsi-$1"
+    fi
+}
+backing_file() { # CSI volume id -> the file that holds its ciphertext
+    if [ "${BACKEND:-local}" = stacked ]; then echo "$HOSTPATH_STATE/$1"; else echo "$STATE/volumes/$1.img"; fi
+}
+stack_open() { local dm; dm=$(dm_of "$1"); dmsetup info "$dm" >/dev/null 2>&1 && dmsetup info "$dm-integrity" >/dev/null 2>&1; }
+stack_gone() { local dm; dm=$(dm_of "$1"); ! dmsetup info "$dm" >/dev/null 2>&1 && ! dmsetup info "$dm-integrity" >/dev/null 2>&1; }
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+no_plaintext() { drop_caches; python3 "$E2E_REPO/tests/e2e/plaintext.py" "$(backing_file "$1")" "$2"; }
