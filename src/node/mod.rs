@@ -30,7 +30,9 @@ use crate::volume::{Condition, FormatOptions};
 use capability::{AccessMode, AccessType, Capability};
 pub use engine::{EngineError, KernelEngine, StagedDevice, VolumeEngine};
 pub use memory::MemoryEngine;
-pub use mount::{BindFlags, MemoryMounter, MountError, MountInfo, Mounter, SystemMounter};
+pub use mount::{
+    BindFlags, MemoryMounter, MountError, MountInfo, MountPlace, Mounter, SystemMounter,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -327,8 +329,8 @@ impl NodeCore {
                 .mounter
                 .mount_points_of(&m)?
                 .into_iter()
-                .filter(|p| p != &m.mount_point)
-                .map(|p| p.display().to_string())
+                .filter(|place| !place.shows_at(&m.mount_point))
+                .map(|place| place.path().display().to_string())
                 .collect();
             if !elsewhere.is_empty() {
                 return Err(NodeError::FailedPrecondition(format!(
@@ -392,8 +394,11 @@ impl NodeCore {
                     )));
                 }
                 if cap.mode == AccessMode::SingleNodeSingleWriter && !ro {
-                    let points = self.mounter.mount_points_of(&staged)?;
-                    let others = points.into_iter().filter(|p| p != staging).collect();
+                    let places = self.mounter.mount_points_of(&staged)?;
+                    let others = places
+                        .into_iter()
+                        .filter(|p| !p.shows_at(staging))
+                        .collect();
                     self.refuse_second_writer(volume_id, others, target)?;
                 }
                 fs::create_dir_all(target)
@@ -452,22 +457,22 @@ impl NodeCore {
     fn refuse_second_writer(
         &self,
         volume_id: &VolumeId,
-        published: Vec<PathBuf>,
+        published: Vec<MountPlace>,
         target: &Path,
     ) -> Result<(), NodeError> {
-        for point in published {
-            if point == target {
+        for place in published {
+            if place.shows_at(target) {
                 continue;
             }
             let writable = self
                 .mounter
-                .mounted_at(&point)?
+                .mounted_at(place.path())?
                 .is_some_and(|m| !m.read_only());
             if writable {
                 return Err(NodeError::FailedPrecondition(format!(
                     "volume {volume_id} has the access mode SINGLE_NODE_SINGLE_WRITER and is already \
                      published read-write at {}",
-                    point.display()
+                    place.path().display()
                 )));
             }
         }

@@ -73,6 +73,52 @@ impl MountInfo {
     }
 }
 
+/// One mount as every path shows it: a mount made under a shared mount (`/var/lib/kubelet` bind-mounted
+/// from another directory, with shared propagation) appears at each peer's path too, and those copies
+/// are the same mount, not another publication. The paths of one place, in mount-table order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountPlace(pub Vec<PathBuf>);
+
+impl MountPlace {
+    /// Whether `path` is one of the paths this mount shows at.
+    pub fn shows_at(&self, path: &Path) -> bool {
+        self.0.iter().any(|p| p == path)
+    }
+
+    /// The first of its paths (for messages).
+    pub fn path(&self) -> &Path {
+        &self.0[0]
+    }
+}
+
+/// Groups `mounts` by where they sit independently of propagation: the filesystem of the parent mount
+/// and the path inside that filesystem (the parent's root joined with the mount point's path below
+/// the parent's mount point). Propagated copies of one mount share it; binds elsewhere do not.
+pub fn group_by_place(mounts: Vec<MountInfo>, table: &[MountInfo]) -> Vec<MountPlace> {
+    let mut places: Vec<((u32, u32, PathBuf), MountPlace)> = Vec::new();
+    for m in mounts {
+        let key = match table.iter().find(|p| p.mount_id == m.parent_id) {
+            Some(parent) => {
+                let below = m
+                    .mount_point
+                    .strip_prefix(&parent.mount_point)
+                    .unwrap_or(&m.mount_point);
+                (
+                    parent.major,
+                    parent.minor,
+                    Path::new(&parent.root).join(below),
+                )
+            }
+            None => (0, 0, m.mount_point.clone()),
+        };
+        match places.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, place)) => place.0.push(m.mount_point),
+            None => places.push((key, MountPlace(vec![m.mount_point]))),
+        }
+    }
+    places.into_iter().map(|(_, place)| place).collect()
+}
+
 /// Undo mountinfo's octal escapes (`\040` for space, `\011`, `\012`, `\134`).
 fn unescape(s: &str) -> String {
     let b = s.as_bytes();
@@ -278,10 +324,11 @@ pub trait Mounter: Send + Sync {
     fn mounted_at(&self, path: &Path) -> Result<Option<MountInfo>, MountError>;
     /// Whether `target` is a bind mount of the device node `device` (same device number).
     fn is_bind_of(&self, target: &Path, device: &Path) -> Result<bool, MountError>;
-    /// Every mount point where the filesystem of `mount` is mounted (itself and its bind mounts).
-    fn mount_points_of(&self, mount: &MountInfo) -> Result<Vec<PathBuf>, MountError>;
-    /// Every mount point that is a bind mount of the device node `device`.
-    fn binds_of_device(&self, device: &Path) -> Result<Vec<PathBuf>, MountError>;
+    /// Every place where the filesystem of `mount` is mounted (itself and its bind mounts), each with
+    /// the paths propagation shows it at ([`MountPlace`]).
+    fn mount_points_of(&self, mount: &MountInfo) -> Result<Vec<MountPlace>, MountError>;
+    /// Every place where the device node `device` is bind-mounted.
+    fn binds_of_device(&self, device: &Path) -> Result<Vec<MountPlace>, MountError>;
 }
 
 /// The real mounter: mount(2)/umount2(2) and /proc/self/mountinfo. Blocking.
@@ -357,28 +404,31 @@ impl Mounter for SystemMounter {
             && t.rdev() == d.rdev())
     }
 
-    fn mount_points_of(&self, mount: &MountInfo) -> Result<Vec<PathBuf>, MountError> {
+    fn mount_points_of(&self, mount: &MountInfo) -> Result<Vec<MountPlace>, MountError> {
         let text = fs::read_to_string(MOUNTINFO)
             .map_err(|e| MountError::sys("read", Path::new(MOUNTINFO), e))?;
-        Ok(parse_mountinfo(&text)
-            .into_iter()
+        let table = parse_mountinfo(&text);
+        let mounts = table
+            .iter()
             .filter(|m| m.same_filesystem(mount))
-            .map(|m| m.mount_point)
-            .collect())
+            .cloned()
+            .collect();
+        Ok(group_by_place(mounts, &table))
     }
 
-    fn binds_of_device(&self, device: &Path) -> Result<Vec<PathBuf>, MountError> {
+    fn binds_of_device(&self, device: &Path) -> Result<Vec<MountPlace>, MountError> {
         let text = fs::read_to_string(MOUNTINFO)
             .map_err(|e| MountError::sys("read", Path::new(MOUNTINFO), e))?;
-        let mut points = Vec::new();
+        let table = parse_mountinfo(&text);
+        let mut binds = Vec::new();
         // A device node bound elsewhere shows as a mount of devtmpfs (or whatever holds /dev): only its
         // device number tells which device it is.
-        for m in parse_mountinfo(&text) {
+        for m in &table {
             if m.root != "/" && self.is_bind_of(&m.mount_point, device)? {
-                points.push(m.mount_point);
+                binds.push(m.clone());
             }
         }
-        Ok(points)
+        Ok(group_by_place(binds, &table))
     }
 }
 
@@ -522,22 +572,23 @@ impl Mounter for MemoryMounter {
             .is_some_and(|m| m.source == device.display().to_string() && m.root != "/"))
     }
 
-    fn mount_points_of(&self, mount: &MountInfo) -> Result<Vec<PathBuf>, MountError> {
+    fn mount_points_of(&self, mount: &MountInfo) -> Result<Vec<MountPlace>, MountError> {
+        // No propagation in memory: every mount is its own place.
         Ok(self
             .table()
             .into_iter()
             .filter(|m| m.same_filesystem(mount))
-            .map(|m| m.mount_point)
+            .map(|m| MountPlace(vec![m.mount_point]))
             .collect())
     }
 
-    fn binds_of_device(&self, device: &Path) -> Result<Vec<PathBuf>, MountError> {
+    fn binds_of_device(&self, device: &Path) -> Result<Vec<MountPlace>, MountError> {
         let device = device.display().to_string();
         Ok(self
             .table()
             .into_iter()
             .filter(|m| m.source == device && m.root != "/")
-            .map(|m| m.mount_point)
+            .map(|m| MountPlace(vec![m.mount_point]))
             .collect())
     }
 }
@@ -553,6 +604,39 @@ mod tests {
 38 22 0:5 /mapper/sealcsi-sv-2 /pods/blk rw - devtmpfs udev rw,size=1024k
 bad line
 ";
+
+    /// What the e2e node showed: /var/lib/kubelet is a bind of /scratch/kubelet and / is rshared, so the
+    /// staging mount and the pod's bind of it each also appear under /scratch/kubelet (propagation).
+    const PROPAGATED: &str = "\
+22 1 0:21 / / rw shared:1 - overlay overlay rw
+30 22 98:0 / /scratch rw shared:7 - ext4 /dev/ubda rw
+31 22 98:0 /kubelet /var/lib/kubelet rw shared:7 - ext4 /dev/ubda rw
+40 31 253:3 / /var/lib/kubelet/plugins/g/globalmount rw shared:9 - ext4 /dev/mapper/sealcsi-sv-1 rw
+41 30 253:3 / /scratch/kubelet/plugins/g/globalmount rw shared:9 - ext4 /dev/mapper/sealcsi-sv-1 rw
+42 31 253:3 / /var/lib/kubelet/pods/p/mount rw shared:9 - ext4 /dev/mapper/sealcsi-sv-1 rw
+43 30 253:3 / /scratch/kubelet/pods/p/mount rw shared:9 - ext4 /dev/mapper/sealcsi-sv-1 rw
+";
+
+    #[test]
+    fn propagated_copies_are_one_place_and_binds_elsewhere_are_not() {
+        let table = parse_mountinfo(PROPAGATED);
+        let staged = table[3].clone();
+        let mounts: Vec<MountInfo> = table
+            .iter()
+            .filter(|m| m.same_filesystem(&staged))
+            .cloned()
+            .collect();
+        let places = group_by_place(mounts, &table);
+        assert_eq!(places.len(), 2, "{places:?}");
+        assert!(places[0].shows_at(Path::new("/var/lib/kubelet/plugins/g/globalmount")));
+        assert!(places[0].shows_at(Path::new("/scratch/kubelet/plugins/g/globalmount")));
+        assert!(places[1].shows_at(Path::new("/var/lib/kubelet/pods/p/mount")));
+        assert!(places[1].shows_at(Path::new("/scratch/kubelet/pods/p/mount")));
+        assert_eq!(places[1].path(), Path::new("/var/lib/kubelet/pods/p/mount"));
+        // Without the pod's bind, the staging mount is alone: nothing else publishes it.
+        let only_staging: Vec<MountInfo> = table[3..5].to_vec();
+        assert_eq!(group_by_place(only_staging, &table).len(), 1);
+    }
 
     #[test]
     fn parses_mountinfo() {

@@ -11,14 +11,15 @@ BACKEND=local   # or stacked (scenario 8): how the node finds a volume's devices
 
 # run_scenario ID FUNCTION [ARGS...]: run it unless SCENARIOS names others; record the result.
 run_scenario() {
-    local id=$1 fn=$2 t=$SECONDS result detail logfile
+    local id=$1 fn=$2 t=$SECONDS result detail logfile args
     shift 2
     # Scenario 1 (deploy/'s objects) is what every other one stands on: it always runs.
     if [ "$id" != 1 ] && [ -n "${SCENARIOS// /}" ] && ! [[ " $SCENARIOS " == *" ${id%%/*} "* ]]; then
         return 0
     fi
     note "scenario $id: $fn $*"
-    logfile=$RUN/logs/scenario-${id//\//-}-$fn${*:+-${*// /-}}.log
+    args="$*"
+    logfile=$RUN/logs/scenario-${id//\//-}-$fn${args:+-${args// /-}}.log
     SKIP_REASON=
     if "$fn" "$@" >"$logfile" 2>&1; then
         result=PASS detail=
