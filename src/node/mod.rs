@@ -19,7 +19,7 @@ pub mod stacked;
 
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Classify, Kind};
