@@ -214,13 +214,17 @@ online_expansion() { # FS MODE: grows the PVC the r- pod uses, while it runs
 }
 
 delete_erases() { # MODE: deletes this mode's pods and PVCs
-    local mode=$1 name ids=() pvs=() id pv
+    local mode=$1 name ids=() pvs=() pvcs=() id pv
+    # This mode's claims (those the scenarios that ran made).
     for name in ext4-$mode xfs-$mode block-$mode; do
+        kq -n $NS get pvc "$name" || continue
         id=$(volume_handle "$name") && pv=$(pv_of "$name") || return 1
-        ids+=("$id") pvs+=("$pv")
+        ids+=("$id") pvs+=("$pv") pvcs+=("$name")
     done
-    k -n $NS delete pod "r-ext4-$mode" "r-xfs-$mode" "w-block-$mode" --wait=true --timeout=120s || return 1
-    k -n $NS delete pvc "ext4-$mode" "xfs-$mode" "block-$mode" --wait=true --timeout=120s || return 1
+    [ ${#pvcs[@]} -gt 0 ] || { echo "no claims of $mode to delete"; return 1; }
+    k -n $NS delete pod --ignore-not-found "r-ext4-$mode" "r-xfs-$mode" "w-ext4-$mode" "w-xfs-$mode" \
+        "w-block-$mode" --wait=true --timeout=120s || return 1
+    k -n $NS delete pvc "${pvcs[@]}" --wait=true --timeout=120s || return 1
     for pv in "${pvs[@]}"; do
         check "PV $pv deleted" wait_for 180 "PV $pv deleted" eval "! kq get pv $pv" || return 1
     done
