@@ -203,11 +203,11 @@ dd if=/tmp/r of=/dev/sealed bs=1M conv=fsync 2>/dev/null; sha256sum </tmp/r >/tm
 
 online_expansion() { # FS MODE: grows the PVC the r- pod uses, while it runs
     local name=$1-$2 before after
-    before=$(in_pod "r-$name" df -k /data | awk 'NR==2 {print $2}') || return 1
+    before=$(in_pod "r-$name" df -P -k /data | awk 'NR==2 {print $2}') || return 1
     check "PVC $name patched to 512Mi" k -n $NS patch pvc "$name" -p '{"spec":{"resources":{"requests":{"storage":"512Mi"}}}}' || return 1
     check "PVC capacity becomes 512Mi (csi-resizer, then the kubelet's NodeExpand)" wait_for 240 "PVC capacity 512Mi" \
         eval "[ \"\$(jp -n $NS get pvc $name '{.status.capacity.storage}')\" = 512Mi ]" || return 1
-    after=$(in_pod "r-$name" df -k /data | awk 'NR==2 {print $2}') || return 1
+    after=$(in_pod "r-$name" df -P -k /data | awk 'NR==2 {print $2}') || return 1
     echo "filesystem size before ${before} KiB, after ${after} KiB"
     check "the running pod sees the grown filesystem" test "$after" -gt $((before * 3 / 2)) || return 1
     check "the data is intact after the expansion" in_pod "r-$name" sh -c "$READ_DATA" || return 1
