@@ -239,12 +239,17 @@ delete_erases() { # MODE: deletes this mode's pods and PVCs
 
 pv_bound_to_node() { jp get pv "$1" '{.spec.nodeAffinity.required}' | grep -q "$NODE_NAME"; }
 pod_data_is() { in_pod "$1" cat /proc/mounts | grep ' /data ' | grep -qw "$2"; }
-plugin_erased() { plugin_logs | grep crypto-erased | grep -q "$1"; }
+plugin_erased() { # (not a pipeline into grep -q: with pipefail, the writer's SIGPIPE would fail it)
+    local logs
+    logs=$(plugin_logs)
+    grep crypto-erased <<<"$logs" | grep -q "$1"
+}
 daemonset_runs_image() { jp -n sealcsi get pods '{.items[0].status.containerStatuses[*].image}' | grep -q "$1"; }
 
 plugin_logs() { # the node plugin's log, in either mode
     cat "$RUN/logs/sealcsi-plugin.log" 2>/dev/null
     k -n sealcsi logs daemonset/sealcsi-node -c sealcsi 2>/dev/null
+    return 0
 }
 
 # --- 7: the node plugin killed under a running pod ------------------------------------------------------
