@@ -105,13 +105,19 @@ fn dm_minor(s: &[u8]) -> Option<(u32, &[u8])> {
     (minor <= MAX_MINOR).then_some((minor, &digits[n..]))
 }
 
-/// The failure lines of Linux 6.1 (`DMERR_LIMIT`, prefixed `device-mapper: <target>: `):
-/// dm-crypt `"%pg: INTEGRITY AEAD ERROR, sector %llu"` and dm-integrity
-/// `"%pg: Checksum failed at sector 0x%llx"`, `%pg` being the device-mapper device (`dm-N`).
+/// The failure lines (`DMERR_LIMIT`, prefixed `device-mapper: <target>: `): dm-crypt
+/// `"%pg: INTEGRITY AEAD ERROR, sector %llu"` and dm-integrity `"%pg: Checksum failed at sector
+/// 0x%llx"`. `%pg` names the device the failed bio was mapped to: for dm-crypt the device *below* it
+/// (in sealcsi's AEAD stack the dm-integrity device; seen on 6.1), for dm-integrity its own device.
+/// Seen on Linux 6.1.176: `trusted_key: device-mapper: crypt: dm-0: INTEGRITY AEAD ERROR, sector 40`
+/// (dm-crypt.c includes a header that sets `pr_fmt` to `trusted_key: `; later kernels drop it).
 const FAILURES: [(&[u8], &[u8]); 2] = [
     (b"device-mapper: crypt: ", b": INTEGRITY AEAD ERROR"),
     (b"device-mapper: integrity: ", b": Checksum failed"),
 ];
+
+/// A `pr_fmt` prefix some kernels put in front of dm-crypt's messages (see [`FAILURES`]).
+const STRAY_PREFIX: &[u8] = b"trusted_key: ";
 
 /// The prefix of sealcsi's announcements (facility user).
 const ANNOUNCE_PREFIX: &[u8] = b"sealcsi: ";
@@ -122,6 +128,7 @@ const OPENED_AS: &[u8] = b" opened as ";
 pub fn event<'a>(record: &Record<'a>) -> Option<Event<'a>> {
     let msg = record.message;
     if record.facility == KERNEL_FACILITY {
+        let msg = msg.strip_prefix(STRAY_PREFIX).unwrap_or(msg);
         return FAILURES.iter().find_map(|(prefix, after)| {
             let (minor, rest) = dm_minor(msg.strip_prefix(*prefix)?)?;
             rest.starts_with(after).then_some(Event::Failure { minor })
@@ -221,6 +228,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(event(&r), Some(Event::Failure { minor: 12 }));
+        // Exactly as Linux 6.1.176 wrote it in a guest run (tests/guest_health.rs).
+        let r = parse_record(
+            b"3,1207,16402119,-;trusted_key: device-mapper: crypt: dm-0: INTEGRITY AEAD ERROR, sector 40\n",
+        )
+        .unwrap();
+        assert_eq!(event(&r), Some(Event::Failure { minor: 0 }));
         // No newline at all is still a record.
         assert!(parse_record(b"6,1,2,c;x").is_ok());
     }
@@ -281,6 +294,8 @@ mod tests {
             b"device-mapper: crypt: dm-3: some other error",
             b"device-mapper: verity: dm-3: INTEGRITY AEAD ERROR",
             b"crypt: dm-3: INTEGRITY AEAD ERROR",
+            b"other: device-mapper: crypt: dm-3: INTEGRITY AEAD ERROR",
+            b"trusted_key: trusted_key: device-mapper: crypt: dm-3: INTEGRITY AEAD ERROR",
         ] {
             assert_eq!(
                 event(&rec(0, other)),

@@ -2,9 +2,10 @@
 //!
 //! In the AEAD profile dm-crypt checks every block's tag: a block the host changed fails to read (EIO,
 //! or EILSEQ with O_DIRECT) and dm-crypt logs `device-mapper: crypt: dm-N: INTEGRITY AEAD ERROR, sector
-//! S`, while dm-integrity's own mismatch counter stays 0. Nothing else in the kernel counts these, so
-//! [`IntegrityFailures`] follows the log ([`KernelLog`]: [`kmsg::Kmsg`] on a node, [`memory::MemoryLog`]
-//! in host tests) and counts failure records per device-mapper minor (`dm-N`).
+//! S`, naming the device below it (the volume's dm-integrity device), while dm-integrity's own mismatch
+//! counter stays 0. Nothing else in the kernel counts these, so [`IntegrityFailures`] follows the log
+//! ([`KernelLog`]: [`kmsg::Kmsg`] on a node, [`memory::MemoryLog`] in host tests) and counts failure
+//! records per device-mapper minor (`dm-N`); a volume's count is that of its two devices.
 //!
 //! Attribution. Minors are reused: the kernel gives a new device the lowest free one. So whenever
 //! sealcsi opens a device it writes an announcement into the same log ([`kmsg::announcement`],
