@@ -1,8 +1,8 @@
 //! Prometheus metrics, served on `--metrics-address` (off by default).
 //!
 //! Label values are bounded: gRPC method names and status codes come from fixed sets, failure reasons
-//! from [`UnsealFailure`], and the only per-volume series is the integrity mismatch gauge, labelled with
-//! the CSI volume id as Kubernetes' own volume metrics are. Volume-level gauges are read from the kernel
+//! from [`UnsealFailure`], and the only per-volume series are the integrity mismatch and integrity failure
+//! gauges, labelled with the CSI volume id as Kubernetes' own volume metrics are. Volume-level gauges are read from the kernel
 //! at scrape time (observed state), not from bookkeeping that could drift.
 
 use std::net::SocketAddr;

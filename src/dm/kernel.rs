@@ -1,4 +1,5 @@
-//! [`DeviceMapper`] on the real kernel, through the `devicemapper` crate's ioctls.
+//! [`DeviceMapper`] on the real kernel, through the `devicemapper` crate's ioctls, except resume and
+//! remove, which carry sealcsi's udev flags and are issued by [`super::udev`].
 //!
 //! Blocking: call from a blocking context (`spawn_blocking`), not from an async task.
 //!
