@@ -472,6 +472,59 @@ async fn guest_health_changed_data_blocks_make_the_volume_abnormal() {
     let line = format!("sealcsi_integrity_failures{{volume_id=\"{sibling}\"}} 0");
     assert!(text.contains(&line), "no {line:?} in the metrics:\n{text}");
 
+    // A burst of 40 failed reads: the kernel rate-limits its lines, the count follows the lines.
+    let dev = open_direct(&device, false);
+    for _ in 0..40 {
+        assert!(read_block_at(&dev, 5 * KIB4 as u64).is_err());
+    }
+    drop(dev);
+    let log = kernel_log();
+    let since_staging = |log: &[(u32, String)]| {
+        let start = log
+            .iter()
+            .rposition(|(f, m)| {
+                *f != 0
+                    && m == &format!(
+                        "sealcsi: dm-{integrity_minor} opened as sealcsi-{id}-integrity"
+                    )
+            })
+            .expect("the announcement is in the ring");
+        log[start..]
+            .iter()
+            .filter(|(f, m)| {
+                *f == 0 && m.contains(AEAD_ERROR) && m.contains(&format!("dm-{integrity_minor}:"))
+            })
+            .count() as u64
+    };
+    let lines = since_staging(&log);
+    let suppressed: Vec<&String> = log
+        .iter()
+        .filter(|(_, m)| m.contains("callbacks suppressed"))
+        .map(|(_, m)| m)
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let counted = loop {
+        let c = p.condition(id, target).await;
+        let n: u64 = c
+            .message
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if n >= lines || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "43 failed reads since staging: {lines} AEAD line(s) for dm-{integrity_minor} in the log, {counted} counted; \
+         rate-limit notes in the log: {suppressed:?}"
+    );
+    assert_eq!(
+        counted, lines,
+        "the follower's count differs from the log's lines"
+    );
+
     for (id, staging, target) in &vols {
         p.teardown(id, staging, Some(target)).await;
     }
