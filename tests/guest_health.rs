@@ -698,3 +698,87 @@ async fn guest_health_udev_leaves_sealcsi_devices_alone() {
     );
     p.stop().await;
 }
+
+/// /dev/mapper/<name> where udev made it a symlink first: sealcsi keeps a link to its device, replaces
+/// one that leads elsewhere, and leaves a link to udev on remove (udev removes its own links).
+#[test]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+fn guest_health_mapper_node_keeps_udevs_link() {
+    use sealcsi::dm::{CryptCipher, CryptKey, CryptTarget, Target, TargetLine};
+    let dir = scratch("node");
+    let image = dir.join("plain.img");
+    File::create(&image).unwrap().set_len(16 << 20).unwrap();
+    let lo = run(
+        "/usr/sbin/losetup",
+        &["-f", "--show", image.to_str().unwrap()],
+    );
+    let lo = PathBuf::from(lo.trim());
+    let line = TargetLine {
+        start: 0,
+        length: (16 << 20) / 512,
+        target: Target::Crypt(
+            CryptTarget::new(
+                CryptCipher::AesXtsPlain64,
+                CryptKey::Hex(zeroize::Zeroizing::new(vec![7; 64])),
+                lo.clone(),
+                0,
+                4096,
+            )
+            .unwrap(),
+        ),
+    };
+    let dm = KernelDm::new().unwrap();
+    let name = DmName::try_from("health-node").unwrap();
+    let info = dm
+        .create(&name, "HEALTH-NODE", std::slice::from_ref(&line))
+        .unwrap();
+    let node = name.node();
+    let rdev = |p: &Path| fs::metadata(p).unwrap().rdev();
+    let dev = nix::sys::stat::makedev(u64::from(info.major), u64::from(info.minor));
+    assert!(
+        fs::symlink_metadata(&node)
+            .unwrap()
+            .file_type()
+            .is_block_device()
+    );
+    assert_eq!(rdev(&node), dev);
+
+    // udev's link to the same device is kept across a table reload (which makes sure of the node).
+    fs::remove_file(&node).unwrap();
+    std::os::unix::fs::symlink(format!("../dm-{}", info.minor), &node).unwrap();
+    dm.reload(&name, std::slice::from_ref(&line)).unwrap();
+    assert!(
+        fs::symlink_metadata(&node)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "udev's link was replaced"
+    );
+    assert_eq!(rdev(&node), dev);
+
+    // A link that leads to another device is stale: replaced by a node for this one.
+    fs::remove_file(&node).unwrap();
+    std::os::unix::fs::symlink(&lo, &node).unwrap();
+    dm.reload(&name, std::slice::from_ref(&line)).unwrap();
+    assert!(
+        fs::symlink_metadata(&node)
+            .unwrap()
+            .file_type()
+            .is_block_device()
+    );
+    assert_eq!(rdev(&node), dev);
+
+    // On remove, a link is udev's to remove: left alone.
+    fs::remove_file(&node).unwrap();
+    std::os::unix::fs::symlink(format!("../dm-{}", info.minor), &node).unwrap();
+    dm.remove(&name).unwrap();
+    assert!(dm.info(&name).unwrap().is_none());
+    assert!(
+        fs::symlink_metadata(&node)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    fs::remove_file(&node).unwrap();
+    run("/usr/sbin/losetup", &["-d", lo.to_str().unwrap()]);
+}
