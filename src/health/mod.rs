@@ -17,10 +17,11 @@
 //! Failures count only from the kernel's own records (facility 0), announcements only from user space,
 //! so a user-space writer cannot forge a failure.
 //!
-//! Limits: the kernel rate-limits these messages (`DMERR_LIMIT`: 10 per 5 s), and a reader that falls
-//! more than a ring's length behind loses records: the count is a lower bound. A device opened
-//! without an announcement (the write failed) is counted from when the follower next reads a record
-//! for it.
+//! Limits: the kernel rate-limits these messages (`DMERR_LIMIT`: by default 10 per 5 s), and a reader
+//! that falls more than a ring's length behind loses records: the count is a lower bound. A device
+//! opened without an announcement (the write failed) keeps its minor's previous attribution: if the
+//! previous holder was announced, the new device's failures are not counted (for anyone open); if no
+//! holder was, the previous holder's failures still in the ring are counted for it.
 //!
 //! Memory is bounded: one entry per minor, at most [`MAX_DEVICES`]. gRPC calls never touch the log:
 //! they read counts under a short lock; one thread ([`IntegrityFailures::follow`]) reads the log.
