@@ -14,6 +14,7 @@ struct Ring {
     records: VecDeque<(u64, Vec<u8>)>,
     next_seq: u64,
     capacity: usize,
+    fail_announcements: bool,
 }
 
 /// The in-memory log. Clones share the ring.
@@ -64,16 +65,9 @@ impl MemoryLog {
         self.push(3, message);
     }
 
-    /// The messages of the records the ring holds now.
-    pub fn messages(&self) -> Vec<String> {
-        self.lock()
-            .records
-            .iter()
-            .filter_map(|(_, r)| {
-                let r = super::kmsg::parse_record(r).ok()?;
-                Some(String::from_utf8_lossy(r.message).into_owned())
-            })
-            .collect()
+    /// Makes [`KernelLog::announce`] fail (as a write to /dev/kmsg that is refused).
+    pub fn fail_announcements(&self, fail: bool) {
+        self.lock().fail_announcements = fail;
     }
 }
 
@@ -87,6 +81,12 @@ impl KernelLog for MemoryLog {
     }
 
     fn announce(&self, message: &str) -> Result<(), LogError> {
+        if self.lock().fail_announcements {
+            return Err(LogError::Io {
+                op: "write",
+                source: std::io::Error::from_raw_os_error(nix::libc::EPERM),
+            });
+        }
         self.push(13, message);
         Ok(())
     }

@@ -18,10 +18,10 @@
 //! so a user-space writer cannot forge a failure.
 //!
 //! Limits: the kernel rate-limits these messages (`DMERR_LIMIT`: by default 10 per 5 s), and a reader
-//! that falls more than a ring's length behind loses records: the count is a lower bound. A device
-//! opened without an announcement (the write failed) keeps its minor's previous attribution: if the
-//! previous holder was announced, the new device's failures are not counted (for anyone open); if no
-//! holder was, the previous holder's failures still in the ring are counted for it.
+//! that falls more than a ring's length behind loses records: the count is a lower bound. Where the
+//! announcement cannot be written, the count restarts in memory when the device is opened: failures of
+//! the minor's previous holder that the follower had not read yet are then counted for the new device,
+//! and after a plugin restart the ring has no boundary for it.
 //!
 //! Memory is bounded: one entry per minor, at most [`MAX_DEVICES`]. gRPC calls never touch the log:
 //! they read counts under a short lock; one thread ([`IntegrityFailures::follow`]) reads the log.
@@ -244,7 +244,18 @@ impl IntegrityFailures {
             };
             if let Err(e) = self.log.announce(&kmsg::announcement(minor, name)) {
                 tracing::warn!(dm.name = %name, error = %e, "cannot announce an opened device in the kernel log: \
-                    integrity failures logged for its minor before it was opened may be counted for it");
+                    its count restarts now, and failures of the minor's previous holder not yet read may be counted for it");
+                // Second best: restart the count at what the follower has read so far.
+                let mut st = lock(&self.state);
+                if st.slots.contains_key(&minor) || st.slots.len() < MAX_DEVICES {
+                    st.slots.insert(
+                        minor,
+                        Slot {
+                            holder: Some(name.to_string()),
+                            failures: 0,
+                        },
+                    );
+                }
             }
         }
     }
@@ -461,6 +472,22 @@ mod tests {
         assert_eq!(f.failures.totals().malformed, 1);
         f.dm.remove(&a).unwrap();
         assert_eq!(f.count(&a), 0);
+    }
+
+    #[test]
+    fn without_an_announcement_the_count_restarts_in_memory() {
+        let f = fx(1024);
+        let (a, b) = (name("sealcsi-a"), name("sealcsi-b"));
+        let ma = f.open(&a, "A");
+        f.log.kernel(&aead(ma));
+        assert_eq!(f.count(&a), 1);
+        f.dm.remove(&a).unwrap();
+        f.log.fail_announcements(true);
+        let mb = f.open(&b, "B");
+        assert_eq!(mb, ma);
+        assert_eq!(f.count(&b), 0, "b inherited a's failure");
+        f.log.kernel(&aead(mb));
+        assert_eq!(f.count(&b), 1, "b's own failure was not counted");
     }
 
     #[test]
