@@ -297,8 +297,9 @@ impl IntegrityFailures {
 pub fn failure_problem(n: u64) -> Option<String> {
     (n > 0).then(|| {
         format!(
-            "{n} integrity failure(s) since the volume was staged (at least; the kernel rate-limits its \
-             reports): blocks of this volume were changed outside the node, and reads of them fail with EIO"
+            "{n} integrity failure(s) since the volume was staged (a lower bound: the kernel rate-limits \
+             its reports): blocks failed authentication, changed outside the node (or never written), and \
+             reads of them fail with EIO"
         )
     })
 }
@@ -376,6 +377,8 @@ mod tests {
             "{problem}"
         );
         assert!(problem.contains("EIO"), "{problem}");
+        // Conditions join problems with "; ": one problem holds none.
+        assert!(!problem.contains(';'), "{problem}");
         assert_eq!(f.failures.problem(&[&b]).unwrap(), None);
         f.log.kernel(&format!(
             "device-mapper: integrity: dm-{mb}: Checksum failed at sector 0x10"
