@@ -74,6 +74,8 @@ struct Plugin {
     state: PathBuf,
     metrics: std::net::SocketAddr,
     served: Served,
+    /// Whether dropping this cleans up mounts and devices (not when the plugin is only restarted).
+    cleanup: bool,
 }
 
 impl Plugin {
@@ -97,7 +99,17 @@ impl Plugin {
             state,
             metrics,
             served: serve(config, deps).await,
+            cleanup: true,
         }
+    }
+
+    /// Stops this plugin and starts a new one on the same state, leaving the volumes staged.
+    async fn restart(mut self) -> Plugin {
+        self.served.stop().await.unwrap();
+        self.cleanup = false;
+        let dir = self.dir.clone();
+        drop(self);
+        Plugin::start(&dir).await
     }
 
     async fn create(&self, name: &str, bytes: i64, cap: VolumeCapability) -> String {
@@ -211,6 +223,9 @@ impl Plugin {
 impl Drop for Plugin {
     /// Whatever a failed test left: unmount everything under the test's directory, close our devices.
     fn drop(&mut self) {
+        if !self.cleanup {
+            return;
+        }
         if let Ok(text) = fs::read_to_string("/proc/self/mountinfo") {
             let mut points: Vec<PathBuf> = sealcsi::node::mount::parse_mountinfo(&text)
                 .into_iter()
@@ -523,6 +538,34 @@ async fn guest_health_changed_data_blocks_make_the_volume_abnormal() {
     assert_eq!(
         counted, lines,
         "the follower's count differs from the log's lines"
+    );
+
+    // A restarted plugin reads the ring from its oldest record: the count survives the restart.
+    let p = p.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after_restart = loop {
+        let c = p.condition(id, target).await;
+        let n: u64 = c
+            .message
+            .split(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if n >= lines || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("after a plugin restart: {after_restart} counted");
+    assert_eq!(
+        after_restart, lines,
+        "the restarted plugin's count differs from the log's lines"
+    );
+    let c = p.condition(sibling, sibling_target).await;
+    assert!(
+        !c.abnormal,
+        "after the restart the sibling was charged: {}",
+        c.message
     );
 
     for (id, staging, target) in &vols {
