@@ -493,6 +493,71 @@ mod tests {
         assert_eq!(f.count(&b), 1, "b's own failure was not counted");
     }
 
+    #[derive(Debug, Clone)]
+    enum Op {
+        Open(usize),
+        Close(usize),
+        Fail(usize),
+        /// A failure line for a minor nobody holds now (a late line of a closed device).
+        FailFree(u32),
+        Pump,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..3usize).prop_map(Op::Open),
+            (0..3usize).prop_map(Op::Close),
+            (0..3usize).prop_map(Op::Fail),
+            (0..8u32).prop_map(Op::FailFree),
+            Just(Op::Pump),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Against a model: a volume's count is the failures logged on its minor since it was opened,
+        /// whatever reuse of minors and however far behind the follower is.
+        #[test]
+        fn counts_match_the_model(ops in proptest::collection::vec(op(), 0..60)) {
+            let f = fx(4096);
+            let names: Vec<DmName> = (0..3).map(|i| name(&format!("sealcsi-v{i}"))).collect();
+            let mut model: [Option<u64>; 3] = [None; 3];
+            for op in ops {
+                match op {
+                    Op::Open(i) if model[i].is_none() => {
+                        f.open(&names[i], &format!("U{i}"));
+                        model[i] = Some(0);
+                    }
+                    Op::Close(i) if model[i].is_some() => {
+                        f.dm.remove(&names[i]).unwrap();
+                        model[i] = None;
+                    }
+                    Op::Fail(i) => {
+                        if let Some(n) = model[i].as_mut() {
+                            let minor = f.dm.info(&names[i]).unwrap().unwrap().minor;
+                            f.log.kernel(&aead(minor));
+                            *n += 1;
+                        }
+                    }
+                    Op::FailFree(minor) => {
+                        let held = f.dm.list().unwrap().iter().any(|d| d.minor == minor);
+                        if !held {
+                            f.log.kernel(&aead(minor));
+                        }
+                    }
+                    Op::Pump => {
+                        f.failures.pump().unwrap();
+                    }
+                    _ => {}
+                }
+            }
+            f.failures.pump().unwrap();
+            for (i, want) in model.iter().enumerate() {
+                proptest::prop_assert_eq!(f.failures.count(&[&names[i]]).unwrap(), want.unwrap_or(0), "volume {}", i);
+            }
+        }
+    }
+
     #[test]
     fn memory_is_bounded() {
         let f = fx(2 * MAX_DEVICES + 8);
