@@ -15,8 +15,8 @@
 //!
 //! The flags travel in the `event_nr` of the ioctls whose uevents udev sees: DM_DEV_SUSPEND (resume,
 //! the "change" uevent) and DM_DEV_REMOVE ("remove"); the kernel puts them into the uevent as
-//! `DM_COOKIE`. (DM_DEV_CREATE makes no uevent with a cookie: the "add" uevent comes at the first
-//! table load, and the rules ignore an "add" that no primary source announced.)
+//! `DM_COOKIE`. (DM_DEV_CREATE takes no cookie: the kernel's "add" uevent carries none, and the rules
+//! treat an "add" without a primary source as not yet active and skip it.)
 //!
 //! sealcsi does not wait for udev. Its cookies carry flags only (the low 16 bits, the semaphore part of
 //! libdevmapper's cookie, are 0: libdevmapper's convention for a cookie that carries flags and no
