@@ -13,6 +13,7 @@
 //! - [`broker`]: the `kbs` source: secrets a key broker releases after attestation;
 //! - [`attest`]: TEE evidence binding caller data (for key brokers and attested transfer);
 //! - [`dm`], [`backend`], [`keyring`], [`devio`]: the kernel behind small traits;
+//! - [`health`]: integrity failures of open volumes, counted from the kernel log;
 //! - [`error`]: the one error taxonomy; [`metrics`], [`clock`].
 //!
 //! Nothing below [`csi`] knows gRPC.
@@ -29,6 +30,7 @@ pub mod dm;
 pub mod error;
 pub mod hardening;
 pub mod header;
+pub mod health;
 pub mod keyring;
 pub mod keys;
 pub mod keyslots;

@@ -1,8 +1,8 @@
 //! Prometheus metrics, served on `--metrics-address` (off by default).
 //!
 //! Label values are bounded: gRPC method names and status codes come from fixed sets, failure reasons
-//! from [`UnsealFailure`], and the only per-volume series is the integrity mismatch gauge, labelled with
-//! the CSI volume id as Kubernetes' own volume metrics are. Volume-level gauges are read from the kernel
+//! from [`UnsealFailure`], and the only per-volume series are the integrity mismatch and integrity failure
+//! gauges, labelled with the CSI volume id as Kubernetes' own volume metrics are. Volume-level gauges are read from the kernel
 //! at scrape time (observed state), not from bookkeeping that could drift.
 
 use std::net::SocketAddr;
@@ -77,8 +77,14 @@ pub struct Metrics {
     integrity_mismatches: Family<VolumeLabels, Gauge>,
     unseal_failures: Family<ReasonLabels, Counter>,
     init_seconds: Family<InitLabels, Histogram>,
+    integrity_failures: Family<VolumeLabels, Gauge>,
     dm: Option<Arc<dyn DeviceMapper>>,
+    failure_counts: Option<FailureCounts>,
 }
+
+/// The integrity failures counted for an open volume's top device-mapper device (by its name), where
+/// they are counted (`crate::node::VolumeEngine::integrity_failures`).
+pub type FailureCounts = Box<dyn Fn(&str) -> Option<u64> + Send + Sync>;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -95,6 +101,14 @@ const INTEGRITY_SUFFIX: &str = "-integrity";
 impl Metrics {
     /// Metrics whose volume gauges are read from `dm` at scrape time (none without it).
     pub fn new(dm: Option<Arc<dyn DeviceMapper>>) -> Arc<Self> {
+        Self::with_failure_counts(dm, None)
+    }
+
+    /// As [`Metrics::new`], with the per-volume integrity failure gauge read from `counts`.
+    pub fn with_failure_counts(
+        dm: Option<Arc<dyn DeviceMapper>>,
+        failure_counts: Option<FailureCounts>,
+    ) -> Arc<Self> {
         let mut registry = Registry::with_prefix("sealcsi");
         let rpc_total = Family::<RpcLabels, Counter>::default();
         registry.register(
@@ -137,6 +151,14 @@ impl Metrics {
             "Time to initialize a new volume, by init mode and phase (wipe = zeros written, mkfs)",
             init_seconds.clone(),
         );
+        let integrity_failures = Family::<VolumeLabels, Gauge>::default();
+        registry.register(
+            "integrity_failures",
+            "Blocks dm-crypt (AEAD tag) or dm-integrity refused to read, per open volume since it was staged, \
+             counted from the kernel log: changed outside the node. A lower bound (the kernel rate-limits the \
+             messages)",
+            integrity_failures.clone(),
+        );
         Arc::new(Self {
             registry,
             rpc_total,
@@ -145,7 +167,9 @@ impl Metrics {
             integrity_mismatches,
             unseal_failures,
             init_seconds,
+            integrity_failures,
             dm,
+            failure_counts,
         })
     }
 
@@ -192,12 +216,22 @@ impl Metrics {
             }
         };
         self.integrity_mismatches.clear();
+        self.integrity_failures.clear();
         let mut staged = 0;
         for info in &devices {
             let uuid = info.uuid.as_deref().unwrap_or("");
             let name = info.name.as_str();
             if uuid.starts_with(CRYPT_UUID_PREFIX) && uuid.ends_with("-crypt") {
                 staged += 1;
+                if let Some(volume) = name.strip_prefix(DM_NAME_PREFIX)
+                    && let Some(n) = self.failure_counts.as_ref().and_then(|f| f(name))
+                {
+                    self.integrity_failures
+                        .get_or_create(&VolumeLabels {
+                            volume_id: volume.to_string(),
+                        })
+                        .set(i64::try_from(n).unwrap_or(i64::MAX));
+                }
             }
             let Some(volume) = name
                 .strip_prefix(DM_NAME_PREFIX)
@@ -466,6 +500,43 @@ mod tests {
         assert!(
             !text.contains("sv-bbb"),
             "a closed volume's series disappears"
+        );
+    }
+
+    #[test]
+    fn integrity_failures_per_volume_come_from_the_kernel_log() {
+        use crate::health::{IntegrityFailures, MemoryLog};
+        let dm = Arc::new(MemoryDm::default());
+        let log = MemoryLog::default();
+        let failures = IntegrityFailures::new(dm.clone(), Arc::new(log.clone())).unwrap();
+        open_volume(&dm, "sv-aaa");
+        open_volume(&dm, "sv-bbb");
+        let crypt = DmName::try_from("sealcsi-sv-aaa").unwrap();
+        let integrity = DmName::try_from("sealcsi-sv-aaa-integrity").unwrap();
+        failures.opened(&[&crypt, &integrity]);
+        let minor = dm.info(&crypt).unwrap().unwrap().minor;
+        for _ in 0..3 {
+            log.kernel(&format!(
+                "device-mapper: crypt: dm-{minor}: INTEGRITY AEAD ERROR, sector 8"
+            ));
+        }
+        failures.pump().unwrap();
+        let f = failures.clone();
+        let metrics = Metrics::with_failure_counts(
+            Some(dm.clone()),
+            Some(Box::new(move |name| {
+                let names = crate::volume::stack::StackNames::new(name).ok()?;
+                f.count(&[&names.crypt, &names.integrity]).ok()
+            })),
+        );
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"sealcsi_integrity_failures{volume_id="sv-aaa"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"sealcsi_integrity_failures{volume_id="sv-bbb"} 0"#),
+            "{text}"
         );
     }
 

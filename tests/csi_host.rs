@@ -22,6 +22,7 @@ use sealcsi::csi::{
 };
 use sealcsi::dm::{DeviceMapper, MemoryDm, memory::MemoryOp};
 use sealcsi::header::FsKind;
+use sealcsi::health::{IntegrityFailures, MemoryLog};
 use sealcsi::node::{MemoryEngine, MemoryMounter, Mounter, VolumeEngine};
 use sealcsi::volume::init::InitMode;
 use tonic::Code;
@@ -41,6 +42,9 @@ struct Plugin {
     dm: Arc<MemoryDm>,
     engine: Arc<MemoryEngine>,
     mounter: Arc<MemoryMounter>,
+    /// The engine's kernel log (integrity failures): tests write kernel records into it.
+    log: MemoryLog,
+    failures: Arc<IntegrityFailures>,
     served: Served,
 }
 
@@ -75,7 +79,11 @@ impl Plugin {
         std::fs::create_dir_all(&work).unwrap();
         let socket = dir.path().join("csi/csi.sock");
         let dm = Arc::new(MemoryDm::new());
-        let engine = Arc::new(MemoryEngine::new(dm.clone(), identity));
+        let log = MemoryLog::default();
+        let failures = IntegrityFailures::new(dm.clone(), Arc::new(log.clone())).unwrap();
+        let engine = Arc::new(
+            MemoryEngine::new(dm.clone(), identity).with_integrity_failures(failures.clone()),
+        );
         let mounter = Arc::new(MemoryMounter::new());
         let deps = PluginDeps {
             dm: dm.clone(),
@@ -98,6 +106,8 @@ impl Plugin {
             dm,
             engine,
             mounter,
+            log,
+            failures,
             served,
         }
     }
@@ -1453,6 +1463,83 @@ async fn stats_of_a_filesystem_and_abnormal_conditions() {
     assert!(got.status.unwrap().volume_condition.unwrap().abnormal);
     p.unpublish(id, &target).await.unwrap();
     p.unstage(id, &staging).await.unwrap();
+    p.stop().await.unwrap();
+}
+
+/// The host changed data blocks of an open volume: dm-crypt's failures in the kernel log make the
+/// volume abnormal with their count, a sibling stays healthy, and a re-staged volume starts from 0
+/// even on the same device-mapper minor.
+#[tokio::test]
+async fn integrity_failures_in_the_kernel_log_make_the_volume_abnormal() {
+    let p = Plugin::start().await;
+    let cap = || mount_cap(Mode::SingleNodeWriter, "");
+    let mut vols = Vec::new();
+    for name in ["pvc-if-a", "pvc-if-b"] {
+        let id = p.create(name, 64 * MIB, &[]).await.volume_id;
+        let (staging, target) = (p.path(&format!("{name}-s")), p.path(&format!("{name}-t")));
+        p.stage(&id, &staging, cap()).await.unwrap();
+        p.publish(&id, &staging, &target, cap(), false)
+            .await
+            .unwrap();
+        vols.push((id, staging, target));
+    }
+    let condition = |id: String, target: PathBuf| {
+        let p = &p;
+        async move {
+            p.failures.pump().unwrap();
+            p.stats(&id, &target)
+                .await
+                .unwrap()
+                .volume_condition
+                .unwrap()
+        }
+    };
+    let (a, b) = (&vols[0], &vols[1]);
+    let minor = |id: &str| {
+        let name = sealcsi::dm::DmName::try_from(format!("sealcsi-{id}")).unwrap();
+        p.dm.info(&name).unwrap().unwrap().minor
+    };
+    let c = condition(a.0.clone(), a.2.clone()).await;
+    assert!(!c.abnormal, "{}", c.message);
+    for sector in [8, 16] {
+        p.log.kernel(&format!(
+            "device-mapper: crypt: dm-{}: INTEGRITY AEAD ERROR, sector {sector}",
+            minor(&a.0)
+        ));
+    }
+    let c = condition(a.0.clone(), a.2.clone()).await;
+    assert!(c.abnormal, "two AEAD failures left the volume healthy");
+    assert!(
+        c.message
+            .starts_with("2 integrity failure(s) since the volume was staged")
+            && c.message.contains("EIO"),
+        "{}",
+        c.message
+    );
+    let c = condition(b.0.clone(), b.2.clone()).await;
+    assert!(!c.abnormal, "the sibling was charged: {}", c.message);
+    assert_eq!(
+        p.engine.integrity_failures(&format!("sealcsi-{}", a.0)),
+        Some(2)
+    );
+
+    // Unstaged and staged again: the count restarts (the kernel hands out the same lowest free minor).
+    let old_minor = minor(&a.0);
+    p.unpublish(&a.0, &a.2).await.unwrap();
+    p.unstage(&a.0, &a.1).await.unwrap();
+    p.stage(&a.0, &a.1, cap()).await.unwrap();
+    p.publish(&a.0, &a.1, &a.2, cap(), false).await.unwrap();
+    assert_eq!(minor(&a.0), old_minor);
+    let c = condition(a.0.clone(), a.2.clone()).await;
+    assert!(
+        !c.abnormal,
+        "re-staged volume inherited old failures: {}",
+        c.message
+    );
+    for (id, staging, target) in &vols {
+        p.unpublish(id, target).await.unwrap();
+        p.unstage(id, staging).await.unwrap();
+    }
     p.stop().await.unwrap();
 }
 

@@ -5,6 +5,8 @@ set -euo pipefail
 packages=(
     # guest kernel and what runs inside it
     user-mode-linux busybox-static kmod cpio e2fsprogs xfsprogs dmsetup util-linux
+    # systemd-udevd, run in the guest by tests/guest_health.rs
+    udev
     # reference peer and I/O driver for the benchmarks
     cryptsetup-bin fio
     # building: the devicemapper crate's bindgen + pkg-config probe, and the UML FPU-state shim

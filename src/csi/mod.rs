@@ -160,6 +160,26 @@ impl std::fmt::Debug for PluginDeps {
     }
 }
 
+/// Integrity failures counted from `/dev/kmsg` (followed on a thread of its own), or `None`, said once
+/// in the log, where the kernel log cannot be read.
+fn integrity_failures(dm: Arc<dyn DeviceMapper>) -> Option<Arc<crate::health::IntegrityFailures>> {
+    let started = crate::health::IntegrityFailures::new(dm, Arc::new(crate::health::Kmsg))
+        .and_then(|f| {
+            f.follow().map_err(|source| crate::health::LogError::Io {
+                op: "start the follower thread",
+                source,
+            })?;
+            Ok(f)
+        });
+    match started {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(error = %e, "integrity failures (dm-crypt AEAD errors) will not be reported in volume conditions");
+            None
+        }
+    }
+}
+
 impl PluginDeps {
     /// The real kernel: device-mapper through ioctls, mount(2), and `source` for sealing.
     pub fn kernel(source: Box<dyn SealingSource>) -> Result<Self, CsiError> {
@@ -174,8 +194,13 @@ impl PluginDeps {
         let dm: Arc<dyn DeviceMapper> = Arc::new(crate::dm::KernelDm::new()?);
         let source: Arc<dyn SealingSource> = Arc::from(source);
         let broker = broker.map(Arc::from);
+        let failures = integrity_failures(dm.clone());
         Ok(Self {
-            engine: Arc::new(KernelEngine::new(dm.clone(), source).with_broker(broker)),
+            engine: Arc::new(
+                KernelEngine::new(dm.clone(), source)
+                    .with_broker(broker)
+                    .with_integrity_failures(failures),
+            ),
             dm,
             mounter: Arc::new(SystemMounter),
         })

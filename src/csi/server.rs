@@ -142,7 +142,11 @@ pub async fn serve_until(
     let path = socket_path(&config.endpoint)?;
     let store = Store::open(&config.state_dir)?.with_overcommit(config.overcommit_ratio)?;
     // Always collected (cheap); served only when an address is configured.
-    let metrics = crate::metrics::Metrics::new(Some(deps.dm.clone()));
+    let engine = deps.engine.clone();
+    let metrics = crate::metrics::Metrics::with_failure_counts(
+        Some(deps.dm.clone()),
+        Some(Box::new(move |dm_name| engine.integrity_failures(dm_name))),
+    );
     let backend = match &config.backend {
         Some(b) => Some(connect_backend(b).await?),
         None => None,

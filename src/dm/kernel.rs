@@ -1,4 +1,5 @@
-//! [`DeviceMapper`] on the real kernel, through the `devicemapper` crate's ioctls.
+//! [`DeviceMapper`] on the real kernel, through the `devicemapper` crate's ioctls, except resume and
+//! remove, which carry sealcsi's udev flags and are issued by [`super::udev`].
 //!
 //! Blocking: call from a blocking context (`spawn_blocking`), not from an async task.
 //!
@@ -62,6 +63,17 @@ fn kernel_err(op: &'static str, e: &devicemapper::DmError) -> DmError {
     DmError::Kernel { op, message }
 }
 
+fn errno_err(op: &'static str, errno: nix::errno::Errno) -> DmError {
+    DmError::Kernel {
+        op,
+        message: io::Error::from(errno).to_string(),
+    }
+}
+
+/// How often, and how far apart, a remove that finds the device open is tried.
+const REMOVE_TRIES: u32 = 5;
+const REMOVE_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
+
 fn dm_name(name: &DmName) -> Result<&devicemapper::DmName, DmError> {
     devicemapper::DmName::new(name.as_str()).map_err(|e| DmError::InvalidArgument(e.to_string()))
 }
@@ -91,12 +103,22 @@ fn ensure_control_node() -> Result<(), DmError> {
     Ok(())
 }
 
-/// Make `/dev/mapper/<name>` a block node for (major, minor), replacing a stale one.
+/// Make `/dev/mapper/<name>` a block node for (major, minor), replacing a stale one. Where udev runs,
+/// its device-mapper rules make the same path a symlink to `../dm-N`: one that leads to this device is
+/// kept (either may come first: udev does not replace a node it did not make, and sealcsi keeps udev's
+/// link), so both end with a working /dev/mapper/<name>.
 fn ensure_node(name: &DmName, major: u32, minor: u32) -> Result<(), DmError> {
     let node = name.node();
     let want = makedev(u64::from(major), u64::from(minor));
     match fs::symlink_metadata(&node) {
         Ok(m) if m.file_type().is_block_device() && m.rdev() == want => return Ok(()),
+        Ok(m)
+            if m.file_type().is_symlink()
+                && fs::metadata(&node)
+                    .is_ok_and(|t| t.file_type().is_block_device() && t.rdev() == want) =>
+        {
+            return Ok(());
+        }
         Ok(_) => {
             warn!(node = %node.display(), "replacing stale device node");
             fs::remove_file(&node).map_err(DmError::Io)?;
@@ -113,10 +135,12 @@ fn ensure_node(name: &DmName, major: u32, minor: u32) -> Result<(), DmError> {
     }
 }
 
-/// Remove `/dev/mapper/<name>` if it is a block device node (never anything else).
+/// Remove `/dev/mapper/<name>` if it is a block device node (never anything else). A symlink is
+/// udev's: udev removes it on the device's "remove" uevent.
 fn remove_node(name: &DmName) -> Result<(), DmError> {
     let node = name.node();
     match fs::symlink_metadata(&node) {
+        Ok(m) if m.file_type().is_symlink() => Ok(()),
         Ok(m) if m.file_type().is_block_device() => match fs::remove_file(&node) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -183,10 +207,12 @@ impl KernelDm {
             )
             .map_err(|e| kernel_err("table load", &e))?;
         drop(raw);
+        // Resumed with sealcsi's udev flags (super::udev), not through the crate, which would wait for udev.
+        super::udev::resume(self.dm.file(), name).map_err(|e| errno_err("resume", e))?;
         let info = self
             .dm
-            .device_suspend(&id, DmOptions::default())
-            .map_err(|e| kernel_err("resume", &e))?;
+            .device_info(&id)
+            .map_err(|e| kernel_err("info", &e))?;
         let info = self.convert(name, &info);
         ensure_node(name, info.major, info.minor)?;
         Ok(info)
@@ -226,15 +252,19 @@ impl DeviceMapper for KernelDm {
     }
 
     fn remove(&self, name: &DmName) -> Result<(), DmError> {
-        let id = DevId::Name(dm_name(name)?);
-        // The crate retries EBUSY itself (5 tries, 200 ms apart): covers a just-closed fd.
-        match self.dm.device_remove(&id, DmOptions::default()) {
-            Ok(_) => {}
-            Err(e) if errno_of(&e) == Some(nix::libc::ENXIO) => {}
-            Err(e) if errno_of(&e) == Some(nix::libc::EBUSY) => {
-                return Err(DmError::Busy(name.to_string()));
+        // With sealcsi's udev flags (super::udev). EBUSY is retried (5 tries, 200 ms apart): covers a
+        // just-closed fd, and a udev worker that still has the device open.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match super::udev::remove(self.dm.file(), name) {
+                Ok(()) | Err(nix::errno::Errno::ENXIO) => break,
+                Err(nix::errno::Errno::EBUSY) if tries < REMOVE_TRIES => {
+                    std::thread::sleep(REMOVE_RETRY_DELAY);
+                }
+                Err(nix::errno::Errno::EBUSY) => return Err(DmError::Busy(name.to_string())),
+                Err(e) => return Err(errno_err("remove", e)),
             }
-            Err(e) => return Err(kernel_err("remove", &e)),
         }
         remove_node(name)
     }

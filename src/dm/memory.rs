@@ -37,7 +37,6 @@ struct Device {
 #[derive(Debug, Default)]
 struct State {
     devices: BTreeMap<String, Device>,
-    next_minor: u32,
     fail: Vec<MemoryOp>,
 }
 
@@ -113,8 +112,10 @@ impl DeviceMapper for MemoryDm {
         }
         // A failure here stands for a refused table load: like the kernel impl, nothing remains.
         Self::check_fail(&mut st, MemoryOp::Create, "table load")?;
-        let minor = st.next_minor;
-        st.next_minor += 1;
+        // As the kernel: the lowest free minor, so minors are reused.
+        let minor = (0..)
+            .find(|m| !st.devices.values().any(|d| d.minor == *m))
+            .expect("fewer than 2^32 devices");
         let dev = Device {
             uuid: uuid.to_owned(),
             minor,

@@ -2,13 +2,15 @@
 //! implementation ([`kernel::KernelDm`], ioctls through the `devicemapper` crate) and an in-memory
 //! one for host tests ([`memory::MemoryDm`]).
 //!
-//! There is no udev where sealcsi runs: the kernel makes `/dev/dm-N` (devtmpfs) but not
-//! `/dev/mapper/<name>`, so [`kernel::KernelDm`] makes and removes those nodes itself.
+//! sealcsi needs no udev: the kernel makes `/dev/dm-N` (devtmpfs) but not `/dev/mapper/<name>`, so
+//! [`kernel::KernelDm`] makes and removes those nodes itself. Where udev runs, sealcsi's devices carry
+//! the DM udev flags that keep udev's disk and other rules (blkid) off them ([`udev`]).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod kernel;
 pub mod memory;
 pub mod table;
+pub mod udev;
 
 use std::fmt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};

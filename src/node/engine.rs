@@ -11,6 +11,7 @@ use crate::backend::{BackendError, LoopDevice};
 use crate::dm::{DeviceMapper, DmError, DmName, Target, integrity_status};
 use crate::error::{Classify, Kind};
 use crate::header::{self, FsKind, Profile};
+use crate::health::IntegrityFailures;
 use crate::sealing::SealingSource;
 use crate::volume::header_io::read_region;
 use crate::volume::health::{self, Check, Condition};
@@ -131,6 +132,42 @@ pub trait VolumeEngine: Send + Sync {
     fn grow_fs(&self, fs: FsKind, device: &Path, mount_point: &Path) -> Result<(), EngineError>;
     /// `Err(what is missing)` unless the sealing source answers.
     fn probe_source(&self) -> Result<(), String>;
+    /// Integrity failures counted for the open volume `dm_name` since it was opened
+    /// ([`crate::health`]); `None` where they are not counted.
+    fn integrity_failures(&self, dm_name: &str) -> Option<u64> {
+        let _ = dm_name;
+        None
+    }
+}
+
+/// The devices of the stack `names`, for [`IntegrityFailures`].
+fn stack_devices(names: &StackNames) -> [&DmName; 2] {
+    [&names.crypt, &names.integrity]
+}
+
+/// The failures counted for `dm_name`, if counted.
+pub fn failures_of(failures: Option<&IntegrityFailures>, dm_name: &str) -> Option<u64> {
+    let failures = failures?;
+    let names = StackNames::new(dm_name).ok()?;
+    failures.count(&stack_devices(&names)).ok()
+}
+
+/// Announces a just opened stack (its counts restart), if failures are counted.
+pub fn announce_opened(failures: Option<&IntegrityFailures>, names: &StackNames) {
+    if let Some(failures) = failures {
+        failures.opened(&stack_devices(names));
+    }
+}
+
+/// The condition problem of the failures counted for `names`, if any.
+pub fn failure_problem(
+    failures: Option<&IntegrityFailures>,
+    names: &StackNames,
+) -> Result<Option<String>, EngineError> {
+    match failures {
+        Some(f) => Ok(f.problem(&stack_devices(names))?),
+        None => Ok(None),
+    }
 }
 
 /// Integrity mismatches the integrity device counted, if it exists and reports any.
@@ -170,6 +207,8 @@ pub struct KernelEngine {
     source: Arc<dyn SealingSource>,
     /// The node's key broker (`--kbs-url`): `kbs` slots open through it.
     broker: Option<Arc<dyn SealingSource>>,
+    /// Integrity failures from the kernel log, where it can be read.
+    failures: Option<Arc<IntegrityFailures>>,
 }
 
 impl std::fmt::Debug for KernelEngine {
@@ -184,7 +223,14 @@ impl KernelEngine {
             dm,
             source,
             broker: None,
+            failures: None,
         }
+    }
+
+    /// The same engine, reporting the integrity failures `failures` counts in its conditions.
+    pub fn with_integrity_failures(mut self, failures: Option<Arc<IntegrityFailures>>) -> Self {
+        self.failures = failures;
+        self
     }
 
     /// The same engine, also opening `kbs` keyslots through `broker`.
@@ -208,7 +254,8 @@ impl VolumeEngine for KernelEngine {
     ) -> Result<StagedDevice, EngineError> {
         let names = StackNames::new(dm_name)?;
         let mut init = None;
-        if self.dm.info(&names.crypt)?.is_none() && !header::has_magic(&read_region(backing)?) {
+        let was_open = self.dm.info(&names.crypt)?.is_some();
+        if !was_open && !header::has_magic(&read_region(backing)?) {
             if let Some(uuid) = formatted {
                 return Err(EngineError::HeaderGone {
                     uuid: uuid::Uuid::from_bytes(uuid).to_string(),
@@ -233,6 +280,9 @@ impl VolumeEngine for KernelEngine {
             uuid: formatted,
         };
         let report = self.volumes().open_as(backing, dm_name, Some(expected))?;
+        if !was_open {
+            announce_opened(self.failures.as_deref(), &names);
+        }
         // The header open authenticated, never a second read the host could answer differently.
         Ok(StagedDevice {
             uuid: report.header.uuid,
@@ -266,6 +316,7 @@ impl VolumeEngine for KernelEngine {
         let names = StackNames::new(dm_name)?;
         let mut problems = Vec::new();
         problems.extend(integrity_problem(&*self.dm, &names)?);
+        problems.extend(failure_problem(self.failures.as_deref(), &names)?);
         let region = read_region(backing)?;
         let vols = self.volumes();
         let unseal = |h: &header::Header| vols.unseal(h).map(drop).map_err(|e| e.to_string());
@@ -379,6 +430,10 @@ impl VolumeEngine for KernelEngine {
         };
         crate::volume::mkfs::grow(fs, target)?;
         Ok(())
+    }
+
+    fn integrity_failures(&self, dm_name: &str) -> Option<u64> {
+        failures_of(self.failures.as_deref(), dm_name)
     }
 
     fn probe_source(&self) -> Result<(), String> {

@@ -11,7 +11,10 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
-use super::engine::{EngineError, StagedDevice, VolumeEngine, dm_size_bytes, integrity_problem};
+use super::engine::{
+    EngineError, StagedDevice, VolumeEngine, announce_opened, dm_size_bytes, failure_problem,
+    failures_of, integrity_problem,
+};
 use crate::dm::{CryptKey, DeviceMapper, DmError, MemoryDm};
 use crate::header::{
     COPY_OFFSETS, DATA_OFFSET, FsKind, HEADER_SIZE, Header, HeaderError, Journal, Profile,
@@ -38,6 +41,7 @@ pub struct MemoryEngine {
     inits: Mutex<Vec<(String, u64, u64)>>,
     fail_inits: Mutex<u32>,
     stage_delay: Mutex<std::time::Duration>,
+    failures: Option<Arc<crate::health::IntegrityFailures>>,
 }
 
 fn profile_code(p: Profile) -> u8 {
@@ -163,7 +167,18 @@ impl MemoryEngine {
             inits: Mutex::default(),
             fail_inits: Mutex::default(),
             stage_delay: Mutex::default(),
+            failures: None,
         }
+    }
+
+    /// The same engine, counting integrity failures with `failures` (over an in-memory log), as
+    /// [`super::KernelEngine::with_integrity_failures`].
+    pub fn with_integrity_failures(
+        mut self,
+        failures: Arc<crate::health::IntegrityFailures>,
+    ) -> Self {
+        self.failures = Some(failures);
+        self
     }
 
     fn digest(&self) -> [u8; 32] {
@@ -361,6 +376,7 @@ impl VolumeEngine for MemoryEngine {
         let info = self
             .dm
             .create(&names.crypt, &stack::dm_uuid(&uuid, "crypt"), &[crypt])?;
+        announce_opened(self.failures.as_deref(), &names);
         Ok(StagedDevice {
             uuid: volume_uuid,
             device: info.node,
@@ -393,6 +409,7 @@ impl VolumeEngine for MemoryEngine {
         {
             problems.push(format!("dm-integrity counted {n} tag mismatch(es)"));
         }
+        problems.extend(failure_problem(self.failures.as_deref(), &names)?);
         let region = read_region(backing)?;
         match read_markers(&region) {
             Err(e) => problems.push(format!("the volume header no longer decodes: {e}")),
@@ -470,6 +487,10 @@ impl VolumeEngine for MemoryEngine {
             .unwrap_or_else(|e| e.into_inner())
             .push((fs, target.to_path_buf()));
         Ok(())
+    }
+
+    fn integrity_failures(&self, dm_name: &str) -> Option<u64> {
+        failures_of(self.failures.as_deref(), dm_name)
     }
 
     fn probe_source(&self) -> Result<(), String> {
