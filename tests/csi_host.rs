@@ -544,7 +544,8 @@ async fn create_volume_is_idempotent_and_refuses_conflicts() {
     assert_eq!(a.accessible_topology[0].segments[TOPOLOGY_KEY], "node-a");
     assert_eq!(
         std::fs::metadata(p.backing(&a.volume_id)).unwrap().len(),
-        101 * MIB as u64
+        109 * MIB as u64,
+        "the usable 101 MiB plus the header region, integrity journal and tags"
     );
     let b = c
         .create_volume(create_req(
@@ -769,7 +770,23 @@ async fn get_capacity_reports_free_space_of_this_node() {
         .unwrap()
         .into_inner();
     assert!(cap.available_capacity > 0);
-    assert_eq!(cap.minimum_volume_size, Some(64 * MIB));
+    // Usable bytes, as a claim's size is: whole MiB, what a 64 MiB backing file offers at least.
+    assert_eq!(cap.available_capacity % MIB, 0);
+    assert_eq!(cap.maximum_volume_size, Some(cap.available_capacity));
+    assert_eq!(cap.minimum_volume_size, Some(57 * MIB));
+    let xts = c
+        .get_capacity(GetCapacityRequest {
+            parameters: HashMap::from([("integrity".to_string(), "none".to_string())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(xts.minimum_volume_size, Some(59 * MIB));
+    assert!(
+        xts.available_capacity > cap.available_capacity,
+        "no integrity metadata: more of the same disk is usable"
+    );
     let other = GetCapacityRequest {
         accessible_topology: Some(Topology {
             segments: HashMap::from([(TOPOLOGY_KEY.to_string(), "node-b".to_string())]),
@@ -1326,6 +1343,132 @@ async fn readonly_publish_is_a_readonly_bind() {
     p.stop().await.unwrap();
 }
 
+/// The lead's Kubernetes finding: a 64Mi block claim must give the pod at least 64 MiB, and every
+/// capacity the plugin reports must be what the pod can use. Records of the previous release (the backing
+/// file's size as the capacity) are reported as what their file offers, and nothing rewrites them.
+#[tokio::test]
+async fn a_block_volume_offers_what_every_capacity_reports_and_legacy_records_are_honest() {
+    let p = Plugin::start().await;
+    let mut c = p.controller();
+    let v = c
+        .create_volume(create_req(
+            "pvc-64",
+            64 * MIB,
+            &[],
+            vec![block_cap(Mode::SingleNodeWriter)],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let id = v.volume_id.clone();
+    assert_eq!(
+        v.capacity_bytes,
+        64 * MIB,
+        "what was asked, not the file's size"
+    );
+    assert_eq!(
+        std::fs::metadata(p.backing(&id)).unwrap().len(),
+        71 * MIB as u64,
+        "the file holds the header region, journal and tags on top"
+    );
+    let listed = c
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.entries[0].volume.as_ref().unwrap().capacity_bytes,
+        64 * MIB
+    );
+    let got = c
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap().capacity_bytes, 64 * MIB);
+    let (staging, target) = (p.path("s"), p.path("t"));
+    let cap = || block_cap(Mode::SingleNodeWriter);
+    p.stage(&id, &staging, cap()).await.unwrap();
+    p.publish(&id, &staging, &target, cap(), false)
+        .await
+        .unwrap();
+    let stats = p.stats(&id, &target).await.unwrap();
+    assert!(stats.usage[0].total >= 64 * MIB, "{stats:?}");
+    p.unpublish(&id, &target).await.unwrap();
+    p.unstage(&id, &staging).await.unwrap();
+
+    // Turn it into what the previous release left for the same claim: a 64 MiB file recorded as 64 MiB.
+    let record_path = p.state.join("volumes").join(format!("{id}.json"));
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    record.as_object_mut().unwrap().remove("device_bytes");
+    let legacy = serde_json::to_vec(&record).unwrap();
+    std::fs::write(&record_path, &legacy).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p.backing(&id))
+        .unwrap()
+        .set_len(64 * MIB as u64)
+        .unwrap();
+    let got = c
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.volume.unwrap().capacity_bytes,
+        57 * MIB,
+        "what a 64 MiB file offers at least, not the 64 MiB it was recorded as"
+    );
+    let listed = c
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.entries[0].volume.as_ref().unwrap().capacity_bytes,
+        57 * MIB
+    );
+    assert_eq!(
+        std::fs::read(&record_path).unwrap(),
+        legacy,
+        "reads rewrite nothing"
+    );
+    // It still stages, and its expansion to the claim's size gives it the space it lacked.
+    p.stage(&id, &staging, cap()).await.unwrap();
+    p.publish(&id, &staging, &target, cap(), false)
+        .await
+        .unwrap();
+    let r = p
+        .node()
+        .node_expand_volume(node_expand(&id, &target, 64 * MIB, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.capacity_bytes >= 64 * MIB, "{r:?}");
+    assert_eq!(
+        std::fs::metadata(p.backing(&id)).unwrap().len(),
+        71 * MIB as u64
+    );
+    p.unpublish(&id, &target).await.unwrap();
+    p.unstage(&id, &staging).await.unwrap();
+    // Deleting it takes its whole file.
+    c.delete_volume(DeleteVolumeRequest {
+        volume_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(!p.backing(&id).exists());
+    p.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn block_volume_stage_publish_and_stats() {
     let p = Plugin::start().await;
@@ -1362,8 +1505,12 @@ async fn block_volume_stage_publish_and_stats() {
     assert_eq!(stats.usage[0].unit, volume_usage::Unit::Bytes as i32);
     assert_eq!(
         stats.usage[0].total,
-        63 * MIB,
-        "data behind the 1 MiB header region"
+        70 * MIB,
+        "the in-memory engine's top device: the 71 MiB backing file less the 1 MiB header region"
+    );
+    assert!(
+        stats.usage[0].total >= 64 * MIB,
+        "at least the capacity asked"
     );
     assert!(!stats.volume_condition.unwrap().abnormal);
     // A block volume has no filesystem to mount.
@@ -1575,7 +1722,7 @@ async fn node_expansion_grows_file_mapping_and_filesystem() {
     .unwrap();
     let dm = format!("sealcsi-{id}");
     let old_top = p.engine.size_bytes(&dm).unwrap() as i64;
-    assert_eq!(old_top, 63 * MIB);
+    assert_eq!(old_top, 70 * MIB);
 
     // No ControllerExpandVolume first: the node grows the backing file itself.
     let r = p
@@ -1584,10 +1731,11 @@ async fn node_expansion_grows_file_mapping_and_filesystem() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.capacity_bytes, 127 * MIB);
+    assert_eq!(r.capacity_bytes, 135 * MIB, "the top device's size");
     assert_eq!(
         std::fs::metadata(p.backing(id)).unwrap().len(),
-        128 * MIB as u64
+        136 * MIB as u64,
+        "the file of a 128 MiB volume"
     );
     let got = p
         .controller()
@@ -1604,7 +1752,7 @@ async fn node_expansion_grows_file_mapping_and_filesystem() {
     );
     assert_eq!(
         p.engine.inits(),
-        vec![(dm.clone(), old_top as u64, 127 * MIB as u64)],
+        vec![(dm.clone(), old_top as u64, 135 * MIB as u64)],
         "the new space is initialized once"
     );
     assert!(!p.state.join("volumes").join(format!("{id}.grow")).exists());
@@ -1615,7 +1763,7 @@ async fn node_expansion_grows_file_mapping_and_filesystem() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.capacity_bytes, 127 * MIB);
+    assert_eq!(r.capacity_bytes, 135 * MIB);
     assert_eq!(p.engine.inits().len(), 1);
     // Never shrinks: asking for less is success at the current size; a limit below it is refused.
     let r = p
@@ -1624,7 +1772,7 @@ async fn node_expansion_grows_file_mapping_and_filesystem() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.capacity_bytes, 127 * MIB);
+    assert_eq!(r.capacity_bytes, 135 * MIB);
     assert_eq!(
         code(
             p.node()
@@ -1645,7 +1793,7 @@ async fn node_expansion_grows_file_mapping_and_filesystem() {
     let mut no_range = node_expand(id, &target, 0, 0);
     no_range.capacity_range = None;
     let r = p.node().node_expand_volume(no_range).await.unwrap();
-    assert_eq!(r.into_inner().capacity_bytes, 127 * MIB);
+    assert_eq!(r.into_inner().capacity_bytes, 135 * MIB);
     assert_eq!(
         code(
             p.node()
@@ -1656,7 +1804,7 @@ async fn node_expansion_grows_file_mapping_and_filesystem() {
     );
     assert_eq!(
         std::fs::metadata(p.backing(id)).unwrap().len(),
-        128 * MIB as u64,
+        136 * MIB as u64,
         "a refused expansion grows nothing"
     );
     p.unpublish(id, &target).await.unwrap();
@@ -1672,7 +1820,7 @@ async fn node_expansion_grows_file_mapping_and_filesystem() {
     );
     assert_eq!(
         std::fs::metadata(p.backing(id)).unwrap().len(),
-        128 * MIB as u64
+        136 * MIB as u64
     );
     p.stop().await.unwrap();
 }
@@ -1700,7 +1848,7 @@ async fn controller_expand_still_grows_a_local_volume_for_direct_callers() {
     assert!(r.node_expansion_required);
     assert_eq!(
         std::fs::metadata(p.backing(id)).unwrap().len(),
-        128 * MIB as u64
+        136 * MIB as u64
     );
     assert_eq!(
         c.controller_expand_volume(expand(64 * MIB, 0))
@@ -1742,7 +1890,7 @@ async fn controller_expand_still_grows_a_local_volume_for_direct_callers() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.capacity_bytes, 127 * MIB);
+    assert_eq!(r.capacity_bytes, 135 * MIB);
     p.stop().await.unwrap();
 }
 
@@ -1770,7 +1918,7 @@ async fn node_expansion_interrupted_before_initializing_new_space_converges() {
         ),
         Code::Internal
     );
-    assert_eq!(p.engine.size_bytes(&dm).unwrap(), 127 << 20, "mapping grew");
+    assert_eq!(p.engine.size_bytes(&dm).unwrap(), 135 << 20, "mapping grew");
     assert!(p.engine.inits().is_empty());
     assert!(p.engine.grown().is_empty(), "no filesystem growth over it");
     let r = p
@@ -1779,8 +1927,8 @@ async fn node_expansion_interrupted_before_initializing_new_space_converges() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.capacity_bytes, 127 * MIB);
-    assert_eq!(p.engine.inits(), vec![(dm.clone(), 63 << 20, 127 << 20)]);
+    assert_eq!(r.capacity_bytes, 135 * MIB);
+    assert_eq!(p.engine.inits(), vec![(dm.clone(), 70 << 20, 135 << 20)]);
     assert_eq!(p.engine.grown().len(), 1);
 
     // The same crash, then the node restarts (the mapping is gone) and the volume is staged again at its
@@ -1799,7 +1947,7 @@ async fn node_expansion_interrupted_before_initializing_new_space_converges() {
     p.stage(id, &staging, cap()).await.unwrap();
     assert_eq!(
         p.engine.inits().last().unwrap(),
-        &(dm.clone(), 127 << 20, 255 << 20)
+        &(dm.clone(), 135 << 20, 266 << 20)
     );
     assert!(!p.state.join("volumes").join(format!("{id}.grow")).exists());
     // A stage of a volume with nothing pending initializes nothing.
@@ -1821,12 +1969,12 @@ async fn xfs_volumes_are_at_least_what_mkfs_xfs_accepts() {
         .create_volume(create_req("x-aead", 100 * MIB, &[], xfs()))
         .await
         .unwrap();
-    assert_eq!(cap_of(r.into_inner()), 307 * MIB);
+    assert_eq!(cap_of(r.into_inner()), 300 * MIB);
     let r = c
         .create_volume(create_req("x-aead", 100 * MIB, &[], xfs()))
         .await
         .unwrap();
-    assert_eq!(cap_of(r.into_inner()), 307 * MIB, "idempotent");
+    assert_eq!(cap_of(r.into_inner()), 300 * MIB, "idempotent");
     let r = c
         .create_volume(create_req(
             "x-xts",
@@ -1836,7 +1984,7 @@ async fn xfs_volumes_are_at_least_what_mkfs_xfs_accepts() {
         ))
         .await
         .unwrap();
-    assert_eq!(cap_of(r.into_inner()), 301 * MIB);
+    assert_eq!(cap_of(r.into_inner()), 300 * MIB);
     let r = c
         .create_volume(create_req("x-big", 400 * MIB, &[], xfs()))
         .await
@@ -1859,7 +2007,7 @@ async fn xfs_volumes_are_at_least_what_mkfs_xfs_accepts() {
     let err = c.create_volume(small).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange);
     assert!(
-        err.message().contains("xfs") && err.message().contains("307 MiB"),
+        err.message().contains("xfs") && err.message().contains("300 MiB"),
         "{}",
         err.message()
     );
@@ -1876,7 +2024,7 @@ async fn xfs_volumes_are_at_least_what_mkfs_xfs_accepts() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(cap.minimum_volume_size, Some(307 * MIB));
+    assert_eq!(cap.minimum_volume_size, Some(300 * MIB));
     let cap = c
         .get_capacity(GetCapacityRequest {
             volume_capabilities: xfs(),
@@ -1886,7 +2034,7 @@ async fn xfs_volumes_are_at_least_what_mkfs_xfs_accepts() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(cap.minimum_volume_size, Some(301 * MIB));
+    assert_eq!(cap.minimum_volume_size, Some(300 * MIB));
     p.stop().await.unwrap();
 }
 

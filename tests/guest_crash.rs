@@ -313,7 +313,7 @@ fn format_again(bed: &Bed, image: &Path, case: &FormatCase) -> Result<(), String
 }
 
 const EXT4_SIZE: u64 = 64 * MIB;
-/// mkfs.xfs needs 300 MB; sealcsi's xfs minimum is 307 MiB (docs/storageclass.md).
+/// mkfs.xfs needs 300 MiB of device; a 307 MiB AEAD image is the smallest that holds one (measured).
 const XFS_SIZE: u64 = 320 * MIB;
 
 const FORMAT_CASES: &[FormatCase] = &[

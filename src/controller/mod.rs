@@ -15,7 +15,7 @@ use crate::clock::now_unix;
 use crate::dm::{DeviceMapper, DmError};
 use crate::error::{Classify, Kind};
 use crate::header::FsKind;
-use crate::store::sizing::{MIN_VOLUME_BYTES, min_volume_bytes, size_for_range_min};
+use crate::store::sizing::{device_bytes_for_usable, usable_bytes_of_device, usable_for_range};
 use crate::store::{Store, StoreError, VolumeId, VolumeInfo, VolumeParams, VolumeRecord};
 use crate::volume::health::{self, Check, Condition};
 use crate::volume::{VolumeError, header_io};
@@ -103,9 +103,12 @@ impl Provisioner {
         &self.store
     }
 
-    /// Creates volume `name` (or finds the one a previous identical call created). `fs` is the filesystem
-    /// the CO will stage it with, if it said: an xfs volume is at least [`min_volume_bytes`] (rounded up
-    /// to it, or OUT_OF_RANGE when `limit` forbids that).
+    /// Creates volume `name` (or finds the one a previous identical call created). Its capacity is the
+    /// usable size for the range ([`usable_for_range`]), its backing file the device size for that
+    /// ([`device_bytes_for_usable`]), which is what the budget reserves. `fs` is the filesystem the CO
+    /// will stage it with, if it said: an xfs volume is at least
+    /// [`crate::store::sizing::XFS_MIN_USABLE_BYTES`] (rounded up to it, or OUT_OF_RANGE when `limit`
+    /// forbids that).
     pub fn create(
         &self,
         name: &str,
@@ -140,12 +143,18 @@ impl Provisioner {
                 return Err(ControllerError::AlreadyExists {
                     name: name.into(),
                     what: format!(
-                        "capacity {} outside the requested range [{required}, {}]",
+                        "capacity {} outside the requested range [{required}, {}]{}",
                         info.capacity_bytes,
                         if limit == 0 {
                             "unlimited".to_string()
                         } else {
                             limit.to_string()
+                        },
+                        if info.record.device_bytes.is_none() {
+                            " (made by an earlier release, which counted the backing file's size as \
+                             the capacity)"
+                        } else {
+                            ""
                         }
                     ),
                 });
@@ -153,34 +162,26 @@ impl Provisioner {
             return Ok(Created::Existing(info));
         }
 
-        let min = min_volume_bytes(params, fs);
-        let what = if min > MIN_VOLUME_BYTES {
-            format!(
-                "an xfs volume (mkfs.xfs makes no filesystem under 300 MB; with integrity={} that takes a \
-                 volume of {} MiB)",
-                params.to_map()["integrity"],
-                min >> 20
-            )
-        } else {
-            "a sealcsi volume".to_string()
-        };
-        let size = size_for_range_min(required, limit, min, &what)?;
-        self.store
-            .reserve(size, || format!("a volume of {size} bytes"))?;
+        let usable = usable_for_range(params, fs, required, limit)?;
+        let device = device_bytes_for_usable(params, usable);
+        self.store.reserve(device, || {
+            format!("a volume of {usable} bytes (a backing file of {device} bytes)")
+        })?;
         // A backing file without a record is the leftover of an interrupted create: nobody can have
         // staged it (staging needs the record), so it is emptied and reused.
-        self.store.create_backing(&id, size)?;
+        self.store.create_backing(&id, device)?;
         let record = VolumeRecord {
             version: 1,
             volume_id: id.to_string(),
             name: name.to_string(),
-            capacity_bytes: size,
+            capacity_bytes: usable,
             parameters: params,
             created: now_unix(),
             formatted_uuid: None,
+            device_bytes: Some(device),
         };
         self.store.write_record(&record)?;
-        tracing::info!(volume.id = %id, bytes = size, "created volume");
+        tracing::info!(volume.id = %id, bytes = usable, backing.bytes = device, "created volume");
         Ok(Created::New(self.store.get(&id)?))
     }
 
@@ -216,13 +217,19 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Bytes a new volume may still take (GetCapacity): the store's budget, so CreateVolume agrees.
-    pub fn capacity(&self) -> Result<u64, ControllerError> {
-        Ok(self.store.budget()?.available())
+    /// The largest usable size a new volume with `params` may still get (GetCapacity): what a backing
+    /// file of the store's whole remaining budget offers, so CreateVolume agrees (a request of at most
+    /// this many bytes fits).
+    pub fn capacity(&self, params: VolumeParams) -> Result<u64, ControllerError> {
+        Ok(usable_bytes_of_device(
+            params,
+            self.store.budget()?.available(),
+        ))
     }
 
-    /// Grows the backing file of `id` to fit the range; never shrinks. Returns the new size. The open
-    /// mapping and the filesystem grow on the node (NodeExpandVolume, which also grows the file).
+    /// Grows `id` to fit the range: its usable size, its backing file by the overhead; never shrinks.
+    /// Returns the new usable size. The open mapping and the filesystem grow on the node
+    /// (NodeExpandVolume, which also grows the file).
     pub fn expand(&self, id: &VolumeId, required: u64, limit: u64) -> Result<u64, ControllerError> {
         Ok(self.store.grow_backing(id, required, limit)?)
     }
@@ -302,7 +309,97 @@ mod tests {
         let v = p
             .create("x", 100 * M, 0, VolumeParams::default(), Some(FsKind::Xfs))
             .unwrap();
-        assert_eq!(v.info().capacity_bytes, 307 * M);
+        assert_eq!(v.info().capacity_bytes, 300 * M);
+        assert_eq!(v.info().device_bytes, 312 * M);
+    }
+
+    #[test]
+    fn a_volume_offers_at_least_what_was_asked_and_reserves_its_whole_file() {
+        const M: u64 = 1 << 20;
+        let (_d, _dm, p) = provisioner();
+        let before = p.store().budget().unwrap().committed;
+        let v = p
+            .create("v", 64 * M, 0, VolumeParams::default(), None)
+            .unwrap()
+            .info()
+            .clone();
+        assert_eq!(
+            v.capacity_bytes,
+            64 * M,
+            "the usable size is what was asked"
+        );
+        assert_eq!(v.record.capacity_bytes, 64 * M);
+        let device = device_bytes_for_usable(VolumeParams::default(), 64 * M);
+        assert_eq!(device, 71 * M);
+        assert_eq!(v.device_bytes, device);
+        assert_eq!(v.record.device_bytes, Some(device));
+        assert_eq!(std::fs::metadata(&v.backing).unwrap().len(), device);
+        assert_eq!(p.store().budget().unwrap().committed - before, device);
+        // A range whose limit is the request: exactly that, not the file's size.
+        let w = p
+            .create("w", 100 * M, 100 * M, VolumeParams::default(), None)
+            .unwrap();
+        assert_eq!(w.info().capacity_bytes, 100 * M);
+        assert!(w.info().device_bytes > 100 * M);
+        // The smallest volume (a request of one byte) is what a 64 MiB file offers.
+        let tiny = p.create("t", 1, 0, VolumeParams::default(), None).unwrap();
+        assert_eq!(tiny.info().capacity_bytes, 57 * M);
+        assert_eq!(tiny.info().device_bytes, 64 * M);
+    }
+
+    #[test]
+    fn get_capacity_is_what_a_new_volume_could_offer() {
+        let (_d, _dm, p) = provisioner();
+        let params = VolumeParams::default();
+        let available = p.store().budget().unwrap().available();
+        let capacity = p.capacity(params).unwrap();
+        assert!(capacity < available, "the overhead is not offered");
+        assert!(device_bytes_for_usable(params, capacity) <= available);
+        assert_eq!(capacity, usable_bytes_of_device(params, available));
+    }
+
+    #[test]
+    fn a_legacy_volume_is_reported_as_what_its_file_offers() {
+        const M: u64 = 1 << 20;
+        let (_d, _dm, p) = provisioner();
+        let v = p
+            .create("v", 64 * M, 0, VolumeParams::default(), None)
+            .unwrap()
+            .info()
+            .clone();
+        // Make it what the previous release wrote for the same claim: a 64 MiB file, recorded as such.
+        let mut record = v.record.clone();
+        record.capacity_bytes = 64 * M;
+        record.device_bytes = None;
+        p.store().write_record(&record).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&v.backing)
+            .unwrap()
+            .set_len(64 * M)
+            .unwrap();
+        let listed = p.list(0, "").unwrap().volumes;
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].capacity_bytes, 57 * M);
+        // A retried create of the 64 MiB claim is not told a volume below the request fits.
+        let e = p
+            .create("v", 64 * M, 0, VolumeParams::default(), None)
+            .unwrap_err();
+        assert_eq!(e.kind(), Kind::AlreadyExists);
+        assert!(e.to_string().contains("earlier release"), "{e}");
+        // Expansion to its claim gives it the space, in the current form.
+        assert_eq!(p.expand(&id(&v), 64 * M, 0).unwrap(), 64 * M);
+        let grown = p.store().get(&id(&v)).unwrap();
+        assert_eq!(grown.device_bytes, 71 * M);
+        assert_eq!(
+            p.create("v", 64 * M, 0, VolumeParams::default(), None)
+                .unwrap(),
+            Created::Existing(grown)
+        );
+        // Deleting it gives its whole file back to the budget.
+        let committed = p.store().budget().unwrap().committed;
+        p.delete(&id(&v)).unwrap();
+        assert_eq!(committed - p.store().budget().unwrap().committed, 71 * M);
     }
 
     #[test]

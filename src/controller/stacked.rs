@@ -10,8 +10,9 @@
 //! - **Volume context** (what the node gets): sealcsi's parameters (explicit values), the backend's
 //!   context with every key prefixed `backend.`, and the provenance of a restored or cloned volume
 //!   ([`CONTEXT_SOURCE_VOLUME`]).
-//! - **Sizes.** The backend device is [`stacked_device_bytes`] of the usable size; capacities reported
-//!   back are [`stacked_usable_bytes`] of what the backend reports. Expansion and snapshots do not know
+//! - **Sizes.** The one rule of node-local volumes too (`store::sizing`): the backend device is
+//!   [`device_bytes_for_usable`] of the usable size; capacities reported back are
+//!   [`usable_bytes_of_device`] of what the backend reports. Expansion and snapshots do not know
 //!   a volume's parameters (CSI passes none), so they size with the AEAD bound, the larger one.
 
 use std::collections::HashMap;
@@ -25,7 +26,7 @@ use crate::error::{Classify, Kind};
 use crate::header::FsKind;
 use crate::node::capability::AccessMode;
 use crate::store::sizing::{
-    min_volume_bytes, size_for_range_min, stacked_device_bytes, stacked_usable_bytes,
+    device_bytes_for_usable, min_usable_bytes, usable_bytes_of_device, usable_for_range,
 };
 use crate::store::stacked::{
     BACKEND_CONTEXT_PREFIX, BACKEND_PARAMETER_PREFIX, CONTEXT_SOURCE_VOLUME, backend_context,
@@ -143,14 +144,12 @@ impl StackedProvisioner {
         let split = split_parameters(&req.parameters)?;
         let params = split.sealcsi;
         params.check_filesystem_use(req.filesystem)?;
-        let min = min_volume_bytes(params, req.fs);
-        let usable =
-            size_for_range_min(req.required_bytes, req.limit_bytes, min, "a sealcsi volume")?;
-        let device = stacked_device_bytes(params, usable);
+        let usable = usable_for_range(params, req.fs, req.required_bytes, req.limit_bytes)?;
+        let device = device_bytes_for_usable(params, usable);
         let device_limit = if req.limit_bytes == 0 {
             0
         } else {
-            stacked_device_bytes(params, req.limit_bytes).max(device)
+            device_bytes_for_usable(params, req.limit_bytes).max(device)
         };
         let provenance = match &req.source {
             None => None,
@@ -167,7 +166,7 @@ impl StackedProvisioner {
             topology: req.topology.clone(),
             source: req.source.clone(),
         })?;
-        let mut capacity = stacked_usable_bytes(params, v.capacity_bytes).max(usable);
+        let mut capacity = usable_bytes_of_device(params, v.capacity_bytes).max(usable);
         if req.limit_bytes != 0 {
             capacity = capacity.min(req.limit_bytes);
         }
@@ -238,16 +237,16 @@ impl StackedProvisioner {
         secrets: &Secrets,
     ) -> Result<u64, StackedError> {
         let bound = VolumeParams::default();
-        let device = stacked_device_bytes(bound, required_bytes);
+        let device = device_bytes_for_usable(bound, required_bytes);
         let device_limit = if limit_bytes == 0 {
             0
         } else {
-            stacked_device_bytes(bound, limit_bytes).max(device)
+            device_bytes_for_usable(bound, limit_bytes).max(device)
         };
         let got = self
             .backend
             .controller_expand(volume_id, device, device_limit, mode, secrets)?;
-        let usable = stacked_usable_bytes(bound, got).max(required_bytes);
+        let usable = usable_bytes_of_device(bound, got).max(required_bytes);
         Ok(if limit_bytes == 0 {
             usable
         } else {
@@ -265,8 +264,8 @@ impl StackedProvisioner {
     ) -> Result<(u64, Option<u64>, u64), StackedError> {
         let split = split_parameters(parameters)?;
         let c = self.backend.get_capacity(mode, &split.backend, topology)?;
-        let usable = |n| stacked_usable_bytes(split.sealcsi, n);
-        let min = min_volume_bytes(split.sealcsi, fs);
+        let usable = |n| usable_bytes_of_device(split.sealcsi, n);
+        let min = min_usable_bytes(split.sealcsi, fs);
         Ok((usable(c.available), c.maximum.map(usable), min))
     }
 
@@ -294,7 +293,7 @@ impl StackedProvisioner {
         Ok(StackedSnapshot {
             id: s.id,
             source_volume_id: s.source_volume_id,
-            size_bytes: stacked_usable_bytes(VolumeParams::default(), s.size_bytes),
+            size_bytes: usable_bytes_of_device(VolumeParams::default(), s.size_bytes),
             created: s.created,
             ready: s.ready,
         })
@@ -392,9 +391,9 @@ mod tests {
         let device = std::fs::metadata(b.file(&v.id)).unwrap().len();
         assert_eq!(
             device,
-            stacked_device_bytes(VolumeParams::default(), 100 << 20)
+            device_bytes_for_usable(VolumeParams::default(), 100 << 20)
         );
-        assert!(stacked_usable_bytes(VolumeParams::default(), device) >= 100 << 20);
+        assert!(usable_bytes_of_device(VolumeParams::default(), device) >= 100 << 20);
         assert_eq!(b.parameters(&v.id).unwrap()["tier"], "fast");
         assert_eq!(v.context["integrity"], "hmac-sha256");
         assert!(v.context.contains_key("backend.memory/file"));
@@ -449,6 +448,6 @@ mod tests {
             .unwrap();
         assert!(got >= 200 << 20);
         let device = std::fs::metadata(b.file(&v.id)).unwrap().len();
-        assert!(stacked_usable_bytes(VolumeParams::default(), device) >= 200 << 20);
+        assert!(usable_bytes_of_device(VolumeParams::default(), device) >= 200 << 20);
     }
 }

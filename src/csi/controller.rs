@@ -13,7 +13,7 @@ use super::{Shared, blocking, status};
 use crate::controller::{Created, Provisioner};
 use crate::header::Journal;
 use crate::node::capability::{AccessType, stage_fs, wants_filesystem};
-use crate::store::sizing::min_volume_bytes;
+use crate::store::sizing::min_usable_bytes;
 use crate::store::{StoreError, VolumeId, VolumeInfo, VolumeParams};
 use crate::volume::DIRECT_FILESYSTEM_REFUSED;
 
@@ -266,15 +266,20 @@ impl ControllerService {
                 Err(CapabilityError::Unsupported(_)) => return none(),
             }
         }
-        let min = min_volume_bytes(params, stage_fs(&caps));
+        let min = min_usable_bytes(params, stage_fs(&caps));
         if let Some(t) = &req.accessible_topology
             && !self.is_this_node(t)
         {
             return none();
         }
         let provisioner = self.provisioner();
-        let free =
-            blocking(move || provisioner.capacity().map_err(|e| status::from_error(&e))).await?;
+        // Usable bytes, as a claim's size is: what the largest new volume would offer.
+        let free = blocking(move || {
+            provisioner
+                .capacity(params)
+                .map_err(|e| status::from_error(&e))
+        })
+        .await?;
         Ok(Response::new(proto::GetCapacityResponse {
             available_capacity: bytes(free),
             maximum_volume_size: Some(bytes(free)),

@@ -592,8 +592,9 @@ impl NodeCore {
         } else {
             None
         };
-        // A stacked volume's device is the backend's (grown by it): only a volume file grows here.
-        let file_bytes = if self.is_stacked() {
+        // A stacked volume's device is the backend's (grown by it): only a volume file grows here, to the
+        // device size for the new usable size (`capacity`, what the controller reports).
+        let capacity = if self.is_stacked() {
             0
         } else {
             self.store.grow_backing(volume_id, required, limit)?
@@ -610,7 +611,7 @@ impl NodeCore {
         if let Some(fs) = mount {
             self.engine.grow_fs(fs, &device, volume_path)?;
         }
-        tracing::info!(volume.id = %volume_id, bytes, backing.bytes = file_bytes, "volume expanded");
+        tracing::info!(volume.id = %volume_id, bytes, capacity.bytes = capacity, "volume expanded");
         Ok(bytes)
     }
 

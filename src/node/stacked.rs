@@ -108,6 +108,8 @@ impl NodeCore {
                     parameters: params,
                     created: now_unix(),
                     formatted_uuid: None,
+                    // The backend's device: its size is the backend's, not recorded here.
+                    device_bytes: None,
                 };
                 self.store.write_record(&record)?;
                 record
@@ -218,7 +220,7 @@ impl NodeCore {
         if caps.contains(&NodeCap::ExpandVolume) {
             let vol = self.store.get(&local)?;
             let device =
-                crate::store::sizing::stacked_device_bytes(vol.record.parameters, required);
+                crate::store::sizing::device_bytes_for_usable(vol.record.parameters, required);
             let staging = self.backend_staging(&local);
             backend.node_expand(
                 csi_id,

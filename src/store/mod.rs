@@ -4,13 +4,20 @@
 //!
 //! ```text
 //! <state-dir>/volumes/<id>.img    the backing file (sparse; the sealed volume lives in it)
-//! <state-dir>/volumes/<id>.json   the record: name, capacity, parameters, creation time
+//! <state-dir>/volumes/<id>.json   the record: name, sizes, parameters, creation time (docs/format.md,
+//!                                 "Node-local volume record")
 //! <state-dir>/volumes/<id>.grow   an expansion whose new space is not initialized yet
 //! ```
 //!
 //! - [`id`]: volume ids and the names derived from them;
 //! - [`params`]: the StorageClass parameters recorded with each volume;
-//! - [`sizing`]: sizes, minimums and capacity ranges.
+//! - [`sizing`]: sizes, minimums and capacity ranges, usable size vs. device size.
+//!
+//! A volume's capacity is its usable size (what the top dm-crypt device offers at least); its backing
+//! file is [`sizing::device_bytes_for_usable`] of that. Records written before this rule (no
+//! `device_bytes`) hold the backing file's size in `capacity_bytes`: their capacity is what that file
+//! offers ([`sizing::usable_bytes_of_device`]). Records are never rewritten on read; an expansion writes
+//! the current form.
 
 pub mod id;
 pub mod params;
@@ -76,7 +83,9 @@ pub struct VolumeRecord {
     pub version: u32,
     pub volume_id: String,
     pub name: String,
-    /// Size of the backing file when last created or expanded (the file's size is the truth).
+    /// The usable size the volume was created or expanded to (what CSI's `capacity_bytes` reports)
+    /// when [`Self::device_bytes`] is present. In a legacy record (written before sizes had two
+    /// meanings, no `device_bytes`): the backing file's size.
     pub capacity_bytes: u64,
     pub parameters: VolumeParams,
     /// Unix seconds.
@@ -85,6 +94,10 @@ pub struct VolumeRecord {
     /// opened). From then on the node never formats it again, and opens only a header with this UUID.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub formatted_uuid: Option<String>,
+    /// The backing file's size when last created or expanded
+    /// ([`sizing::device_bytes_for_usable`] of `capacity_bytes`). Absent in legacy records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_bytes: Option<u64>,
 }
 
 impl VolumeRecord {
@@ -103,12 +116,26 @@ struct PendingInit {
     from_bytes: u64,
 }
 
-/// A recorded volume with its current size.
+/// A recorded volume with its current sizes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeInfo {
     pub record: VolumeRecord,
+    /// The usable size: what the volume offers at least (CSI's `capacity_bytes`).
     pub capacity_bytes: u64,
+    /// The backing file's size today (what the volume takes of the budget).
+    pub device_bytes: u64,
     pub backing: PathBuf,
+}
+
+/// The usable size of a volume with `record` whose backing file is `file_bytes` long: the recorded usable
+/// size, or for a legacy record what the file offers. Never more than the file offers (a file shorter
+/// than recorded, which sealcsi never makes, is reported as what it is).
+pub fn usable_bytes(record: &VolumeRecord, file_bytes: u64) -> u64 {
+    let offered = sizing::usable_bytes_of_device(record.parameters, file_bytes);
+    match record.device_bytes {
+        Some(_) => record.capacity_bytes.min(offered),
+        None => offered,
+    }
 }
 
 impl VolumeInfo {
@@ -372,7 +399,7 @@ impl Store {
             .record(id)?
             .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
         let backing = self.backing_path(id);
-        let capacity_bytes = match fs::metadata(&backing) {
+        let device_bytes = match fs::metadata(&backing) {
             Ok(m) => m.len(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(StoreError::Record {
@@ -383,8 +410,9 @@ impl Store {
             Err(e) => return Err(io_err(format!("stat {}", backing.display()))(e)),
         };
         Ok(VolumeInfo {
+            capacity_bytes: usable_bytes(&record, device_bytes),
+            device_bytes,
             record,
-            capacity_bytes,
             backing,
         })
     }
@@ -435,9 +463,11 @@ impl Store {
         self.sync_dir()
     }
 
-    /// Grows the backing file of `id` to fit the capacity range (`0` = unset); never shrinks. Returns the
-    /// file's size. Asking for no more than the current size is success at that size, unless the volume
-    /// is already above `limit` (OUT_OF_RANGE: sealcsi never shrinks).
+    /// Grows the volume `id` to fit the capacity range (`0` = unset): its usable size to what the range
+    /// asks ([`sizing::usable_for_range`]), its backing file to the device size for that
+    /// ([`sizing::device_bytes_for_usable`]); never shrinks. Returns the usable size. Asking for no more
+    /// than the current usable size is success at that size, unless the volume is already above `limit`
+    /// (OUT_OF_RANGE: sealcsi never shrinks).
     pub fn grow_backing(
         &self,
         id: &VolumeId,
@@ -459,21 +489,25 @@ impl Store {
             }
             return Ok(info.capacity_bytes);
         }
-        let size = sizing::size_for_range(required, limit)?;
-        let grow = size - info.capacity_bytes;
+        let params = info.record.parameters;
+        let usable = sizing::usable_for_range(params, None, required, limit)?;
+        // A file already larger (an interrupted growth, a legacy volume) is never shrunk.
+        let device = sizing::device_bytes_for_usable(params, usable).max(info.device_bytes);
+        let grow = device - info.device_bytes;
         self.reserve(grow, || format!("growing by {grow} bytes"))?;
         let ctx = format!("growing {}", info.backing.display());
         let f = OpenOptions::new()
             .write(true)
             .open(&info.backing)
             .map_err(io_err(ctx.clone()))?;
-        f.set_len(size).map_err(io_err(ctx.clone()))?;
+        f.set_len(device).map_err(io_err(ctx.clone()))?;
         f.sync_all().map_err(io_err(ctx))?;
         let mut record = info.record;
-        record.capacity_bytes = size;
+        record.capacity_bytes = usable;
+        record.device_bytes = Some(device);
         self.write_record(&record)?;
-        tracing::info!(volume.id = %id, bytes = size, "expanded volume backing file");
-        Ok(size)
+        tracing::info!(volume.id = %id, bytes = usable, backing.bytes = device, "expanded volume backing file");
+        Ok(usable)
     }
 
     /// Where the not yet initialized new space of `id` starts (a byte offset in its top device), if an
@@ -519,23 +553,33 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, Store, VolumeId) {
+    const M: u64 = 1 << 20;
+
+    /// A store with one volume `v`: usable 64 MiB on its 71 MiB backing file (the current rule), or with
+    /// `legacy` a record of the previous release: a 64 MiB backing file recorded as capacity 64 MiB.
+    fn store_with(legacy: bool) -> (tempfile::TempDir, Store, VolumeId) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let id = VolumeId::for_name("v");
-        store.create_backing(&id, 64 << 20).unwrap();
+        let device = if legacy { 64 * M } else { 71 * M };
+        store.create_backing(&id, device).unwrap();
         store
             .write_record(&VolumeRecord {
                 version: 1,
                 volume_id: id.to_string(),
                 name: "v".into(),
-                capacity_bytes: 64 << 20,
+                capacity_bytes: 64 * M,
                 parameters: VolumeParams::default(),
                 created: 1,
                 formatted_uuid: None,
+                device_bytes: (!legacy).then_some(device),
             })
             .unwrap();
         (dir, store, id)
+    }
+
+    fn store() -> (tempfile::TempDir, Store, VolumeId) {
+        store_with(false)
     }
 
     #[test]
@@ -555,15 +599,104 @@ mod tests {
     }
 
     #[test]
-    fn grow_never_shrinks() {
+    fn grow_never_shrinks_and_grows_the_file_by_the_overhead() {
         let (_d, s, id) = store();
-        assert_eq!(s.grow_backing(&id, 32 << 20, 0).unwrap(), 64 << 20);
-        assert_eq!(s.grow_backing(&id, 100 << 20, 0).unwrap(), 100 << 20);
-        assert_eq!(s.get(&id).unwrap().record.capacity_bytes, 100 << 20);
+        assert_eq!(s.get(&id).unwrap().capacity_bytes, 64 * M);
+        assert_eq!(s.get(&id).unwrap().device_bytes, 71 * M);
+        assert_eq!(s.grow_backing(&id, 32 * M, 0).unwrap(), 64 * M);
+        assert_eq!(s.grow_backing(&id, 64 * M, 64 * M).unwrap(), 64 * M);
+        assert_eq!(s.grow_backing(&id, 100 * M, 0).unwrap(), 100 * M);
+        let v = s.get(&id).unwrap();
+        assert_eq!(v.record.capacity_bytes, 100 * M);
+        assert_eq!(v.capacity_bytes, 100 * M);
+        let device = sizing::device_bytes_for_usable(VolumeParams::default(), 100 * M);
+        assert_eq!(v.record.device_bytes, Some(device));
+        assert_eq!(v.device_bytes, device);
+        assert_eq!(std::fs::metadata(&v.backing).unwrap().len(), device);
+        assert!(device > 100 * M);
         assert_eq!(
-            s.grow_backing(&id, 64 << 20, 80 << 20).unwrap_err().kind(),
+            s.grow_backing(&id, 64 * M, 80 * M).unwrap_err().kind(),
             Kind::OutOfRange
         );
+        // Idempotent: the same range again changes nothing.
+        assert_eq!(s.grow_backing(&id, 100 * M, 0).unwrap(), 100 * M);
+        assert_eq!(s.get(&id).unwrap(), v);
+    }
+
+    #[test]
+    fn legacy_records_report_what_their_file_offers_and_are_not_rewritten_on_read() {
+        let (_d, s, id) = store_with(true);
+        let path = s.record_path(&id);
+        let before = std::fs::read(&path).unwrap();
+        assert!(!String::from_utf8_lossy(&before).contains("device_bytes"));
+        let v = s.get(&id).unwrap();
+        let offered = sizing::usable_bytes_of_device(VolumeParams::default(), 64 * M);
+        assert_eq!(offered, 57 * M);
+        assert_eq!(
+            v.capacity_bytes, offered,
+            "not the 64 MiB the old record claims"
+        );
+        assert_eq!(v.device_bytes, 64 * M);
+        assert_eq!(v.record.capacity_bytes, 64 * M);
+        assert_eq!(
+            s.budget().unwrap().committed,
+            64 * M,
+            "the file is what is promised"
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "a read rewrites nothing"
+        );
+        // What it offers already satisfies a smaller request: nothing grows.
+        assert_eq!(s.grow_backing(&id, 50 * M, 0).unwrap(), 57 * M);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        // Asking for the 64 MiB it was created for grows the file to the current rule's size and writes
+        // the current record.
+        assert_eq!(s.grow_backing(&id, 64 * M, 0).unwrap(), 64 * M);
+        let v = s.get(&id).unwrap();
+        assert_eq!(v.device_bytes, 71 * M);
+        assert_eq!(v.record.device_bytes, Some(71 * M));
+        assert_eq!(v.capacity_bytes, 64 * M);
+        assert_eq!(s.budget().unwrap().committed, 71 * M);
+    }
+
+    #[test]
+    fn a_file_shorter_than_recorded_is_reported_as_what_it_offers() {
+        let (_d, s, id) = store();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(s.backing_path(&id))
+            .unwrap()
+            .set_len(64 * M)
+            .unwrap();
+        assert_eq!(s.get(&id).unwrap().capacity_bytes, 57 * M);
+    }
+
+    #[test]
+    fn records_of_the_previous_release_read_as_legacy() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let id = VolumeId::for_name("pvc-1");
+        // Byte for byte what the previous release wrote for a 64 MiB claim.
+        let json = format!(
+            r#"{{"version":1,"volume_id":"{id}","name":"pvc-1","capacity_bytes":67108864,
+            "parameters":{{"integrity":"none","init":"fast","journal":"journal"}},"created":5}}"#
+        );
+        std::fs::write(s.record_path(&id), json).unwrap();
+        s.create_backing(&id, 64 * M).unwrap();
+        let v = s.get(&id).unwrap();
+        assert_eq!(v.record.device_bytes, None);
+        assert_eq!(
+            v.capacity_bytes,
+            59 * M,
+            "64 MiB less the header region and slack"
+        );
+        // The current form names both sizes.
+        let (_d, s, id) = store();
+        let text = std::fs::read_to_string(s.record_path(&id)).unwrap();
+        assert!(text.contains("\"capacity_bytes\": 67108864"), "{text}");
+        assert!(text.contains("\"device_bytes\": 74448896"), "{text}");
     }
 
     #[test]
@@ -576,8 +709,8 @@ mod tests {
         s.reserve(half, || "first".into()).unwrap();
         let err = s.reserve(half, || "second".into()).unwrap_err();
         assert_eq!(err.kind(), Kind::ResourceExhausted);
-        // Removing the 64 MiB volume gives its promise back without a new pass: 32 MiB more than was
-        // left now fit (half of what it gave back, a margin for other writers on this filesystem).
+        // Removing the volume gives its promise (its 71 MiB file) back without a new pass: 32 MiB more
+        // than was left now fit (a margin for other writers on this filesystem).
         s.remove(&id).unwrap();
         s.reserve((available - half) + (32 << 20), || "third".into())
             .unwrap();
@@ -589,22 +722,20 @@ mod tests {
         let budget = s.budget().unwrap();
         assert_eq!(
             budget.committed,
-            64 << 20,
-            "the sparse 64 MiB backing file is promised"
+            71 * M,
+            "the sparse 71 MiB backing file is promised"
         );
-        assert!(budget.available() + (64 << 20) <= budget.free + budget.allocated);
+        assert!(budget.available() + (71 * M) <= budget.free + budget.allocated);
         // A ratio that leaves room for exactly 32 MiB more than is promised.
         let room = (budget.committed + (32 << 20)) as f64 / (budget.free + budget.allocated) as f64;
         let tight = s.clone().with_overcommit(room).unwrap();
         let err = tight.grow_backing(&id, 128 << 20, 0).unwrap_err();
         assert_eq!(err.kind(), Kind::ResourceExhausted, "{err}");
         assert!(err.to_string().contains("overcommit ratio"), "{err}");
-        assert_eq!(
-            tight.get(&id).unwrap().capacity_bytes,
-            64 << 20,
-            "nothing grew"
-        );
-        assert_eq!(tight.grow_backing(&id, 80 << 20, 0).unwrap(), 80 << 20);
+        assert_eq!(tight.get(&id).unwrap().device_bytes, 71 * M, "nothing grew");
+        // 90 MiB usable takes a 97 MiB file: 26 MiB more, within the room.
+        assert_eq!(tight.grow_backing(&id, 90 * M, 0).unwrap(), 90 * M);
+        assert_eq!(tight.get(&id).unwrap().device_bytes, 97 * M);
         assert!(s.clone().with_overcommit(0.0).is_err());
         assert!(s.clone().with_overcommit(f64::NAN).is_err());
     }
