@@ -64,11 +64,14 @@ pub fn backend_context(context: &HashMap<String, String>) -> Map {
         .collect()
 }
 
-/// sealcsi's own parameters in a volume context it made (the backend's keys and the provenance left out).
+/// sealcsi's own parameters in a volume context it made: the backend's keys, the provenance and every
+/// prefixed key (`domain/name`) left out. sealcsi's own keys are bare names; prefixed ones belong to
+/// someone else: the CO adds its own to the context it passes back (Kubernetes' external-provisioner
+/// puts `storage.kubernetes.io/csiProvisionerIdentity` in every volume it provisions).
 pub fn sealcsi_context(context: &HashMap<String, String>) -> Result<VolumeParams, StoreError> {
     let own: HashMap<String, String> = context
         .iter()
-        .filter(|(k, _)| !k.starts_with(BACKEND_CONTEXT_PREFIX) && !k.contains(".sealcsi.io/"))
+        .filter(|(k, _)| !k.starts_with(BACKEND_CONTEXT_PREFIX) && !k.contains('/'))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     VolumeParams::parse(&own)
@@ -79,4 +82,34 @@ pub fn sealcsi_context(context: &HashMap<String, String>) -> Result<VolumeParams
 /// after a crash finds everything the first attempt made.
 pub fn local_id(csi_id: &str) -> VolumeId {
     VolumeId::for_name(&format!("stacked:{csi_id}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cos_own_context_keys_are_not_sealcsi_parameters() {
+        let context: HashMap<String, String> = [
+            ("integrity", "hmac-sha256"),
+            ("init", "fast"),
+            ("journal", "journal"),
+            ("backend.hostpath/kind", "block"),
+            (CONTEXT_SOURCE_VOLUME, "vol-1"),
+            // What Kubernetes' external-provisioner adds to every volume it provisions.
+            (
+                "storage.kubernetes.io/csiProvisionerIdentity",
+                "1764617000000-1234-sealcsi.io",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let params = sealcsi_context(&context).unwrap();
+        assert_eq!(params, VolumeParams::parse(&HashMap::new()).unwrap());
+        // A bare key that is not sealcsi's is still refused: that context was not made by sealcsi.
+        let mut wrong = context;
+        wrong.insert("intgrity".into(), "none".into());
+        assert!(sealcsi_context(&wrong).is_err());
+    }
 }
