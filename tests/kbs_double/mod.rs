@@ -16,6 +16,8 @@
 //!   for "allow sample" / "deny" as the tests upload them to the real KBS.
 #![allow(dead_code)]
 
+pub mod transcript;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
