@@ -12,6 +12,11 @@
 //!    `{"additional-evidence":"","nonce":<nonce>,"tee-pubkey":<jwk>}`, zero-padded to 64 bytes.
 //! 3. `resource`: `GET /kbs/v0/resource/<repo>/<type>/<tag>` with the cookie; the reply is a JWE to
 //!    the tee-pubkey.
+//!
+//! Run against the real Trustee KBS (78962cd4) by tests/kbs_interop.rs; its replies are recorded in
+//! tests/data/kbs/ and the KBS test double is held to them (docs/keys.md). The real KBS answers every
+//! refusal with 401 and names it in the error `type` (`PolicyDeny`, `TokenNotFound`,
+//! `PluginInternalError` for a missing resource, `AttestationError` at auth and attest).
 
 use std::time::Duration;
 
