@@ -149,7 +149,8 @@ fn evidence_over_other_report_data_is_refused_with_401_at_attest() {
     );
     assert!(err.to_string().contains("401 at step attest"), "{err}");
     assert!(
-        err.to_string().contains("REPORT_DATA is different"),
+        // The real KBS names no cause in the reply (tests/data/kbs/wrong-report-data.json).
+        err.to_string().contains("RCAR handshake Attest failed"),
         "{err}"
     );
     assert!(

@@ -6,26 +6,29 @@
 //!     cargo test --test kbs_interop -- --ignored --nocapture
 //! ```
 //!
-//! Without `SEALCSI_TRUSTEE_KBS` it prints one line and passes. With it: uploads an allow-all and then
-//! a deny-all resource policy (its own Rego) and a 32-byte test resource through the admin API
-//! (`authorization_mode = "InsecureAllowAll"`), fetches the resource with `sample` evidence, checks the
-//! denial, and, with `SEALCSI_KBS_RECORD_DIR`, writes each exchange (method, path, request body, status,
-//! Set-Cookie, reply body) as JSON there. The resource is random test data, not a secret.
+//! Without `SEALCSI_TRUSTEE_KBS` it prints one line and passes. With it: uploads a 32-byte test
+//! resource and an allow-all resource policy (its own Rego) through the admin API
+//! (`authorization_mode = "InsecureAllowAll"`), runs the scenarios of tests/kbs_double/transcript.rs
+//! (allowed release with `sample` evidence, missing resource, evidence over wrong report data, a
+//! resource request without a session, a protocol version mismatch), then a deny-all policy and the
+//! denied release. With `SEALCSI_KBS_RECORD_DIR` it writes each scenario's exchanges there as JSON
+//! (the format is in transcript.rs); `SEALCSI_TRUSTEE_KBS_REV` names the KBS revision in them. The
+//! resource and the recorded session key are random test data, not secrets.
+
+#[path = "kbs_double/mod.rs"]
+mod kbs_double;
 
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use sealcsi::attest::SampleEvidence;
-use sealcsi::broker::rcar::Reply;
-use sealcsi::broker::{
-    BrokerError, HttpOptions, HttpTransport, KbsClient, ResourcePath, Retry, Transport,
-};
-use serde_json::{Value, json};
+use kbs_double::transcript::{self, Recording, Scenario};
+use sealcsi::broker::jwe::EphemeralKey;
+use sealcsi::broker::{HttpOptions, HttpTransport, Transport};
+use serde_json::json;
 
 struct Kbs(Child);
 
@@ -79,46 +82,6 @@ fn start(binary: &Path, dir: &Path, port: u16) -> Kbs {
     );
 }
 
-/// A transport that records every exchange.
-struct Recording {
-    inner: HttpTransport,
-    log: Arc<Mutex<Vec<Value>>>,
-}
-
-fn body_json(bytes: &[u8]) -> Value {
-    serde_json::from_slice(bytes).unwrap_or_else(|_| json!({ "non_json_bytes": bytes.len() }))
-}
-
-impl Recording {
-    fn record(&self, method: &str, path: &str, body: Option<&[u8]>, reply: &Result<Reply, String>) {
-        let entry = match reply {
-            Ok(r) => json!({
-                "method": method, "path": path,
-                "request": body.map(body_json),
-                "status": r.status, "set_cookie": r.set_cookies, "reply": body_json(&r.body),
-            }),
-            Err(e) => json!({ "method": method, "path": path, "error": e }),
-        };
-        self.log.lock().unwrap().push(entry);
-    }
-}
-
-impl Transport for Recording {
-    fn url(&self) -> &str {
-        self.inner.url()
-    }
-    fn post_json(&self, path: &str, cookie: Option<&str>, body: &[u8]) -> Result<Reply, String> {
-        let reply = self.inner.post_json(path, cookie, body);
-        self.record("POST", path, Some(body), &reply);
-        reply
-    }
-    fn get(&self, path: &str, cookie: Option<&str>) -> Result<Reply, String> {
-        let reply = self.inner.get(path, cookie);
-        self.record("GET", path, None, &reply);
-        reply
-    }
-}
-
 fn admin(transport: &HttpTransport, path: &str, body: &[u8]) {
     let reply = transport
         .post_json(path, None, body)
@@ -131,13 +94,21 @@ fn admin(transport: &HttpTransport, path: &str, body: &[u8]) {
     );
 }
 
-fn save(dir: Option<&Path>, name: &str, log: &Arc<Mutex<Vec<Value>>>) {
-    if let Some(dir) = dir {
-        std::fs::create_dir_all(dir).unwrap();
-        let text = serde_json::to_string_pretty(&*log.lock().unwrap()).unwrap();
-        std::fs::write(dir.join(format!("{name}.json")), text + "\n").unwrap();
+fn set_policy(transport: &HttpTransport, rego: &str) {
+    let body = json!({ "policy": URL_SAFE_NO_PAD.encode(rego) }).to_string();
+    admin(transport, "/kbs/v0/resource-policy", body.as_bytes());
+}
+
+/// A session key whose private half the transcript keeps (test data), so the recorded JWE can be
+/// decrypted later.
+fn recorded_key() -> ([u8; 32], EphemeralKey) {
+    loop {
+        let mut bytes = [0u8; 32];
+        getrandom::fill(&mut bytes).unwrap();
+        if let Ok(key) = EphemeralKey::from_secret_bytes(&bytes) {
+            return (bytes, key);
+        }
     }
-    log.lock().unwrap().clear();
 }
 
 #[test]
@@ -150,6 +121,8 @@ fn the_client_interoperates_with_the_real_trustee_kbs() {
         return;
     };
     let record = std::env::var_os("SEALCSI_KBS_RECORD_DIR").map(std::path::PathBuf::from);
+    let revision =
+        std::env::var("SEALCSI_TRUSTEE_KBS_REV").unwrap_or_else(|_| "unknown revision".into());
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let _kbs = start(Path::new(&binary), dir.path(), port);
@@ -162,42 +135,41 @@ fn the_client_interoperates_with_the_real_trustee_kbs() {
 
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).unwrap();
-    admin(&plain, "/kbs/v0/resource/default/sealcsi/interop", &secret);
-    let allow = "package policy\n\ndefault allow = true\n";
-    let body = json!({ "policy": URL_SAFE_NO_PAD.encode(allow) }).to_string();
-    admin(&plain, "/kbs/v0/resource-policy", body.as_bytes());
-
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let client = KbsClient::new(
-        Box::new(Recording {
-            inner: HttpTransport::new(&url, &opts).unwrap(),
-            log: log.clone(),
-        }),
-        Retry::default(),
+    admin(
+        &plain,
+        &format!("/kbs/v0/resource/{}", transcript::RESOURCE),
+        &secret,
     );
-    let resource = ResourcePath::parse("default/sealcsi/interop").unwrap();
-    let evidence = SampleEvidence::new("interop-node");
-    let got = client
-        .fetch_resource(&evidence, &resource)
-        .expect("allowed release");
-    assert_eq!(got.as_slice(), &secret, "the released resource");
-    println!("kbs_interop: allow: released 32 bytes through auth, attest, resource");
-    save(record.as_deref(), "allow", &log);
+    set_policy(&plain, "package policy\n\ndefault allow = true\n");
 
-    let missing = ResourcePath::parse("default/sealcsi/missing").unwrap();
-    let err = client.fetch_resource(&evidence, &missing).unwrap_err();
-    println!("kbs_interop: missing resource: {err}");
-    assert!(matches!(
-        err,
-        BrokerError::ResourceRefused { .. } | BrokerError::NotFound { .. }
-    ));
-    save(record.as_deref(), "missing", &log);
-
-    let deny = "package policy\n\ndefault allow = false\n";
-    let body = json!({ "policy": URL_SAFE_NO_PAD.encode(deny) }).to_string();
-    admin(&plain, "/kbs/v0/resource-policy", body.as_bytes());
-    let err = client.fetch_resource(&evidence, &resource).unwrap_err();
-    println!("kbs_interop: deny: {err}");
-    assert!(matches!(err, BrokerError::PolicyDenied { .. }), "{err}");
-    save(record.as_deref(), "deny", &log);
+    let rec = Recording::new(HttpTransport::new(&url, &opts).unwrap());
+    for scenario in Scenario::ALL {
+        if scenario == Scenario::Deny {
+            set_policy(&plain, "package policy\n\ndefault allow = false\n");
+        }
+        let (key_bytes, key) = recorded_key();
+        let exchanges = transcript::drive(scenario, &rec, key, &secret);
+        println!(
+            "kbs_interop: {}: as expected, {} exchanges",
+            scenario.name(),
+            exchanges.len()
+        );
+        if let Some(dir) = &record {
+            let mut file = json!({
+                "scenario": scenario.name(),
+                "recorded_from": format!(
+                    "real Trustee KBS ({revision}), builtin attestation service, sample verifier, \
+                     plain http on 127.0.0.1"
+                ),
+                "exchanges": exchanges,
+            });
+            if scenario == Scenario::Allow {
+                file["test_session_key"] = json!(hex::encode(key_bytes));
+                file["resource"] = json!(hex::encode(secret));
+            }
+            std::fs::create_dir_all(dir).unwrap();
+            let text = serde_json::to_string_pretty(&file).unwrap();
+            std::fs::write(dir.join(format!("{}.json", scenario.name())), text + "\n").unwrap();
+        }
+    }
 }

@@ -130,6 +130,11 @@ impl HttpTransport {
             .iter()
             .filter_map(|v| v.to_str().ok().map(str::to_owned))
             .collect();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let mut body = Vec::new();
         response
             .take(MAX_REPLY_LEN as u64 + 1)
@@ -141,6 +146,7 @@ impl HttpTransport {
         Ok(Reply {
             status,
             set_cookies,
+            content_type,
             body,
         })
     }

@@ -35,6 +35,8 @@ pub enum JweError {
     Decrypt,
     #[error("no randomness for the ephemeral key: {0}")]
     Random(String),
+    #[error("the bytes are not a P-256 private key")]
+    Key,
 }
 
 /// A fresh P-256 key for one KBS session; its private half never leaves this process.
@@ -59,6 +61,14 @@ impl EphemeralKey {
             }
         }
         Err(JweError::Random("no valid P-256 scalar drawn".into()))
+    }
+
+    /// A key from the caller's 32-byte P-256 scalar (big-endian). Only for tests that record a
+    /// session and decrypt its reply later; a node uses [`Self::generate`].
+    pub fn from_secret_bytes(bytes: &[u8]) -> Result<Self, JweError> {
+        p256::SecretKey::from_slice(bytes)
+            .map(|secret| Self { secret })
+            .map_err(|_| JweError::Key)
     }
 
     /// The public half as the KBS protocol's `tee-pubkey` (an EC JWK with `alg` ECDH-ES+A256KW).

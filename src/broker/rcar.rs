@@ -12,6 +12,11 @@
 //!    `{"additional-evidence":"","nonce":<nonce>,"tee-pubkey":<jwk>}`, zero-padded to 64 bytes.
 //! 3. `resource`: `GET /kbs/v0/resource/<repo>/<type>/<tag>` with the cookie; the reply is a JWE to
 //!    the tee-pubkey.
+//!
+//! Run against the real Trustee KBS (78962cd4) by tests/kbs_interop.rs; its replies are recorded in
+//! tests/data/kbs/ and the KBS test double is held to them (docs/keys.md). The real KBS answers every
+//! refusal with 401 and names it in the error `type` (`PolicyDeny`, `TokenNotFound`,
+//! `PluginInternalError` for a missing resource, `AttestationError` at auth and attest).
 
 use std::time::Duration;
 
@@ -40,6 +45,9 @@ pub struct Reply {
     pub status: u16,
     /// The values of `Set-Cookie` headers.
     pub set_cookies: Vec<String>,
+    /// The `Content-Type` header, if any (Trustee sends `application/json` with JSON replies and none
+    /// with error bodies); kept for transcripts, the protocol does not depend on it.
+    pub content_type: Option<String>,
     /// At most [`super::jwe::MAX_REPLY_LEN`] bytes (the transport refuses longer bodies).
     pub body: Vec<u8>,
 }
@@ -232,11 +240,26 @@ impl KbsClient {
         }
     }
 
-    /// Attests with `evidence` and fetches `resource`; the plaintext stays in zeroizing memory.
+    /// Attests with `evidence` and fetches `resource` under a fresh ephemeral key; the plaintext
+    /// stays in zeroizing memory.
     pub fn fetch_resource(
         &self,
         evidence: &dyn EvidenceSource,
         resource: &ResourcePath,
+    ) -> Result<Zeroizing<Vec<u8>>, BrokerError> {
+        let key =
+            EphemeralKey::generate().map_err(|e| self.protocol(Step::Attest, e.to_string()))?;
+        self.fetch_resource_with_key(evidence, resource, key)
+    }
+
+    /// [`Self::fetch_resource`] with a caller's session key. Only for recording transcripts whose
+    /// JWE a later test decrypts (tests/kbs_interop.rs): a node always uses `fetch_resource`, which
+    /// draws a fresh key per session.
+    pub fn fetch_resource_with_key(
+        &self,
+        evidence: &dyn EvidenceSource,
+        resource: &ResourcePath,
+        key: EphemeralKey,
     ) -> Result<Zeroizing<Vec<u8>>, BrokerError> {
         // 1. auth
         let request = Request {
@@ -259,8 +282,6 @@ impl KbsClient {
         let cookie = format!("{SESSION_COOKIE}={cookie}");
 
         // 2. attest
-        let key =
-            EphemeralKey::generate().map_err(|e| self.protocol(Step::Attest, e.to_string()))?;
         let tee_pubkey = key.tee_pubkey();
         let data = report_data(&challenge.nonce, &tee_pubkey, "");
         let evidence = evidence.evidence(&data)?;
@@ -333,6 +354,16 @@ impl KbsClient {
                         detail: error_summary(&reply.body),
                     })
                 }
+                // The real KBS (78962cd4) answers a resource that does not exist this way, and
+                // a storage failure too: say so, since the detail alone names no cause.
+                Some("PluginInternalError") => Err(BrokerError::ResourceRefused {
+                    url,
+                    resource: resource_name,
+                    detail: format!(
+                        "{} (the broker's answer for a resource it does not hold, or cannot read)",
+                        error_summary(&reply.body)
+                    ),
+                }),
                 _ => Err(BrokerError::ResourceRefused {
                     url,
                     resource: resource_name,

@@ -1,11 +1,14 @@
 //! A KBS test double: a real HTTP server on 127.0.0.1 that speaks Trustee KBS protocol 0.4.0 as the
-//! real broker answers it (shapes recorded in tests/data/kbs/):
+//! real broker answers it. tests/kbs_transcripts.rs checks it, exchange by exchange, against the
+//! transcripts recorded from the real KBS in tests/data/kbs/ (see [`transcript`]):
 //!
-//! - `POST /kbs/v0/auth`: version must be 0.4.0; a fresh 32-byte base64 nonce, `extra-params` "", and
-//!   a `kbs-session-id` cookie;
+//! - `POST /kbs/v0/auth`: version must be 0.4.0 (else 401 `AttestationError`); a fresh 32-byte
+//!   base64 nonce, `extra-params` "", and a `kbs-session-id` cookie;
 //! - `POST /kbs/v0/attest`: the session's nonce, then the report data checked: SHA-384 of the JCS form
 //!   of `{"additional-evidence","nonce","tee-pubkey"}` must equal the `sample` evidence's decoded
-//!   `report_data` exactly (Trustee's sample verifier); answers `{"token":...}` or 401;
+//!   `report_data` exactly (Trustee's sample verifier); answers `{"token":<JWT-shaped>}` with the
+//!   session cookie set again, or 401 `AttestationError` naming no cause (as the real KBS does);
+//! - error replies carry the JSON body `{"type","detail"}` and no `Content-Type`, as the real KBS's;
 //! - `GET /kbs/v0/resource/<repo>/<type>/<tag>`: an attested session, then the policy, then the
 //!   resource as a JWE (ECDH-ES+A256KW, A256GCM) to the session's tee-pubkey. Refusals are 401 with
 //!   Trustee's error types (`TokenNotFound`, `PolicyDeny`, `PluginInternalError` for a missing
@@ -15,6 +18,8 @@
 //!   The double's policy is JSON `{"allow_tees":[...], "allow_identities":[...]?}`, not Rego: it stands
 //!   for "allow sample" / "deny" as the tests upload them to the real KBS.
 #![allow(dead_code)]
+
+pub mod transcript;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -94,9 +99,29 @@ fn random(n: usize) -> Vec<u8> {
     b
 }
 
+/// An error reply as the real KBS sends it: the JSON body and no `Content-Type`.
 fn error(status: StatusCode, kind: &str, detail: &str) -> Response {
     let body = json!({ "type": format!("{ERROR_PREFIX}/{kind}"), "detail": detail });
-    (status, body.to_string()).into_response()
+    let mut response = Response::new(axum::body::Body::from(body.to_string()));
+    *response.status_mut() = status;
+    response
+}
+
+/// The session cookie the real KBS sets at auth and again at attest.
+fn session_set_cookie(id: &str) -> String {
+    format!("kbs-session-id={id}; Expires=Tue, 01 Dec 2099 00:00:00 GMT")
+}
+
+/// A token of the real one's form (a compact JWT); the signature segment is random bytes, not a
+/// signature: the client never reads the token, it only keeps the session cookie.
+fn token(claims: &Value) -> String {
+    let header = json!({"typ": "JWT", "alg": "ES256"});
+    [
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string()),
+        URL_SAFE_NO_PAD.encode(random(64)),
+    ]
+    .join(".")
 }
 
 fn session_id(headers: &HeaderMap) -> Option<String> {
@@ -112,22 +137,24 @@ fn session_id(headers: &HeaderMap) -> Option<String> {
 }
 
 async fn auth(State(s): State<Shared>, body: Bytes) -> Response {
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return error(
+    let refused = |why: &str| {
+        error(
             StatusCode::UNAUTHORIZED,
             "AttestationError",
-            "deserialize Request",
-        );
+            &format!("Attestation error: RCAR handshake Auth failed: {why}"),
+        )
+    };
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return refused("deserialize Request");
     };
     if request["version"] != "0.4.0" {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "AttestationError",
-            "KBS Client Protocol Version Mismatch",
-        );
+        return refused(&format!(
+            "KBS Client Protocol Version Mismatch: expect =0.4.0 while the request is {}",
+            request["version"].as_str().unwrap_or_default()
+        ));
     }
     let Some(tee) = request["tee"].as_str() else {
-        return error(StatusCode::UNAUTHORIZED, "AttestationError", "no tee");
+        return refused("no tee");
     };
     let id = hex::encode(random(16));
     let nonce = STANDARD.encode(random(32));
@@ -139,7 +166,7 @@ async fn auth(State(s): State<Shared>, body: Bytes) -> Response {
             attested: None,
         },
     );
-    let cookie = format!("kbs-session-id={id}; Expires=Tue, 01 Dec 2099 00:00:00 GMT");
+    let cookie = session_set_cookie(&id);
     (
         StatusCode::OK,
         [
@@ -159,7 +186,15 @@ pub fn expected_report_data(nonce: &str, tee_pubkey: &Value, additional: &Value)
 }
 
 async fn attest(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
-    let refused = |detail: &str| error(StatusCode::UNAUTHORIZED, "AttestationError", detail);
+    // The real KBS names no cause in the body (its log does): every refusal reads the same.
+    let refused = |cause: &str| {
+        eprintln!("kbs double: attest refused: {cause}");
+        error(
+            StatusCode::UNAUTHORIZED,
+            "AttestationError",
+            "Attestation error: RCAR handshake Attest failed",
+        )
+    };
     let Some(id) = session_id(&headers) else {
         return refused("cookie not found");
     };
@@ -194,11 +229,15 @@ async fn attest(State(s): State<Shared>, headers: HeaderMap, body: Bytes) -> Res
             ));
         }
     };
+    let token = token(&json!({"iss": "sealcsi-kbs-double", "submods": {"cpu0": claims}}));
     session.attested = Some((pubkey, claims));
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        json!({"token": format!("double-token-{id}")}).to_string(),
+        [
+            (header::SET_COOKIE, session_set_cookie(&id)),
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+        ],
+        json!({ "token": token }).to_string(),
     )
         .into_response()
 }
