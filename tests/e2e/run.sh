@@ -83,6 +83,7 @@ note "run dir $RUN"
 cleanup() {
     local rc=$?
     set +e
+    [ -z "${SCENARIOS_PID:-}" ] || kill "$SCENARIOS_PID" 2>/dev/null
     if ip netns list 2>/dev/null | grep -qw "$NETNS"; then
         for p in $(ip netns pids "$NETNS" 2>/dev/null); do kill "$p" 2>/dev/null; done
         sleep 1
@@ -201,7 +202,12 @@ step "guest booted, node set up, kubelet Ready" $((SECONDS - t))
 # shellcheck source=tests/e2e/scenarios.sh
 . "$E2E_DIR/scenarios.sh"
 t=$SECONDS
-run_all_scenarios
+# In a background subshell and waited for, like the guest: a signal then cleans up at once.
+( run_all_scenarios; echo "$FAILED" >"$RUN/failed" ) &
+SCENARIOS_PID=$!
+wait "$SCENARIOS_PID" || true
+SCENARIOS_PID=
+FAILED=$(cat "$RUN/failed" 2>/dev/null || echo 1)
 step "scenarios" $((SECONDS - t))
 
 collect_cluster_logs() {
