@@ -331,9 +331,11 @@ impl VolumeEngine for KernelEngine {
     fn expand(&self, dm_name: &str, backing: &Path) -> Result<u64, EngineError> {
         let names = StackNames::new(dm_name)?;
         let old_bytes = dm_size_bytes(&*self.dm, &names.crypt)?;
-        // Read again here, but authenticated before use: the new crypt table needs the key, and unsealing
-        // checks every mapping field of this header.
+        // Read again here, and unsealed before any of it is used (the profile below, the crypt table):
+        // unsealing authenticates every mapping field of this header, so bytes the host changed since
+        // the volume was opened are never acted on.
         let header = volume::read_header(backing)?.header;
+        let (_, key) = self.volumes().unseal(&header)?;
         // A volume file's loop device (found by its file), or a block device as given (a stacked
         // volume's backend device); a loop device re-reads its file's size either way.
         let lower_device = if crate::backend::is_block_device(backing) {
@@ -388,7 +390,6 @@ impl VolumeEngine for KernelEngine {
         if data_sectors * SECTOR <= old_bytes {
             return Ok(old_bytes);
         }
-        let (_, key) = self.volumes().unseal(&header)?;
         let (table_key, logon) = stack::table_key(&header.uuid_string(), &key)?;
         let crypt = stack::crypt_line(&lower, &header, data_sectors, table_key)?;
         debug_assert!(matches!(crypt.target, Target::Crypt(_)));
