@@ -51,18 +51,22 @@ kill_plugin() { # what a crash does: no cleanup at all
     kill -KILL "$(cat "$PIDS/plugin.pid")" && rm -f "$PIDS/plugin.pid"
 }
 
+running() { [ -s "$PIDS/$1.pid" ] && alive "$(cat "$PIDS/$1.pid")"; }
+
 # start_sidecars: deploy/node.yaml's sidecars, as deploy/'s ServiceAccount (the host wrote its kubeconfig).
+# Starts those not running: a sidecar exits when it loses the plugin's socket (the plugin restarted), and
+# in a pod the kubelet would restart it; here this does.
 start_sidecars() {
     mkdir -p /var/lib/kubelet/plugins_registry
     local sc=(--kubeconfig="$RUN/sealcsi-node.kubeconfig" --csi-address="$PLUGIN_DIR/csi.sock" --v=2)
     # --timeout: the plugin's first answers take more than the default second on this slow node.
-    spawn registrar "$LOGS/registrar.log" csi-node-driver-registrar --csi-address="$PLUGIN_DIR/csi.sock" \
+    running registrar || spawn registrar "$LOGS/registrar.log" csi-node-driver-registrar --csi-address="$PLUGIN_DIR/csi.sock" \
         --kubelet-registration-path="$PLUGIN_DIR/csi.sock" --timeout=30s \
         --plugin-registration-path=/var/lib/kubelet/plugins_registry --v=2
-    NODE_NAME=$E2E_NODE_NAME NAMESPACE=sealcsi POD_NAME=e2e-processes spawn provisioner "$LOGS/provisioner.log" \
+    running provisioner || NODE_NAME=$E2E_NODE_NAME NAMESPACE=sealcsi POD_NAME=e2e-processes spawn provisioner "$LOGS/provisioner.log" \
         csi-provisioner "${sc[@]}" --timeout=60s --node-deployment=true --node-deployment-immediate-binding=false \
         --strict-topology=true --immediate-topology=false --enable-capacity=true --capacity-ownerref-level=-1
-    spawn resizer "$LOGS/resizer.log" csi-resizer "${sc[@]}" --timeout=60s --handle-volume-inuse-error=false
+    running resizer || spawn resizer "$LOGS/resizer.log" csi-resizer "${sc[@]}" --timeout=60s --handle-volume-inuse-error=false
 }
 
 stop_driver() {

@@ -261,7 +261,7 @@ plugin_restart() {
     id=$(volume_handle restart) || return 1
     check "the plugin is killed (SIGKILL)" node kill_plugin || return 1
     check "the pod reads its data while the plugin is down" in_pod w-restart sh -c "$READ_DATA" || return 1
-    check "the plugin is started again" node start_plugin || return 1
+    check "the plugin is started again (and the sidecars that exited with it)" node "start_plugin && start_sidecars" || return 1
     check "the pod still reads its data after the restart" in_pod w-restart sh -c "$READ_DATA" || return 1
     check "pod w-restart deleted" pod_gone w-restart || return 1
     check "the restarted plugin unstaged it" wait_for 120 "the dm stack of $id removed" nodeq "stack_gone $id" || return 1
