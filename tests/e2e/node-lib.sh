@@ -49,9 +49,9 @@ start_plugin() {
 
 kill_plugin() { # what a crash does: no cleanup at all
     kill -KILL "$(cat "$PIDS/plugin.pid")" && rm -f "$PIDS/plugin.pid" || return 1
-    # csi-provisioner and csi-resizer exit when they lose the plugin's connection (in a pod the kubelet
-    # restarts them): wait for that, so that start_sidecars afterwards finds them gone.
-    wait_for 60 "the sidecars to notice" eval '! running provisioner && ! running resizer'
+    # csi-provisioner exits when it loses the plugin's connection (in a pod the kubelet restarts it;
+    # csi-resizer and the registrar reconnect): wait for that, so that start_sidecars finds it gone.
+    wait_for 180 "csi-provisioner to notice" eval '! running provisioner'
 }
 
 running() { [ -s "$PIDS/$1.pid" ] && alive "$(cat "$PIDS/$1.pid")"; }
