@@ -282,7 +282,7 @@ tamper_is_reported() {
     check "on the node: bytes flipped in the ciphertext" node "drop_caches; python3 \$E2E_REPO/tests/e2e/flip.py \$(backing_file $id); drop_caches" || return 1
     check "the pod's read of the tampered file fails" eval "! in_pod w-tamper cat /data/big >/dev/null 2>$RUN/logs/tamper-read.err"
     cat "$RUN/logs/tamper-read.err"
-    check "with an I/O error" grep -qi "i/o error" "$RUN/logs/tamper-read.err" || return 1
+    check "with an I/O error (EIO)" grep -qiE "input/output error|i/o error" "$RUN/logs/tamper-read.err" || return 1
     check "the kubelet reports VolumeConditionAbnormal on the pod" \
         wait_for 180 "event VolumeConditionAbnormal" has_event w-tamper VolumeConditionAbnormal || return 1
     k -n $NS get events --field-selector involvedObject.name=w-tamper,reason=VolumeConditionAbnormal \
