@@ -338,6 +338,13 @@ pub struct SystemMounter;
 /// Where the kernel's mount table of this process is.
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
 
+/// This process's mount table, read now.
+fn read_mount_table() -> Result<Vec<MountInfo>, MountError> {
+    let text = fs::read_to_string(MOUNTINFO)
+        .map_err(|e| MountError::sys("read", Path::new(MOUNTINFO), e))?;
+    Ok(parse_mountinfo(&text))
+}
+
 impl Mounter for SystemMounter {
     fn mount(
         &self,
@@ -384,10 +391,8 @@ impl Mounter for SystemMounter {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(MountError::sys("resolve", path, e)),
         };
-        let text = fs::read_to_string(MOUNTINFO)
-            .map_err(|e| MountError::sys("read", Path::new(MOUNTINFO), e))?;
         // Later lines are mounted on top of earlier ones.
-        Ok(parse_mountinfo(&text)
+        Ok(read_mount_table()?
             .into_iter()
             .rev()
             .find(|m| m.mount_point == path))
@@ -405,9 +410,7 @@ impl Mounter for SystemMounter {
     }
 
     fn mount_points_of(&self, mount: &MountInfo) -> Result<Vec<MountPlace>, MountError> {
-        let text = fs::read_to_string(MOUNTINFO)
-            .map_err(|e| MountError::sys("read", Path::new(MOUNTINFO), e))?;
-        let table = parse_mountinfo(&text);
+        let table = read_mount_table()?;
         let mounts = table
             .iter()
             .filter(|m| m.same_filesystem(mount))
@@ -417,9 +420,7 @@ impl Mounter for SystemMounter {
     }
 
     fn binds_of_device(&self, device: &Path) -> Result<Vec<MountPlace>, MountError> {
-        let text = fs::read_to_string(MOUNTINFO)
-            .map_err(|e| MountError::sys("read", Path::new(MOUNTINFO), e))?;
-        let table = parse_mountinfo(&text);
+        let table = read_mount_table()?;
         let mut binds = Vec::new();
         // A device node bound elsewhere shows as a mount of devtmpfs (or whatever holds /dev): only its
         // device number tells which device it is.
