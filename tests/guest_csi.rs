@@ -668,7 +668,13 @@ async fn guest_csi_expansion_retried_after_a_crash_initializes_the_new_space() {
     let old_top = engine.size_bytes(&dm_name).unwrap();
     store.grow_backing(&vid, 256 << 20, 0).unwrap();
     store.set_pending_init(&vid, old_top).unwrap();
-    let new_top = engine.expand(&dm_name, &p.backing(&id)).unwrap();
+    let binding = sealcsi::header::volume_binding(&id);
+    let expected = sealcsi::volume::Expected {
+        name: &id,
+        binding: &binding,
+        uuid: None,
+    };
+    let new_top = engine.expand(&dm_name, &p.backing(&id), expected).unwrap();
     assert!(new_top > old_top + (100 << 20), "{old_top} -> {new_top}");
     let err = read_direct(&node, old_top).expect_err("never-written AEAD blocks do not read");
     println!("guest_csi: reading the uninitialized new space: {err}");
@@ -896,6 +902,87 @@ async fn guest_csi_swapped_backing_files_are_refused_and_left_unchanged() {
         p.unstage(id, &staging).await;
         p.delete(id).await;
     }
+    p.stop().await;
+}
+
+/// Issue 10, item 4: NodeExpandVolume re-reads the header of a volume opened long before (maybe by another
+/// process), and must act only on that volume's authenticated header. The host copies tenant B's header
+/// (which unseals on this node too) over staged tenant A's: A's expansion is refused and A's mapping keeps
+/// its size and key; with A's own header back, the same expansion completes.
+#[tokio::test]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+async fn guest_csi_expansion_acts_only_on_the_volumes_own_authenticated_header() {
+    use sealcsi::header::{COPY_OFFSETS, HEADER_SIZE};
+    let dir = scratch("expand-swap");
+    let p = Plugin::start(&dir, &dir.join("state"), "node-a").await;
+    let (staging, target) = (dir.join("staging"), dir.join("pods/p1/vol"));
+    let a = p
+        .create("pvc-expand-a", 128 * MIB, mount_cap(""))
+        .await
+        .volume_id;
+    let b = p
+        .create("pvc-expand-b", 128 * MIB, mount_cap(""))
+        .await
+        .volume_id;
+    let staging_b = dir.join("staging-b");
+    p.stage(&b, &staging_b, mount_cap("")).await.unwrap();
+    p.unstage(&b, &staging_b).await;
+    p.stage(&a, &staging, mount_cap("")).await.unwrap();
+    p.publish(&a, &staging, &target, mount_cap(""), false).await;
+    let data = pattern(4 << 20, 7);
+    write_synced(&target.join("a.bin"), &data);
+    let top = PathBuf::from(format!("/dev/mapper/sealcsi-{a}"));
+    let size_before = block_device_bytes(&top);
+    let table = || {
+        let out = std::process::Command::new("dmsetup")
+            .args(["table", "--showkeys", &format!("sealcsi-{a}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        out.stdout
+    };
+    let table_before = table();
+
+    let headers_len = COPY_OFFSETS[1] as usize + HEADER_SIZE;
+    let own_headers = fs::read(p.backing(&a)).unwrap()[..headers_len].to_vec();
+    let write_headers = |bytes: &[u8]| {
+        let mut f = OpenOptions::new().write(true).open(p.backing(&a)).unwrap();
+        f.write_all(bytes).unwrap();
+        f.sync_all().unwrap();
+    };
+    write_headers(&fs::read(p.backing(&b)).unwrap()[..headers_len]);
+    let err = p
+        .node()
+        .node_expand_volume(node_expand(&a, &target, 256 * MIB))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("made for another volume"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        block_device_bytes(&top),
+        size_before,
+        "the mapping did not grow"
+    );
+    assert_eq!(table(), table_before, "the mapping kept its key and table");
+    assert!(fs::read(target.join("a.bin")).unwrap() == data);
+
+    write_headers(&own_headers);
+    let r = p
+        .node()
+        .node_expand_volume(node_expand(&a, &target, 256 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.capacity_bytes >= 256 * MIB, "{r:?}");
+    assert!(fs::read(target.join("a.bin")).unwrap() == data);
+    p.unpublish(&a, &target).await;
+    p.unstage(&a, &staging).await;
+    p.delete(&a).await;
+    p.delete(&b).await;
     p.stop().await;
 }
 

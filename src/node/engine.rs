@@ -122,8 +122,14 @@ pub trait VolumeEngine: Send + Sync {
     /// Size in bytes of the open top device.
     fn size_bytes(&self, dm_name: &str) -> Result<u64, EngineError>;
     /// Makes the open mapping take the backing file's (grown) size; returns the new top size in bytes.
-    /// Does not initialize the new space: see [`VolumeEngine::init_new_space`].
-    fn expand(&self, dm_name: &str, backing: &Path) -> Result<u64, EngineError>;
+    /// The header it re-reads must be `expected`'s, authenticated, or nothing is changed. Does not
+    /// initialize the new space: see [`VolumeEngine::init_new_space`].
+    fn expand(
+        &self,
+        dm_name: &str,
+        backing: &Path,
+        expected: volume::Expected<'_>,
+    ) -> Result<u64, EngineError>;
     /// Initializes bytes `from..to` of the open top device after it grew, where the profile needs it
     /// (AEAD: never-written blocks have no valid tag and read as errors, so they are written with zeros
     /// once). Idempotent: it only ever covers space no filesystem or user has been given yet.
@@ -328,14 +334,18 @@ impl VolumeEngine for KernelEngine {
         dm_size_bytes(&*self.dm, &DmName::try_from(dm_name)?)
     }
 
-    fn expand(&self, dm_name: &str, backing: &Path) -> Result<u64, EngineError> {
+    fn expand(
+        &self,
+        dm_name: &str,
+        backing: &Path,
+        expected: volume::Expected<'_>,
+    ) -> Result<u64, EngineError> {
         let names = StackNames::new(dm_name)?;
         let old_bytes = dm_size_bytes(&*self.dm, &names.crypt)?;
-        // Read again here, and unsealed before any of it is used (the profile below, the crypt table):
-        // unsealing authenticates every mapping field of this header, so bytes the host changed since
-        // the volume was opened are never acted on.
-        let header = volume::read_header(backing)?.header;
-        let (_, key) = self.volumes().unseal(&header)?;
+        // Read again here (a later RPC, maybe another process), so authenticated and checked before any
+        // of it is used (the profile below, the crypt table's key): a header the host put there since
+        // the open, even another volume's that unseals on this node, is never acted on.
+        let (header, key) = self.volumes().unseal_expected(backing, Some(expected))?;
         // A volume file's loop device (found by its file), or a block device as given (a stacked
         // volume's backend device); a loop device re-reads its file's size either way.
         let lower_device = if crate::backend::is_block_device(backing) {

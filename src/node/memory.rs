@@ -429,7 +429,12 @@ impl VolumeEngine for MemoryEngine {
         dm_size_bytes(&*self.dm, &crate::dm::DmName::try_from(dm_name)?)
     }
 
-    fn expand(&self, dm_name: &str, backing: &Path) -> Result<u64, EngineError> {
+    fn expand(
+        &self,
+        dm_name: &str,
+        backing: &Path,
+        _expected: crate::volume::Expected<'_>,
+    ) -> Result<u64, EngineError> {
         let names = StackNames::new(dm_name)?;
         let old = dm_size_bytes(&*self.dm, &names.crypt)?;
         let region = read_region(backing)?;

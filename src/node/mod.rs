@@ -605,7 +605,13 @@ impl NodeCore {
             None => before,
         };
         self.store.set_pending_init(volume_id, from)?;
-        let bytes = self.engine.expand(&dm, &vol.backing)?;
+        let binding = crate::header::volume_binding(volume_id.as_str());
+        let expected = crate::volume::Expected {
+            name: volume_id.as_str(),
+            binding: &binding,
+            uuid: vol.record.formatted(),
+        };
+        let bytes = self.engine.expand(&dm, &vol.backing, expected)?;
         self.engine.init_new_space(&dm, from, bytes)?;
         self.store.clear_pending_init(volume_id)?;
         if let Some(fs) = mount {

@@ -405,6 +405,23 @@ impl<'a> Volumes<'a> {
         }
     }
 
+    /// Reads the header on `device`, unseals it (which authenticates every field) and checks it is the
+    /// volume `expected` names. The one way a header read from the device becomes trusted: the host can
+    /// answer every read differently, so each use of a header goes through this, never a bare read.
+    pub fn unseal_expected(
+        &self,
+        device: &Path,
+        expected: Option<Expected<'_>>,
+    ) -> Result<(Header, VolumeKey), VolumeError> {
+        let header = read_header(device)?.header;
+        let (slot, key) = self.unseal(&header)?;
+        if let Some(expected) = expected {
+            expected.check(&header, device)?;
+        }
+        tracing::debug!(volume.uuid = %header.uuid_string(), keyslot = slot, "unsealed the volume key");
+        Ok((header, key))
+    }
+
     /// Opens the volume on `path` as /dev/mapper/`name`. Idempotent: an identical open stack is success,
     /// a stale half-made one is cleaned up first.
     pub fn open(&self, path: &Path, name: &str) -> Result<OpenReport, VolumeError> {
@@ -422,12 +439,7 @@ impl<'a> Volumes<'a> {
     ) -> Result<OpenReport, VolumeError> {
         let names = StackNames::new(name)?;
         let dev = BlockDevice::open_path(path)?;
-        let header = read_header(dev.path())?.header;
-        let (slot, key) = self.unseal(&header)?;
-        if let Some(expected) = expected {
-            expected.check(&header, path)?;
-        }
-        tracing::debug!(volume.uuid = %header.uuid_string(), keyslot = slot, "unsealed the volume key");
+        let (header, key) = self.unseal_expected(dev.path(), expected)?;
         let data_sectors = match header.profile {
             Profile::AeadHmacSha256 { .. } => {
                 let sb = header_io::read_integrity_superblock(dev.path())?
