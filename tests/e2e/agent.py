@@ -5,7 +5,7 @@
 
 POST /run with a bash script as the body: runs `bash -c '. LIB; <script>'` and answers with the exit
 status on the first line, then the script's output (stdout and stderr, interleaved). POST /shutdown
-ends the agent. One request at a time, in order.
+ends the agent. Requests are served concurrently (scenarios run side by side).
 
 Why: kubectl and the Go sidecars start slowly in user-mode Linux (seconds per process), so the
 scenarios talk to the API server from the host, and only what must be seen or done on the node
@@ -54,7 +54,8 @@ class Agent(http.server.BaseHTTPRequestHandler):
             self.answer(124, (e.stdout or b"") + f"\nagent: timed out after {REQUEST_TIMEOUT}s\n".encode())
 
 
-server = http.server.HTTPServer((ADDRESS, PORT), Agent)
+server = http.server.ThreadingHTTPServer((ADDRESS, PORT), Agent)
+server.daemon_threads = True
 server.done = False
 print(f"agent: serving on {ADDRESS}:{PORT}", flush=True)
 while not server.done:

@@ -97,6 +97,29 @@ dm_of() { # CSI volume id -> the name of its dm-crypt device
 backing_file() { # CSI volume id -> the file that holds its ciphertext
     if [ "${BACKEND:-local}" = stacked ]; then echo "$HOSTPATH_STATE/$1"; else echo "$STATE/volumes/$1.img"; fi
 }
+local_of() { echo "sv-$(printf 'stacked:%s' "$1" | sha256sum | cut -c1-32)"; } # stacked CSI id -> sealcsi's own id
+# released ID: sealcsi holds nothing of the volume's ciphertext. Node-local: no loop device over its file.
+# Stacked: nothing under sealcsi's private paths for it is mounted, and no device-mapper device holds
+# the device the backend published (the backend's own loop device may stay: hostpath detaches it at
+# DeleteVolume).
+released() {
+    if [ "${BACKEND:-local}" = local ]; then
+        ! losetup -j "$(backing_file "$1")" | grep -q .
+        return
+    fi
+    local local_id lo
+    local_id=$(local_of "$1")
+    if grep -Eq " ($STATE/volumes/$local_id\.img|$STATE/stacked/$local_id/[^ ]*) " /proc/self/mounts; then
+        echo "still mounted: $(grep -E "$local_id" /proc/self/mounts)"
+        return 1
+    fi
+    for lo in $(losetup -j "$(backing_file "$1")" | cut -d: -f1); do
+        if [ -n "$(ls "/sys/block/${lo#/dev/}/holders")" ]; then
+            echo "$lo is held by $(ls "/sys/block/${lo#/dev/}/holders")"
+            return 1
+        fi
+    done
+}
 stack_open() { local dm; dm=$(dm_of "$1"); dmsetup info "$dm" >/dev/null 2>&1 && dmsetup info "$dm-integrity" >/dev/null 2>&1; }
 stack_gone() { local dm; dm=$(dm_of "$1"); ! dmsetup info "$dm" >/dev/null 2>&1 && ! dmsetup info "$dm-integrity" >/dev/null 2>&1; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
