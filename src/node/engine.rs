@@ -390,7 +390,11 @@ impl VolumeEngine for KernelEngine {
                     self.dm
                         .reload(&names.integrity, std::slice::from_ref(line))?;
                 }
-                (names.integrity.node(), provided)
+                let info = self
+                    .dm
+                    .info(&names.integrity)?
+                    .ok_or_else(|| EngineError::NotOpen(names.integrity.to_string()))?;
+                (stack::lower_device(&info), provided)
             }
             Profile::XtsOnly => (
                 lower_device.clone(),

@@ -285,14 +285,11 @@ pub fn open_stack(
     }
 
     let lower = match &integrity {
-        Some(line) => {
-            dm.create(
-                &names.integrity,
-                &integrity_uuid,
-                std::slice::from_ref(line),
-            )?
-            .node
-        }
+        Some(line) => lower_device(&dm.create(
+            &names.integrity,
+            &integrity_uuid,
+            std::slice::from_ref(line),
+        )?),
         None => backing.to_path_buf(),
     };
     let (table_key, logon) = table_key(&volume_uuid, key)?;
@@ -310,6 +307,14 @@ pub fn open_stack(
             Err(e.into())
         }
     }
+}
+
+/// A device-mapper device as the lower device of a table line: its `major:minor`, which the kernel
+/// resolves without a path. A /dev/mapper path would depend on a node that udev may be replacing at
+/// that moment (seen: concurrent stages failed with "crypt: Device lookup failed (-ENODEV)"), or that a
+/// container's /dev may not show.
+pub fn lower_device(info: &crate::dm::DeviceInfo) -> PathBuf {
+    PathBuf::from(format!("{}:{}", info.major, info.minor))
 }
 
 /// Refuses to open a volume whose stack is already up under another name: two crypt mappings over one
@@ -343,7 +348,10 @@ fn crypt_matches_live(
         }
     }
     let lower = match integrity {
-        Some(_) => names.integrity.node(),
+        Some(_) => match dm.info(&names.integrity)? {
+            Some(info) => lower_device(&info),
+            None => return Ok(false),
+        },
         None => backing.to_path_buf(),
     };
     let live = dm.table(&names.crypt)?;
