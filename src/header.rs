@@ -684,6 +684,19 @@ pub fn select(region: &[u8]) -> Result<Active, HeaderError> {
     }
 }
 
+/// The first 8 bytes a format writes, at offset 0, before anything else of the volume: "sealcsi began
+/// a format here". The header (written last) replaces it. A device that carries it and no header copy
+/// never held a volume: no key of it was ever stored, so nothing on it can be read by anyone, and a
+/// format may finish over it without --force (docs/format.md, "Unfinished format").
+pub const UNFINISHED_FORMAT_MAGIC: [u8; 8] = *b"SEALFMT\0";
+
+/// True if `region` is what an interrupted format leaves: the unfinished-format marker at offset 0 and
+/// no header magic in either copy.
+pub fn is_unfinished_format(region: &[u8]) -> bool {
+    region.get(..UNFINISHED_FORMAT_MAGIC.len()) == Some(&UNFINISHED_FORMAT_MAGIC[..])
+        && !has_magic(region)
+}
+
 /// True if the region carries the sealcsi magic in either copy, valid or not: such a device is never
 /// formatted over without --force.
 pub fn has_magic(region: &[u8]) -> bool {
@@ -697,6 +710,18 @@ pub fn has_magic(region: &[u8]) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_unfinished_format_is_the_marker_without_any_header_copy() {
+        let mut region = vec![0u8; 2 * HEADER_SIZE];
+        assert!(!is_unfinished_format(&region));
+        region[..8].copy_from_slice(&UNFINISHED_FORMAT_MAGIC);
+        assert!(is_unfinished_format(&region));
+        // Once a header copy is written (copy 1 first, say), the device holds a volume.
+        region[HEADER_SIZE..HEADER_SIZE + 8].copy_from_slice(&MAGIC);
+        assert!(!is_unfinished_format(&region));
+        assert!(!is_unfinished_format(&UNFINISHED_FORMAT_MAGIC[..4]));
+    }
 
     pub(crate) fn sample_slot(key_len: usize) -> Keyslot {
         Keyslot {

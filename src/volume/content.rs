@@ -62,6 +62,12 @@ pub fn refuse_existing_content(device: &Path) -> Result<(), VolumeError> {
         };
         return Err(refused(what));
     }
+    if header::is_unfinished_format(&head) {
+        // Ours, and never a volume: what lies past the header region (a dm-integrity superblock, say)
+        // is this unfinished format's own, not someone's data.
+        tracing::info!(device = %device.display(), "finishing an interrupted sealcsi format");
+        return Ok(());
+    }
     for (what, offset, magic) in KNOWN_SIGNATURES {
         let at = *offset as usize;
         if head.get(at..at + magic.len()) == Some(*magic) {

@@ -37,6 +37,7 @@ use crate::dm::{DeviceMapper, DmError};
 use crate::error::{Classify, Kind};
 use crate::header::{
     BINDING_DIGEST_LEN, DATA_OFFSET, FsKind, Header, HeaderError, Journal, Keyslot, Profile,
+    UNFINISHED_FORMAT_MAGIC,
 };
 use crate::keys::{KeyError, VolumeKey};
 use crate::sealing::{SealError, SealingSource};
@@ -279,9 +280,11 @@ impl<'a> Volumes<'a> {
         header.volume_binding = opts.volume_binding;
         let key = VolumeKey::generate(opts.profile.key_len())?;
         // Zero the header region and the first block of the integrity area, so the kernel formats a fresh
-        // integrity device (and nothing of an older volume survives at the front).
-        let zeros = devio::AlignedBuf::zeroed((DATA_OFFSET as usize) + devio::ALIGN);
-        devio::write_at(dev.path(), 0, &zeros).map_err(io_error("clearing the header region"))?;
+        // integrity device (and nothing of an older volume survives at the front), and mark the device
+        // as an unfinished format of ours: a retry after a failure from here on may format it again.
+        let mut front = devio::AlignedBuf::zeroed((DATA_OFFSET as usize) + devio::ALIGN);
+        front[..UNFINISHED_FORMAT_MAGIC.len()].copy_from_slice(&UNFINISHED_FORMAT_MAGIC);
+        devio::write_at(dev.path(), 0, &front).map_err(io_error("clearing the header region"))?;
 
         let names = StackNames::for_volume(&format!("format-{}", header.uuid_string()))?;
         let built = self.build_and_initialize(&dev, size, &header, &key, opts, &names, progress);
