@@ -714,3 +714,13 @@ async fn guest_stacked_snapshot_restore_and_clone_keep_the_data_and_are_rebound(
     }
     assert_eq!(leftovers(&dir), (vec![], vec![]));
 }
+
+#[path = "bench/stacked_stage.rs"]
+mod stacked_stage;
+
+/// The stage-time benchmark (tests/bench/stacked_stage.rs): prints figures, asserts none.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+async fn guest_stacked_bench_stage_time_through_the_stack() {
+    stacked_stage::run().await;
+}
