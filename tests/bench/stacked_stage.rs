@@ -4,9 +4,9 @@
 //!
 //! - **backend**: the backend's own NodeStageVolume + NodePublishVolume (BLOCK) of the same volume,
 //!   straight to the backend's socket;
-//! - **open**: sealcsi's own open of the device it published (`volume::Volumes::open_as`: unseal,
-//!   binding check, integrity superblock, dm-integrity + dm-crypt) and the ext4 mount, as the
-//!   node-local path does it.
+//! - **open**: sealcsi's own open of the device it published, as the node-local path does it
+//!   (`KernelEngine::stage_device`: header read, unseal, binding check, integrity superblock,
+//!   dm-integrity + dm-crypt) and the ext4 mount with the node's options.
 //!
 //! The three are measured round-robin (stack, then backend + open) `SEALCSI_BENCH_RUNS` times (default
 //! 3, the CI's tiny configuration), after one unmeasured stage that formats the volume. One JSON line per
@@ -16,7 +16,10 @@
 
 use super::*;
 
+use std::sync::Arc;
 use std::time::Instant;
+
+use sealcsi::node::{KernelEngine, Mounter, SystemMounter, VolumeEngine};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -64,9 +67,20 @@ pub async fn run() {
         })
         .collect();
     let local = sealcsi::store::stacked::local_id(&id);
-    let binding = sealcsi::header::volume_binding(local.as_str());
+    let formatted = sealcsi::store::Store::open(&dir.join("state-a"))
+        .unwrap()
+        .record(&local)
+        .unwrap()
+        .and_then(|r| r.formatted());
     let source = SimSource::open(&dir.join("sim-id-a"), "id-a").unwrap();
-    let dm = KernelDm::new().unwrap();
+    let engine = KernelEngine::new(Arc::new(KernelDm::new().unwrap()), Arc::new(source));
+    let format = sealcsi::volume::FormatOptions {
+        profile: sealcsi::store::VolumeParams::default().profile(),
+        fs: sealcsi::header::FsKind::Ext4,
+        init: sealcsi::volume::init::InitMode::Fast,
+        force: false,
+        volume_binding: sealcsi::header::volume_binding(local.as_str()),
+    };
     let bb_staging = dir.join("bb-staging");
     let bb_device = dir.join("bb-device");
     let mount_point = dir.join("own-mount");
@@ -109,32 +123,26 @@ pub async fn run() {
             .unwrap();
         let backend_s = t0.elapsed().as_secs_f64();
 
-        // sealcsi's own open and mount of what it published.
+        // sealcsi's own open and mount of what it published: the node-local path's kernel work
+        // (`KernelEngine::stage_device`: header read, unseal, binding, dm-integrity + dm-crypt; then
+        // the mount with the node's options), without the stack around it.
         let name = format!("sealcsi-bench-{run}");
         let t0 = Instant::now();
-        let report = tokio::task::block_in_place(|| {
-            sealcsi::volume::Volumes::new(&dm, &source).open_as(
-                &bb_device,
-                &name,
-                Some(sealcsi::volume::Expected {
-                    name: local.as_str(),
-                    binding: &binding,
-                    uuid: None,
-                }),
-            )
+        let staged = tokio::task::block_in_place(|| {
+            engine.stage_device(&bb_device, &name, &format, formatted)
         })
         .unwrap();
-        nix::mount::mount(
-            Some(&report.device),
+        Mounter::mount(
+            &SystemMounter,
+            &staged.device,
             &mount_point,
-            Some("ext4"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
+            "ext4",
+            &sealcsi::node::mount::secure_options(&[]),
         )
         .unwrap();
         let open_s = t0.elapsed().as_secs_f64();
         nix::mount::umount(&mount_point).unwrap();
-        sealcsi::volume::close(&dm, &name).unwrap();
+        engine.close(&name).unwrap();
         bb.node()
             .node_unpublish_volume(NodeUnpublishVolumeRequest {
                 volume_id: id.clone(),
