@@ -961,11 +961,11 @@ def check_binary(binary: Path, plugin_args: list[str]) -> None:
     modes = bracket(popts.get("--mode", ""), "possible values") or ""
     if modes:
         check("binary: plugin --mode accepts all", "all" in [m.strip() for m in modes.split(",")], modes)
-    # Every flag the DaemonSet passes must exist.
+    # Every flag the node DaemonSet and the stacked components pass must exist.
     for a in plugin_args[1:]:
         if a.startswith("--"):
             flag = a.split("=", 1)[0]
-            check(f"binary: plugin accepts {flag} (used in node.yaml)", flag in popts or flag in opts)
+            check(f"binary: plugin accepts {flag} (used in deploy/)", flag in popts or flag in opts)
 
 
 # ---- main --------------------------------------------------------------------------------------------
