@@ -714,3 +714,74 @@ async fn guest_stacked_snapshot_restore_and_clone_keep_the_data_and_are_rebound(
     }
     assert_eq!(leftovers(&dir), (vec![], vec![]));
 }
+
+/// The node record of a stacked volume (`<state-dir>/volumes/<local id>.json`) of plugin `name`.
+fn record_of(dir: &Path, name: &str, id: &str) -> PathBuf {
+    let local = sealcsi::store::stacked::local_id(id);
+    dir.join(format!("state-{name}"))
+        .join("volumes")
+        .join(format!("{local}.json"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+async fn guest_stacked_deleted_volumes_leave_no_node_record() {
+    let dir = scratch("records");
+    let bb = backend(&dir).await;
+    let a = Stacked::start(&dir, "a", "id-a", &bb.options.endpoint()).await;
+    // DeleteVolume in the process whose node staged it: the record goes with the volume.
+    let (id, ctx, pc) = a.create("rec-a", 64 * MIB, fs_cap()).await;
+    let staging = dir.join("staging-a");
+    a.stage(&id, &ctx, &pc, &staging, fs_cap()).await.unwrap();
+    a.unstage(&id, &staging).await;
+    assert!(record_of(&dir, "a", &id).exists(), "kept after unstage");
+    a.delete(&id).await;
+    assert!(
+        !record_of(&dir, "a", &id).exists(),
+        "removed by DeleteVolume"
+    );
+
+    // A node whose volume was deleted by another process: the record goes at its next first stage,
+    // once the backend says NOT_FOUND; a volume that still exists keeps its record.
+    let b = Stacked::start(&dir, "b", "id-a", &bb.options.endpoint()).await;
+    let (gone, gctx, gpc) = a.create("rec-gone", 64 * MIB, fs_cap()).await;
+    let (kept, kctx, kpc) = a.create("rec-kept", 64 * MIB, fs_cap()).await;
+    for (id, ctx, pc, st) in [
+        (&gone, &gctx, &gpc, "staging-gone"),
+        (&kept, &kctx, &kpc, "staging-kept"),
+    ] {
+        let staging = dir.join(st);
+        b.stage(id, ctx, pc, &staging, fs_cap()).await.unwrap();
+        b.unstage(id, &staging).await;
+    }
+    a.delete(&gone).await;
+    assert!(
+        record_of(&dir, "b", &gone).exists(),
+        "another process deleted it"
+    );
+    let (new, nctx, npc) = a.create("rec-new", 64 * MIB, fs_cap()).await;
+    let staging = dir.join("staging-new");
+    b.stage(&new, &nctx, &npc, &staging, fs_cap())
+        .await
+        .unwrap();
+    assert!(
+        !record_of(&dir, "b", &gone).exists(),
+        "swept: the backend no longer has it"
+    );
+    assert!(record_of(&dir, "b", &kept).exists());
+    assert!(record_of(&dir, "b", &new).exists());
+    b.unstage(&new, &staging).await;
+    for id in [&kept, &new] {
+        a.delete(id).await;
+    }
+}
+
+#[path = "bench/stacked_stage.rs"]
+mod stacked_stage;
+
+/// The stage-time benchmark (tests/bench/stacked_stage.rs): prints figures, asserts none.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+async fn guest_stacked_bench_stage_time_through_the_stack() {
+    stacked_stage::run().await;
+}

@@ -209,9 +209,20 @@ impl Controller for StackedControllerService {
         let id = required(&req.volume_id, "volume_id")?.to_string();
         let s = secrets(&req.secrets);
         let key = id.clone();
-        self.guarded(&key, move |core| core.delete(&id, &s))
-            .instrument(span("DeleteVolume", &req.volume_id))
-            .await?;
+        // In `--mode all` the node core is in this process and shares its state directory: the
+        // deleted volume's node record goes with it (docs/stacked.md, "Node records").
+        let node = self.shared.node.clone();
+        self.guarded(&key, move |core| {
+            core.delete(&id, &s)?;
+            if let Some(node) = node
+                && let Err(e) = node.forget_stacked(&id)
+            {
+                tracing::warn!(error = %e, "could not remove the node record of the deleted volume");
+            }
+            Ok(())
+        })
+        .instrument(span("DeleteVolume", &req.volume_id))
+        .await?;
         Ok(Response::new(proto::DeleteVolumeResponse {}))
     }
 

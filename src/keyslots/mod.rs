@@ -33,7 +33,7 @@ pub use list::{BindingInfo, SlotInfo, list, this_node_slot};
 pub use recovery::{
     KeygenReport, RECOVERY_KEY_LEN, RecoverReport, RecoveryPrivateKey, RecoveryPublicKey,
     RecoveryReport, add_recovery, key_check, parse_key_check, read_private_key, read_public_key,
-    recover, recovery_keygen, write_recovery_keys,
+    read_public_keys_in, recover, recovery_keygen, rewrap_recovery, write_recovery_keys,
 };
 pub use target::{Target, TargetEnv, TargetSource, add_slot_for, open_target};
 

@@ -224,6 +224,41 @@ pub fn read_private_key(path: &Path) -> Result<RecoveryPrivateKey, KeyslotError>
     )?))
 }
 
+/// Every recovery public key in `dir`: each file named `*.pub` in the format `recovery-keygen` writes
+/// (other names are ignored; a `*.pub` file that is not one is an error). A missing `dir` holds none.
+pub fn read_public_keys_in(dir: &Path) -> Result<Vec<RecoveryPublicKey>, KeyslotError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(key_file_error(dir, e)),
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pub"))
+        .collect();
+    paths.sort();
+    paths.iter().map(|p| read_public_key(p)).collect()
+}
+
+/// The HPKE re-wrap of a re-binding (`crate::volume::Volumes::rebind`): a recovery slot whose
+/// fingerprint is one of `recipients`' is sealed anew to that key for the re-bound header (the one
+/// HPKE wrap, [`seal_recovery_slot`]); any other slot, `None`. The recipient key comes from the
+/// caller, never from the header: a slot's fields other than the node's own are not authenticated.
+pub fn rewrap_recovery(
+    recipients: &[RecoveryPublicKey],
+) -> impl Fn(&Header, &Keyslot, &VolumeKey) -> Result<Option<Keyslot>, String> + '_ {
+    move |new, slot, key| {
+        if slot.kind != SlotKind::Recovery {
+            return Ok(None);
+        }
+        recipients
+            .iter()
+            .find(|r| r.fingerprint() == slot.identity_digest)
+            .map(|r| seal_recovery_slot(new, key, r).map_err(|e| e.to_string()))
+            .transpose()
+    }
+}
+
 /// HPKE `info` of an HPKE slot of `kind`: its label, then the volume UUID (16 bytes).
 fn hpke_info(header: &Header, kind: SlotKind) -> Vec<u8> {
     let label = match kind {
@@ -445,4 +480,119 @@ pub fn parse_key_check(text: &str) -> Result<[u8; 32], KeyslotError> {
         reason: "a key check value is 64 hex digits".into(),
     })?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devio;
+    use crate::dm::MemoryDm;
+    use crate::header::{COPY_OFFSETS, FsKind, HEADER_SIZE, Journal, Profile, volume_binding};
+    use crate::sealing::SimSource;
+
+    /// A clone's header-only device, bound to volume `vol-a`: slot 0 sealed to identity A (this node),
+    /// slot 1 to identity B, slot 2 the recovery escrow for `recovery`. Returns the device and the key.
+    fn clone_of_a(
+        dir: &Path,
+        recovery: &RecoveryPublicKey,
+    ) -> (PathBuf, VolumeKey, SimSource, [u8; 32]) {
+        let dev = dir.join("dev");
+        fs::write(&dev, vec![0u8; 4 * HEADER_SIZE]).unwrap();
+        let profile = Profile::AeadHmacSha256 {
+            journal: Journal::Journal,
+        };
+        let mut header = Header::new([0x42; 16], profile, FsKind::Ext4, 1_700_000_000);
+        header.volume_binding = volume_binding("vol-a");
+        let key = VolumeKey::generate(profile.key_len()).unwrap();
+        let dm = MemoryDm::default();
+        let a = SimSource::open(&dir.join("state"), "A").unwrap();
+        let b = SimSource::open(&dir.join("state-b"), "B").unwrap();
+        header.keyslots[0] = Some(Volumes::new(&dm, &a).seal_keyslot(&header, &key).unwrap());
+        header.keyslots[1] = Some(Volumes::new(&dm, &b).seal_keyslot(&header, &key).unwrap());
+        header.keyslots[2] = Some(seal_recovery_slot(&header, &key, recovery).unwrap());
+        let check = key_check(&header, &key);
+        for offset in COPY_OFFSETS {
+            devio::write_at(&dev, offset, &header.encode()).unwrap();
+        }
+        (dev, key, a, check)
+    }
+
+    #[test]
+    fn a_rebound_clone_keeps_its_recovery_slot_for_a_known_recipient() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let (public, private) = recovery_keygen();
+        let (dev, key, a, check) = clone_of_a(dir.path(), &public);
+        let dm = MemoryDm::default();
+        let (from, to) = (volume_binding("vol-a"), volume_binding("vol-b"));
+        let recipients = [public];
+        let report = Volumes::new(&dm, &a)
+            .rebind(&dev, "vol-a", &from, &to, &rewrap_recovery(&recipients))
+            .unwrap()
+            .expect("re-bound");
+        let kept: Vec<(usize, &str, bool)> = report
+            .iter()
+            .map(|s| (s.slot, s.kind.as_str(), s.kept))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                (0, "sealed:sim", true),
+                (1, "sealed:sim", false),
+                (2, "recovery", true)
+            ]
+        );
+        let header = read_header(&dev).unwrap().header;
+        assert_eq!(header.volume_binding, to);
+        assert!(header.keyslots[1].is_none());
+        // The recovery key opens the re-bound copy, and it is the same volume key.
+        let slot = header.keyslots[2].as_ref().unwrap();
+        let recovered = open_recovery_slot(&header, slot, &private).unwrap();
+        assert_eq!(recovered.expose(), key.expose());
+        let c = SimSource::open(&dir.path().join("state-c"), "C").unwrap();
+        let r = recover(&c, &dev, &private, Some(&check)).unwrap();
+        assert_eq!(r.recovery_slot, 2);
+        // This node opens it as well.
+        let (index, unsealed) = Volumes::new(&dm, &a).unseal(&header).unwrap();
+        assert_eq!((index, unsealed.expose()), (0, key.expose()));
+        // Already re-bound: nothing to do.
+        assert!(
+            Volumes::new(&dm, &a)
+                .rebind(&dev, "vol-a", &from, &to, &rewrap_recovery(&recipients))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn without_its_public_key_the_recovery_slot_is_dropped_not_left_stale() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let (public, _private) = recovery_keygen();
+        let (other, _) = recovery_keygen();
+        let (dev, _key, a, _) = clone_of_a(dir.path(), &public);
+        let dm = MemoryDm::default();
+        let (from, to) = (volume_binding("vol-a"), volume_binding("vol-b"));
+        let report = Volumes::new(&dm, &a)
+            .rebind(&dev, "vol-a", &from, &to, &rewrap_recovery(&[other]))
+            .unwrap()
+            .unwrap();
+        assert!(!report[2].kept, "{report:?}");
+        let header = read_header(&dev).unwrap().header;
+        assert!(header.keyslots[2].is_none());
+        assert!(header.keyslots[0].is_some());
+    }
+
+    #[test]
+    fn public_keys_are_read_from_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            read_public_keys_in(&dir.path().join("none"))
+                .unwrap()
+                .is_empty()
+        );
+        write_recovery_keys(&dir.path().join("op.key"), &dir.path().join("op.pub")).unwrap();
+        fs::write(dir.path().join("README"), "not a key").unwrap();
+        assert_eq!(read_public_keys_in(dir.path()).unwrap().len(), 1);
+        fs::write(dir.path().join("bad.pub"), "not a key").unwrap();
+        assert!(read_public_keys_in(dir.path()).is_err());
+    }
 }

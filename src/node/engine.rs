@@ -105,14 +105,16 @@ pub trait VolumeEngine: Send + Sync {
         formatted: Option<[u8; 16]>,
     ) -> Result<StagedDevice, EngineError>;
     /// Re-binds the (closed) volume on `backing` from volume id `source`'s binding `from` to `to`
-    /// (`crate::volume::Volumes::rebind`); `Ok(false)` if it is bound to `to` already.
+    /// (`crate::volume::Volumes::rebind`; recovery slots for one of `recipients` are re-wrapped to it);
+    /// what became of each keyslot, or `None` if it is bound to `to` already.
     fn rebind(
         &self,
         backing: &Path,
         source: &str,
         from: &[u8; header::BINDING_DIGEST_LEN],
         to: &[u8; header::BINDING_DIGEST_LEN],
-    ) -> Result<bool, EngineError>;
+        recipients: &[crate::keyslots::RecoveryPublicKey],
+    ) -> Result<Option<Vec<crate::volume::RebindSlot>>, EngineError>;
     /// The top device node if `dm_name` is open.
     fn open_device(&self, dm_name: &str) -> Result<Option<PathBuf>, EngineError>;
     /// Closes `dm_name` (and its integrity device); `false` if nothing was open.
@@ -305,8 +307,10 @@ impl VolumeEngine for KernelEngine {
         source: &str,
         from: &[u8; header::BINDING_DIGEST_LEN],
         to: &[u8; header::BINDING_DIGEST_LEN],
-    ) -> Result<bool, EngineError> {
-        Ok(self.volumes().rebind(backing, source, from, to)?)
+        recipients: &[crate::keyslots::RecoveryPublicKey],
+    ) -> Result<Option<Vec<crate::volume::RebindSlot>>, EngineError> {
+        let hpke = crate::keyslots::rewrap_recovery(recipients);
+        Ok(self.volumes().rebind(backing, source, from, to, &hpke)?)
     }
 
     fn open_device(&self, dm_name: &str) -> Result<Option<PathBuf>, EngineError> {

@@ -298,8 +298,9 @@ impl VolumeEngine for MemoryEngine {
         _source: &str,
         _from: &[u8; crate::header::BINDING_DIGEST_LEN],
         _to: &[u8; crate::header::BINDING_DIGEST_LEN],
-    ) -> Result<bool, EngineError> {
-        Ok(false)
+        _recipients: &[crate::keyslots::RecoveryPublicKey],
+    ) -> Result<Option<Vec<crate::volume::RebindSlot>>, EngineError> {
+        Ok(None)
     }
 
     fn stage_device(

@@ -20,10 +20,12 @@ use std::path::{Path, PathBuf};
 
 use super::capability::Capability;
 use super::{NodeCore, NodeError, io_err};
-use crate::backend::csi::{Map, NodeCap, NodeInfo, PublishRequest, Secrets, StageRequest};
+use crate::backend::csi::{Code, Map, NodeCap, NodeInfo, PublishRequest, Secrets, StageRequest};
 use crate::clock::now_unix;
 use crate::error::{Classify, Kind};
-use crate::store::stacked::{CONTEXT_SOURCE_VOLUME, backend_context, local_id, sealcsi_context};
+use crate::store::stacked::{
+    CONTEXT_SOURCE_VOLUME, backend_context, is_stacked_record, local_id, sealcsi_context,
+};
 use crate::store::{VolumeId, VolumeRecord};
 
 /// What a stacked NodeStageVolume carries besides the paths.
@@ -97,9 +99,11 @@ impl NodeCore {
                 "volume context of stacked volume {csi_id}: {e} (not made by a stacked sealcsi controller?)"
             ))
         })?;
+        let mut first_stage = false;
         let record = match self.store.record(&local)? {
             Some(r) => r,
             None => {
+                first_stage = true;
                 let record = VolumeRecord {
                     version: 1,
                     volume_id: local.to_string(),
@@ -151,24 +155,110 @@ impl NodeCore {
             self.rebind(&local, &device, source)?;
         }
         tracing::info!(volume.id = %csi_id, local.id = %local, device = %device.display(), "backend volume published");
-        self.stage(&local, staging, cap)
+        self.stage(&local, staging, cap)?;
+        if first_stage {
+            // A new volume on this node: the moment to forget the volumes the backend has deleted
+            // since (their DeleteVolume may have run in another pod). Never fails the stage.
+            if let Err(e) = self.sweep_stacked_records(&local) {
+                tracing::warn!(error = %e, "could not sweep the records of deleted stacked volumes");
+            }
+        }
+        Ok(())
+    }
+
+    /// The DeleteVolume of a stacked volume succeeded in this process, whose node shares this store:
+    /// the backend volume no longer exists, so its node-local record goes too. Kept (and left to
+    /// [`NodeCore::sweep_stacked_records`]) if the backend still has a device published here.
+    pub fn forget_stacked(&self, csi_id: &str) -> Result<(), NodeError> {
+        let backend = self.backend()?.clone();
+        let local = local_id(csi_id);
+        if backend
+            .check_published(&self.store.backing_path(&local))
+            .is_ok()
+        {
+            tracing::warn!(volume.id = %csi_id, local.id = %local, "deleted stacked volume is still published on this node; its record is kept");
+            return Ok(());
+        }
+        if self.store.remove_stacked_record(&local)? {
+            tracing::info!(volume.id = %csi_id, local.id = %local, "removed the node record of a deleted stacked volume");
+        }
+        Ok(())
+    }
+
+    /// Removes the node-local records of stacked volumes the backend says no longer exist: its
+    /// ValidateVolumeCapabilities answers NOT_FOUND for the CSI id. Never `except`, never a volume whose
+    /// device is published here, never on any other answer: an OK keeps the record, and an error that
+    /// is not NOT_FOUND (UNIMPLEMENTED from a node-only backend plugin, UNAVAILABLE, ...) ends the
+    /// sweep with every remaining record kept. Returns the local ids removed.
+    pub fn sweep_stacked_records(&self, except: &VolumeId) -> Result<Vec<VolumeId>, NodeError> {
+        let backend = self.backend()?.clone();
+        let mut removed = Vec::new();
+        for id in self.store.ids()? {
+            if &id == except {
+                continue;
+            }
+            let record = match self.store.record(&id) {
+                Ok(Some(r)) if is_stacked_record(&r) => r,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(local.id = %id, error = %e, "unreadable record kept");
+                    continue;
+                }
+            };
+            if backend
+                .check_published(&self.store.backing_path(&id))
+                .is_ok()
+            {
+                continue;
+            }
+            match backend.validate_block(&record.name, &Map::new()) {
+                Ok(()) => {}
+                Err(e) if e.code == Code::NotFound => {
+                    self.store.remove_stacked_record(&id)?;
+                    tracing::info!(volume.id = %record.name, local.id = %id, "removed the node record of a stacked volume the backend no longer has");
+                    removed.push(id);
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "the backend cannot say which volumes exist; stacked volume records kept");
+                    break;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Where an operator puts the recovery public keys a re-binding re-wraps recovery slots to
+    /// (`<state-dir>/recovery-keys/*.pub`, as `recovery-keygen` writes them; docs/stacked.md).
+    pub fn recovery_keys_dir(&self) -> PathBuf {
+        let state = self.store.dir().parent().unwrap_or(self.store.dir());
+        state.join("recovery-keys")
     }
 
     /// A restored or cloned volume holds the ciphertext of `source`, and its header is bound to
     /// `source`'s local id: before its first open on this node it is re-bound to `local`
     /// (`crate::volume::Volumes::rebind`: this node unseals it first, and a header bound to anything but
-    /// `source` is refused unchanged). What this trusts: the volume context (the CO's record of the
-    /// volume, written by sealcsi's controller) saying which volume this one was copied from.
+    /// `source` is refused unchanged; what it keeps of each keyslot is logged). What this trusts: the
+    /// volume context (the CO's record of the volume, written by sealcsi's controller) saying which
+    /// volume this one was copied from.
     fn rebind(&self, local: &VolumeId, device: &Path, source: &str) -> Result<(), NodeError> {
         let source_local = local_id(source);
         let from = crate::header::volume_binding(source_local.as_str());
         let to = crate::header::volume_binding(local.as_str());
-        if self
-            .engine
-            .rebind(device, source_local.as_str(), &from, &to)?
-        {
-            tracing::info!(volume.id = %local, source = %source, "re-bound a restored or cloned volume to its new id");
+        let dir = self.recovery_keys_dir();
+        let recipients = crate::keyslots::read_public_keys_in(&dir).map_err(|e| {
+            NodeError::FailedPrecondition(format!("recovery public keys in {}: {e}", dir.display()))
+        })?;
+        let Some(slots) =
+            self.engine
+                .rebind(device, source_local.as_str(), &from, &to, &recipients)?
+        else {
+            return Ok(());
+        };
+        for s in &slots {
+            tracing::info!(volume.id = %local, slot = s.slot, kind = %s.kind, kept = s.kept, why = s.why, "re-bound copy: keyslot");
         }
+        let kept = slots.iter().filter(|s| s.kept).count();
+        tracing::info!(volume.id = %local, source = %source, kept, dropped = slots.len() - kept, "re-bound a restored or cloned volume to its new id");
         Ok(())
     }
 
@@ -396,6 +486,96 @@ mod tests {
             .stage_stacked(&id, &staging, &fs_cap(), &stage)
             .unwrap();
         assert!(r.mounter.mounted_at(&staging).unwrap().is_some());
+    }
+
+    /// Stages and unstages `name`: afterwards only its node record is left on this node.
+    fn staged_once(r: &Rig, name: &str) -> (String, VolumeId) {
+        let (id, stage) = volume(r, name);
+        let staging = r.root.join("kubelet").join(name);
+        r.node
+            .stage_stacked(&id, &staging, &fs_cap(), &stage)
+            .unwrap();
+        r.node.unstage_stacked(&id, &staging).unwrap();
+        let local = local_id(&id);
+        assert!(r.node.store.record(&local).unwrap().is_some());
+        (id, local)
+    }
+
+    #[test]
+    fn a_deleted_volumes_record_goes_at_the_first_stage_of_another_volume() {
+        let r = rig();
+        let (gone, gone_local) = staged_once(&r, "pvc-gone");
+        let (_kept, kept_local) = staged_once(&r, "pvc-kept");
+        r.controller.delete(&gone, &Secrets::default()).unwrap();
+        assert!(
+            r.node.store.record(&gone_local).unwrap().is_some(),
+            "DeleteVolume in another pod leaves the record"
+        );
+        let (id, stage) = volume(&r, "pvc-new");
+        let staging = r.root.join("kubelet/new");
+        r.node
+            .stage_stacked(&id, &staging, &fs_cap(), &stage)
+            .unwrap();
+        assert!(
+            r.node.store.record(&gone_local).unwrap().is_none(),
+            "the record of the volume the backend no longer has is gone"
+        );
+        assert!(
+            r.node.store.record(&kept_local).unwrap().is_some(),
+            "a volume that still exists keeps its record"
+        );
+        assert!(r.node.store.record(&local_id(&id)).unwrap().is_some());
+        // A restage is not a first stage: no sweep, no backend question.
+        let before = r.backend.calls().len();
+        r.node
+            .stage_stacked(&id, &staging, &fs_cap(), &stage)
+            .unwrap();
+        assert!(
+            !r.backend.calls()[before..].contains(&"ValidateVolumeCapabilities"),
+            "{:?}",
+            &r.backend.calls()[before..]
+        );
+    }
+
+    #[test]
+    fn a_published_volume_and_a_backend_that_cannot_tell_keep_their_records() {
+        let r = rig();
+        let (gone, gone_local) = staged_once(&r, "pvc-x");
+        r.controller.delete(&gone, &Secrets::default()).unwrap();
+        // A node-only backend plugin has no Controller service.
+        r.backend
+            .fail("ValidateVolumeCapabilities", Code::Unimplemented);
+        let removed = r.node.sweep_stacked_records(&local_id("none")).unwrap();
+        assert!(removed.is_empty());
+        assert!(r.node.store.record(&gone_local).unwrap().is_some());
+        // Staged here: never swept, whatever the backend says.
+        let (id, stage) = volume(&r, "pvc-staged");
+        let staging = r.root.join("kubelet/staged");
+        r.node
+            .stage_stacked(&id, &staging, &fs_cap(), &stage)
+            .unwrap();
+        assert!(
+            r.node.store.record(&gone_local).unwrap().is_none(),
+            "once the backend answers, the first stage of another volume sweeps it"
+        );
+        r.controller.delete(&id, &Secrets::default()).unwrap();
+        let removed = r.node.sweep_stacked_records(&local_id("none")).unwrap();
+        assert!(removed.is_empty(), "{removed:?}");
+        assert!(r.node.store.record(&local_id(&id)).unwrap().is_some());
+    }
+
+    #[test]
+    fn delete_in_the_same_process_forgets_the_record() {
+        let r = rig();
+        let (id, local) = staged_once(&r, "pvc-del");
+        r.controller.delete(&id, &Secrets::default()).unwrap();
+        r.node.forget_stacked(&id).unwrap();
+        assert!(r.node.store.record(&local).unwrap().is_none());
+        r.node.forget_stacked(&id).unwrap();
+        // Nothing but the record was removed: another volume's record is untouched.
+        let (_other, other_local) = staged_once(&r, "pvc-other");
+        r.node.forget_stacked(&id).unwrap();
+        assert!(r.node.store.record(&other_local).unwrap().is_some());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 
 use super::params::CO_PARAMETER_PREFIX;
-use super::{StoreError, VolumeId, VolumeParams};
+use super::{Store, StoreError, VolumeId, VolumeParams, VolumeRecord};
 use crate::backend::csi::Map;
 
 /// StorageClass parameters with this prefix are the backend's (passed on without it).
@@ -82,6 +82,26 @@ pub fn sealcsi_context(context: &HashMap<String, String>) -> Result<VolumeParams
 /// after a crash finds everything the first attempt made.
 pub fn local_id(csi_id: &str) -> VolumeId {
     VolumeId::for_name(&format!("stacked:{csi_id}"))
+}
+
+/// Whether `record` is the node-local record of a stacked volume (its id is [`local_id`] of the CSI id
+/// it keeps as its name; a node-local volume's id is derived from its name without the `stacked:`
+/// prefix, so the two never collide).
+pub fn is_stacked_record(record: &VolumeRecord) -> bool {
+    local_id(&record.name).as_str() == record.volume_id
+}
+
+impl Store {
+    /// Removes the node-local record of the stacked volume `id` and its pending-init marker, and syncs
+    /// the directory; `false` if there was no record. Never touches `<id>.img`: that path is the
+    /// backend's publish target, not sealcsi's file ([`Store::remove`] is for node-local volumes).
+    pub fn remove_stacked_record(&self, id: &VolumeId) -> Result<bool, StoreError> {
+        let had = self.record_path(id).exists();
+        Self::remove_if_present(&self.pending_init_path(id))?;
+        Self::remove_if_present(&self.record_path(id))?;
+        self.sync_dir()?;
+        Ok(had)
+    }
 }
 
 #[cfg(test)]

@@ -491,34 +491,139 @@ impl Expected<'_> {
     }
 }
 
+/// What a re-binding did with one keyslot of the copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RebindSlot {
+    pub slot: usize,
+    /// `sealed:<source>`, `recovery` or `transfer`.
+    pub kind: String,
+    /// Whether the slot is in the re-bound header (re-wrapped under the new binding).
+    pub kept: bool,
+    /// Why it was kept or dropped.
+    pub why: &'static str,
+}
+
+/// Re-makes an HPKE (recovery) slot for the re-bound header `new` with the volume key: `Ok(None)` when
+/// the caller has no recipient key for it. Given by the caller (`crate::keyslots::recovery`); the
+/// engine has no HPKE of its own.
+pub type HpkeRewrap<'r> =
+    &'r dyn Fn(&Header, &Keyslot, &VolumeKey) -> Result<Option<Keyslot>, String>;
+
+fn slot_kind_name(slot: &Keyslot) -> String {
+    match slot.kind {
+        crate::header::SlotKind::Sealed(source) => format!(
+            "sealed:{}",
+            match source {
+                crate::header::SourceKind::Sim => "sim",
+                crate::header::SourceKind::Snp => "snp",
+                crate::header::SourceKind::Tpm => "tpm",
+                crate::header::SourceKind::Kbs => "kbs",
+            }
+        ),
+        crate::header::SlotKind::Recovery => "recovery".into(),
+        crate::header::SlotKind::Transfer => "transfer".into(),
+    }
+}
+
 impl Volumes<'_> {
+    /// The secret `slot` was sealed with, if this node (its source, or its key broker) can ask for it
+    /// and the slot authenticates under `header` with it (so its binding was set by a holder of the
+    /// volume key, not by whoever wrote the header).
+    fn remake_secret(&self, header: &Header, slot: &Keyslot) -> Option<crate::keys::SealingSecret> {
+        let source = [Some(self.source), self.broker]
+            .into_iter()
+            .flatten()
+            .find(|s| slot.kind == crate::header::SlotKind::Sealed(s.kind()))?;
+        let secret = source.secret(&slot.binding).ok()?;
+        (secret.digest() == slot.identity_digest
+            && seal::unwrap_slot(header, slot, &secret).is_ok())
+        .then_some(secret)
+    }
+
     /// Re-binds the volume on `device` from the volume id `source` (its binding `from`) to `target`'s
     /// binding `to`: for a restored or cloned copy, whose header still names the volume it was copied
     /// from. This node must unseal it first, which authenticates the header and so its binding: a header
-    /// bound to anything but `from` is refused, unchanged. The new header keeps only this node's keyslot,
-    /// re-wrapped under the new binding (every keyslot's wrap covers the binding, and the other slots'
-    /// keys are not this node's to re-wrap), and replaces both copies. `Ok(false)`: already bound to
-    /// `to`. Safe to retry: a crash leaves either the old header or the new one in charge.
+    /// bound to anything but `from` is refused, unchanged. Every keyslot's wrap covers the binding, so
+    /// every slot kept is re-wrapped under the new one, in its place:
+    ///
+    /// - a sealed slot this node (its sealing source or its key broker) can ask the secret of, and that
+    ///   authenticates with it: re-sealed with the same binding (this node's own slot always is);
+    /// - a sealed slot of another identity: dropped (its secret is not this node's to ask for);
+    /// - a recovery slot: re-wrapped by `hpke` to the recipient whose fingerprint it records, if `hpke`
+    ///   has that key, else dropped. The slot records only the fingerprint, and its fields are not
+    ///   authenticated by this node's slot, so a public key is never taken from the header;
+    /// - a transfer slot: dropped (a pending transfer is granted again).
+    ///
+    /// Both copies are replaced. `Ok(None)`: already bound to `to`. Safe to retry: a crash leaves either
+    /// the old header or the new one in charge.
     pub fn rebind(
         &self,
         device: &Path,
         source: &str,
         from: &[u8; BINDING_DIGEST_LEN],
         to: &[u8; BINDING_DIGEST_LEN],
-    ) -> Result<bool, VolumeError> {
+        hpke: HpkeRewrap<'_>,
+    ) -> Result<Option<Vec<RebindSlot>>, VolumeError> {
         let _lock = header_io::lock_device(device)?;
         let active = header_io::read_header(device)?;
         if active.header.volume_binding == *to {
-            return Ok(false);
+            return Ok(None);
         }
-        let (index, key) = self.unseal(&active.header)?;
-        check_binding(&active.header, source, from, device)?;
-        let mut new = active.header.clone();
+        let old = &active.header;
+        let (index, key) = self.unseal(old)?;
+        check_binding(old, source, from, device)?;
+        let mut new = old.clone();
         new.volume_binding = *to;
         new.keyslots = Default::default();
-        new.keyslots[index] = Some(self.seal_keyslot(&new, &key)?);
+        let mut report = Vec::new();
+        for (i, slot) in old.active_slots() {
+            let (remade, why) = match slot.kind {
+                crate::header::SlotKind::Sealed(kind) => match self.remake_secret(old, slot) {
+                    Some(secret) => (
+                        Some(seal::seal_slot(
+                            &new,
+                            &key,
+                            kind,
+                            slot.binding.clone(),
+                            &secret,
+                        )?),
+                        if i == index {
+                            "this node's slot, re-sealed"
+                        } else {
+                            "this node can ask its secret: re-sealed"
+                        },
+                    ),
+                    None => (None, "sealed to an identity this node is not"),
+                },
+                crate::header::SlotKind::Recovery => {
+                    match hpke(&new, slot, &key).map_err(VolumeError::InvalidArgument)? {
+                        Some(slot) => (Some(slot), "re-wrapped to its recovery public key"),
+                        None => (
+                            None,
+                            "no recovery public key with its fingerprint was given",
+                        ),
+                    }
+                }
+                crate::header::SlotKind::Transfer => {
+                    (None, "a pending transfer: grant it again for the copy")
+                }
+            };
+            report.push(RebindSlot {
+                slot: i,
+                kind: slot_kind_name(slot),
+                kept: remade.is_some(),
+                why,
+            });
+            new.keyslots[i] = remade;
+        }
+        if new.keyslots[index].is_none() {
+            // The slot that unsealed it always re-seals (its secret was just asked for).
+            return Err(VolumeError::InvalidArgument(
+                "this node's keyslot could not be re-sealed".into(),
+            ));
+        }
         header_io::commit_everywhere(device, &active, new)?;
-        Ok(true)
+        Ok(Some(report))
     }
 }
 

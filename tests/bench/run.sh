@@ -6,7 +6,10 @@
 # 2. runs the criterion benches on the host (benches/unseal.rs, benches/control_path.rs);
 # 3. boots the user-mode Linux guest for tests/bench/guest-bench.sh (provisioning, data path with fio,
 #    levers, scale), all configurations in ONE guest run so their ratios are comparable;
-# 4. prints the combined table (tests/bench/report.py) and writes target/bench/results.json.
+# 4. prints the combined table (tests/bench/report.py) and writes target/bench/results.json;
+# 5. the stacked driver's stage time (tests/bench/stacked_stage.rs, a guest test of guest_stacked) in a
+#    second guest run: through the stack vs the backend's own stage + sealcsi's own open, over the
+#    blockback test backend; records in target/bench/stacked-stage.jsonl.
 # Benchmarks are not tests: no number fails this script; only a broken benchmark does.
 # Needs fio on the host (the guest runs the host's binaries): apt-get install fio.
 set -euo pipefail
@@ -49,3 +52,18 @@ bash tests/vm/run-in-guest.sh --timeout "$timeout" -- bash tests/bench/guest-ben
 
 echo "== results" >&2
 python3 tests/bench/report.py --out "$OUT"
+
+echo "== guest: stage time through the stacked driver (tests/bench/stacked_stage.rs)" >&2
+cargo build --release --example blockback
+stacked_bin=$(cargo test --release --test guest_stacked --no-run --message-format=json \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "guest_stacked" and m.get("executable"):
+        print(m["executable"])')
+stacked_runs=20
+[ "$TINY" = 1 ] && stacked_runs=3
+rm -f "$OUT/stacked-stage.jsonl"
+SEALCSI_BENCH_RUNS=$stacked_runs SEALCSI_BENCH_OUT="$PWD/$OUT" bash tests/vm/run-in-guest.sh --timeout 900 -- \
+    "$stacked_bin" --ignored --exact guest_stacked_bench_stage_time_through_the_stack --test-threads=1 --nocapture \
+    | grep '^bench:' >&2

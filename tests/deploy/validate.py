@@ -6,6 +6,11 @@ Python environment and passes the expected values in SEALCSI_EXPECT_* variables)
    as written and as `kubectl apply -k deploy/` renders it (namespace and image tags applied).
 2. The manifests against the plugin's contract: CSIDriver name and fields, socket paths, the topology
    key, StorageClass provisioner, parameter keys and values, the node DaemonSet's wiring.
+2b. Every stacked Component (deploy/stacked/**/kustomization.yaml) rendered over deploy/ (its
+   resources, images, JSON 6902 patches and `$patch: delete` patches, as kustomize applies them), the
+   result against the schemas, and the stacked contract: the backend's socket shared by sealcsi and the
+   backend only, the state directory Bidirectional, and for a controller Deployment its sidecars,
+   modes, attach, RBAC and token wiring.
 3. deploy/Dockerfile's structure (stages, packages, entry point) and that it carries every tool the
    plugin's source executes.
 4. If target/debug/sealcsi exists: its --help defaults against the same expected values.
@@ -28,6 +33,7 @@ import yaml
 
 ROOT = Path.cwd()
 DEPLOY = ROOT / "deploy"
+STACKED = DEPLOY / "stacked"
 
 
 def env(name: str) -> str:
@@ -296,6 +302,9 @@ def check_contract(docs: list[Doc], kust: dict) -> None:
               f"{sc.get('provisioner')!r} != {EXPECT['driver']!r}")
         params = sc.get("parameters", {}) or {}
         unknown = set(params) - allowed_keys
+        if STACKED in d.path.parents:
+            # A stacked class passes `backend.<key>` parameters on to the backend (docs/stacked.md).
+            unknown = {k for k in unknown if not (k.startswith("backend.") and len(k) > len("backend."))}
         check(f"StorageClass {name}: parameter keys", not unknown,
               f"unknown {sorted(unknown)}; allowed {sorted(allowed_keys)}")
         for k, v in params.items():
@@ -522,6 +531,262 @@ def check_contract(docs: list[Doc], kust: dict) -> None:
     check("topology key documented in deploy/ or docs/install.md", mentions > 0)
 
 
+# ---- 2b. stacked components ---------------------------------------------------------------------------
+
+def _matches(body: dict, kind: str, name: str, namespace: str | None = None) -> bool:
+    meta = body.get("metadata", {})
+    return (body.get("kind") == kind and meta.get("name") == name
+            and (namespace is None or meta.get("namespace") in (None, namespace)))
+
+
+def set_image_tags(bodies: list[dict], images: list[dict]) -> None:
+    by_name = {i["name"]: i for i in images}
+    for body in bodies:
+        for c in containers_of(body):
+            name, tag = split_image(c["image"])
+            entry = by_name.get(name)
+            if entry:
+                new_name = entry.get("newName", name)
+                c["image"] = (f"{new_name}@{entry['digest']}" if "digest" in entry
+                              else f"{new_name}:{entry.get('newTag', tag or 'latest')}")
+
+
+def render_component(comp_path: Path, base: list[dict], base_kust: dict) -> tuple[list[dict], list[str]]:
+    """What kustomize renders for `resources: [deploy]` + `components: [<comp_path's dir>]`, for the
+    fields components here use (resources, images, patches: JSON 6902 with a target, or a strategic
+    `$patch: delete`). Anything else is an error, so the renderer never silently differs."""
+    import jsonpatch
+
+    comp = yaml.safe_load(comp_path.read_text())
+    errors: list[str] = []
+    out = copy.deepcopy(base)
+    known = {"apiVersion", "kind", "resources", "images", "patches"}
+    if set(comp) - known:
+        errors.append(f"fields the validator does not render: {sorted(set(comp) - known)}")
+    ns = base_kust.get("namespace")
+    added = []
+    for res in comp.get("resources", []) or []:
+        for body in yaml.safe_load_all((comp_path.parent / res).read_text()):
+            if body is None:
+                continue
+            if ns and body["kind"] not in CLUSTER_SCOPED:
+                body.setdefault("metadata", {})["namespace"] = ns
+            added.append(body)
+    out += added
+    for i, patch in enumerate(comp.get("patches", []) or []):
+        text = patch.get("patch", "")
+        target = patch.get("target")
+        doc = yaml.safe_load(text)
+        if target and isinstance(doc, list):
+            hits = [b for b in out if _matches(b, target.get("kind"), target.get("name"))]
+            if len(hits) != 1:
+                errors.append(f"patch {i}: target {target} matches {len(hits)} objects")
+                continue
+            try:
+                patched = jsonpatch.apply_patch(hits[0], doc)
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
+                errors.append(f"patch {i} ({target.get('kind')}/{target.get('name')}): {e}")
+                continue
+            out[out.index(hits[0])] = patched
+        elif not target and isinstance(doc, dict) and doc.get("$patch") == "delete":
+            meta = doc.get("metadata", {})
+            hits = [b for b in out if _matches(b, doc.get("kind"), meta.get("name"), meta.get("namespace"))]
+            if len(hits) != 1:
+                errors.append(f"patch {i}: delete of {doc.get('kind')}/{meta.get('name')} matches {len(hits)}")
+            for b in hits:
+                out.remove(b)
+        else:
+            errors.append(f"patch {i}: a kind of patch the validator does not render")
+    # As kustomize: the image tags after the patches (containers a patch adds get them too).
+    set_image_tags(out, comp.get("images", []) or [])
+    return out, errors
+
+
+def check_stacked_component(comp_path: Path, rendered: list[dict], base_kust: dict, comp: dict) -> list[str]:
+    """The stacked contract of one rendered component; returns the sealcsi args it uses (for the
+    binary check)."""
+    label = str(comp_path.parent.relative_to(ROOT))
+    by_kind = lambda k: [b for b in rendered if b["kind"] == k]  # noqa: E731
+    used_args: list[str] = []
+
+    # Images: every one pinned, and a base image the component re-pins has the base's tag.
+    base_pins = {i["name"]: i.get("newTag") for i in base_kust.get("images", [])}
+    for i in comp.get("images", []) or []:
+        if i["name"] in base_pins:
+            check(f"{label}: image {i['name']} pinned as in deploy/kustomization.yaml",
+                  i.get("newTag") == base_pins[i["name"]], f"{i.get('newTag')} != {base_pins[i['name']]}")
+    for b in rendered:
+        for c in containers_of(b):
+            name, tag = split_image(c["image"])
+            if name != EXPECT["image"]:
+                check(f"{label}: {b['kind']}/{b['metadata']['name']} {c['name']}: image {c['image']} pinned",
+                      tag not in (None, "latest"))
+
+    def plugin_of(body: dict) -> dict | None:
+        return next((c for c in containers_of(body) if split_image(c["image"])[0] == EXPECT["image"]), None)
+
+    def pod_of(body: dict) -> dict:
+        return body["spec"]["template"]["spec"]
+
+    def volume_of(pod: dict, ctr: dict, path: str) -> dict | None:
+        m = mount_at(ctr, path)
+        return next((v for v in pod.get("volumes", []) if m and v["name"] == m["name"]), None)
+
+    def check_backend_socket(kind: str, body: dict, plugin: dict) -> str | None:
+        args = plugin.get("args", [])
+        backend = arg_value(args, "--backend") or ""
+        if not check(f"{label}: {kind} sealcsi --backend=csi:unix://...", backend.startswith("csi:unix:///"),
+                     repr(backend)):
+            return None
+        sock = backend[len("csi:unix://"):]
+        sock_dir = str(Path(sock).parent)
+        pod = pod_of(body)
+        vol = volume_of(pod, plugin, sock_dir)
+        check(f"{label}: {kind} backend socket dir {sock_dir} is a volume of its own pod (emptyDir)",
+              vol is not None and "emptyDir" in vol, f"{vol}")
+        others = [c for c in pod["containers"] if c is not plugin and mount_at(c, sock_dir)]
+        serving = [c for c in others if arg_value(c.get("args", []), "--endpoint") == f"unix://{sock}"]
+        check(f"{label}: {kind} a backend container serves on {sock}", len(serving) == 1,
+              f"{[c['name'] for c in others]}")
+        check(f"{label}: {kind} only sealcsi and the backend share the backend socket",
+              len(others) == len(serving), f"{[c['name'] for c in others]}")
+        for c in serving:
+            check(f"{label}: {kind} backend {c['name']} mounts the same socket volume",
+                  vol is not None and mount_at(c, sock_dir)["name"] == vol["name"])
+        return sock
+
+    # The node DaemonSet.
+    ds = next((b for b in by_kind("DaemonSet")), None)
+    if not check(f"{label}: the node DaemonSet renders", ds is not None):
+        return used_args
+    node_plugin = plugin_of(ds)
+    if not check(f"{label}: node DaemonSet runs sealcsi", node_plugin is not None):
+        return used_args
+    node_args = node_plugin.get("args", [])
+    used_args += node_args
+    check_backend_socket("node DaemonSet", ds, node_plugin)
+    state = EXPECT["state_dir"]
+    for c in pod_of(ds)["containers"]:
+        m = mount_at(c, state)
+        if c is node_plugin or m:
+            check(f"{label}: node {c['name']} mounts {state} Bidirectional (the backend's devices)",
+                  bool(m) and m.get("mountPropagation") == "Bidirectional", f"{m}")
+
+    deployments = [b for b in by_kind("Deployment") if plugin_of(b)]
+    node_mode = arg_value(node_args, "--mode")
+    node_sidecars = {c["name"] for c in pod_of(ds)["containers"]}
+    if not deployments:
+        check(f"{label}: without a controller Deployment the node pod runs the controller (--mode=all)",
+              node_mode == "all", f"{node_mode!r}")
+        return used_args
+
+    # A controller Deployment.
+    check(f"{label}: one controller Deployment", len(deployments) == 1, f"{len(deployments)}")
+    dep = deployments[0]
+    pod = pod_of(dep)
+    ctl = plugin_of(dep)
+    ctl_args = ctl.get("args", [])
+    used_args += ctl_args
+    check(f"{label}: controller sealcsi: plugin --mode=controller",
+          ctl_args[:1] == ["plugin"] and arg_value(ctl_args, "--mode") == "controller", f"{ctl_args}")
+    check(f"{label}: node sealcsi: --mode=node", node_mode == "node", f"{node_mode!r}")
+    check(f"{label}: node and controller stack over the same socket path",
+          arg_value(ctl_args, "--backend") == arg_value(node_args, "--backend"))
+    ep = arg_value(ctl_args, "--endpoint")
+    check(f"{label}: controller sealcsi --endpoint", ep == EXPECT["endpoint"], f"{ep!r}")
+    check_backend_socket("controller Deployment", dep, ctl)
+    sock = socket_path(EXPECT["endpoint"])
+    sock_dir = str(Path(sock).parent)
+    csi_vol = volume_of(pod, ctl, sock_dir)
+    check(f"{label}: controller socket dir {sock_dir} is an emptyDir of the pod",
+          csi_vol is not None and "emptyDir" in csi_vol)
+    sidecars = {c["name"]: c for c in pod["containers"]
+                if arg_value(c.get("args", []), "--csi-address") is not None}
+    for need in ("csi-provisioner", "csi-attacher", "csi-resizer"):
+        check(f"{label}: controller pod has {need}", need in sidecars)
+    check(f"{label}: node pod runs no provisioner or resizer (the Deployment's do)",
+          not ({"csi-provisioner", "csi-resizer"} & node_sidecars), f"{sorted(node_sidecars)}")
+    replicas = dep["spec"].get("replicas", 1)
+    for name, c in sidecars.items():
+        args = c.get("args", [])
+        check(f"{label}: {name} --csi-address={sock}", arg_value(args, "--csi-address") == sock)
+        m = mount_at(c, sock_dir)
+        check(f"{label}: {name} mounts sealcsi's socket volume", bool(m) and csi_vol is not None
+              and m["name"] == csi_vol["name"])
+        if name != "liveness-probe" and replicas > 1:
+            check(f"{label}: {name} --leader-election ({replicas} replicas)", truthy_flag(args, "--leader-election"))
+    prov = sidecars.get("csi-provisioner")
+    if prov:
+        check(f"{label}: csi-provisioner is central (no --node-deployment)",
+              not truthy_flag(prov.get("args", []), "--node-deployment"))
+    drivers = by_kind("CSIDriver")
+    if check(f"{label}: one CSIDriver", len(drivers) == 1):
+        spec = drivers[0]["spec"]
+        check(f"{label}: CSIDriver attachRequired with csi-attacher",
+              spec.get("attachRequired") is ("csi-attacher" in sidecars))
+        capacity = prov is not None and truthy_flag(prov.get("args", []), "--enable-capacity")
+        check(f"{label}: CSIDriver storageCapacity only with --enable-capacity",
+              spec.get("storageCapacity") is capacity, f"{spec.get('storageCapacity')}")
+
+    # RBAC of the Deployment: its ServiceAccount, bindings to defined roles, no wildcard, no secrets,
+    # the token only in the sidecars.
+    sa = pod.get("serviceAccountName")
+    ns = base_kust.get("namespace")
+    check(f"{label}: ServiceAccount {sa} defined",
+          any(b["metadata"]["name"] == sa and b["metadata"].get("namespace") == ns for b in by_kind("ServiceAccount")))
+    roles = {(b["kind"], b["metadata"].get("namespace") if b["kind"] == "Role" else None, b["metadata"]["name"])
+             for b in rendered if b["kind"] in ("Role", "ClusterRole")}
+    bound = set()
+    for b in rendered:
+        if b["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        ref = b["roleRef"]
+        rns = b["metadata"].get("namespace") if ref["kind"] == "Role" else None
+        check(f"{label}: {b['kind']}/{b['metadata']['name']}: roleRef defined", (ref["kind"], rns, ref["name"]) in roles)
+        if any(s.get("name") == sa for s in b.get("subjects", [])):
+            bound.add(ref["name"])
+    for need in ("csi-provisioner", "csi-attacher", "csi-resizer", "csi-snapshotter"):
+        if need in sidecars:
+            check(f"{label}: a role for {need} is bound to {sa}",
+                  any(need.removeprefix("csi-") in r for r in bound), f"{sorted(bound)}")
+    for b in rendered:
+        if b["kind"] in ("Role", "ClusterRole"):
+            for rule in b.get("rules", []):
+                flat = rule.get("verbs", []) + rule.get("resources", []) + rule.get("apiGroups", [])
+                check(f"{label}: {b['kind']}/{b['metadata']['name']}: no wildcard in {rule.get('resources')}",
+                      "*" not in flat)
+                check(f"{label}: {b['kind']}/{b['metadata']['name']}: no access to secrets",
+                      "secrets" not in rule.get("resources", []))
+    check(f"{label}: controller API token not automounted", pod.get("automountServiceAccountToken") is False)
+    token = [c["name"] for c in pod["containers"] if mount_at(c, "/var/run/secrets/kubernetes.io/serviceaccount")]
+    check(f"{label}: controller API token only in the API-using sidecars",
+          set(token) <= set(sidecars) - {"liveness-probe"} and bool(token), f"{token}")
+    for c in containers_of(dep):
+        res = c.get("resources", {}) or {}
+        check(f"{label}: controller {c['name']}: resource requests and memory limit",
+              bool(res.get("requests")) and "memory" in (res.get("limits") or {}))
+    return used_args
+
+
+def check_stacked(docs: list[Doc], kust: dict, versions: list[str]) -> list[str]:
+    base = render_kustomization(kust, docs)
+    used: list[str] = []
+    comps = sorted(STACKED.rglob("kustomization.yaml"))
+    check("deploy/stacked: components found", bool(comps))
+    for comp_path in comps:
+        label = str(comp_path.parent.relative_to(ROOT))
+        comp = yaml.safe_load(comp_path.read_text())
+        if not check(f"{label}: is a kustomize Component", comp.get("kind") == "Component"):
+            continue
+        rendered, errors = render_component(comp_path, base, kust)
+        if not check(f"{label}: renders over deploy/", not errors, "; ".join(errors)):
+            continue
+        for body in rendered:
+            validate_schema(f"rendered {label} {body['kind']}/{body['metadata']['name']}", body, versions)
+        used += check_stacked_component(comp_path, rendered, kust, comp)
+    return used
+
+
 # ---- 3. Dockerfile -----------------------------------------------------------------------------------
 
 def check_hadolint(path: Path) -> None:
@@ -696,11 +961,11 @@ def check_binary(binary: Path, plugin_args: list[str]) -> None:
     modes = bracket(popts.get("--mode", ""), "possible values") or ""
     if modes:
         check("binary: plugin --mode accepts all", "all" in [m.strip() for m in modes.split(",")], modes)
-    # Every flag the DaemonSet passes must exist.
+    # Every flag the node DaemonSet and the stacked components pass must exist.
     for a in plugin_args[1:]:
         if a.startswith("--"):
             flag = a.split("=", 1)[0]
-            check(f"binary: plugin accepts {flag} (used in node.yaml)", flag in popts or flag in opts)
+            check(f"binary: plugin accepts {flag} (used in deploy/)", flag in popts or flag in opts)
 
 
 # ---- main --------------------------------------------------------------------------------------------
@@ -738,6 +1003,9 @@ def main() -> int:
     section("contract")
     check_contract(docs, kust)
 
+    section("stacked components")
+    stacked_args = check_stacked(docs, kust, versions)
+
     section("Dockerfile")
     check_dockerfile(DEPLOY / "Dockerfile")
 
@@ -748,7 +1016,7 @@ def main() -> int:
         for c in ds.body["spec"]["template"]["spec"]["containers"]:
             if split_image(c["image"])[0] == EXPECT["image"]:
                 plugin_args = c.get("args", [])
-    check_binary(ROOT / "target" / "debug" / "sealcsi", plugin_args)
+    check_binary(ROOT / "target" / "debug" / "sealcsi", plugin_args + stacked_args)
     return finish()
 
 

