@@ -8,6 +8,7 @@
 //! matching Trustee verifier expects, so the same bytes serve the KBS and the transfer.
 
 pub mod sample;
+pub mod snp;
 pub mod tpm;
 pub mod tsm;
 

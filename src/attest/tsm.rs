@@ -5,10 +5,10 @@
 //!
 //! Bodies, as Trustee's verifiers take them:
 //! - TDX: `{"cc_eventlog": null, "quote": base64(outblob)}` (the tdx verifier's `TdxEvidence`);
-//! - SNP: `{"attestation_report": <report>, "cert_chain": null}`, where the report is the raw
-//!   1184-byte report in standard base64 (`sealcsi_raw_report`). Trustee's snp verifier deserializes
-//!   `attestation_report` with the `sev` crate's serde form, which this build does not produce yet:
-//!   this body is NOT accepted by Trustee today (docs/keys.md).
+//! - SNP: `{"attestation_report": <report>, "cert_chain": <table or null>}` (the snp verifier's
+//!   `SnpEvidence`; [`super::snp::SnpEvidenceBody`]): the report in the `sev` crate's serde form, and
+//!   the certificate table the host attached to the extended report (configfs-tsm `auxblob`), or null
+//!   when there is none (docs/keys.md, "SEV-SNP evidence").
 //!
 //! Without configfs-tsm, SNP evidence comes from `/dev/sev-guest` ([`SevGuestEvidence`]). There is no
 //! `/dev/tdx_guest` fallback: that device gives a TDREPORT, and a quote needs the host's quoting
@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
+use super::snp::{REPORT_DATA_RANGE, REPORT_LEN, SnpEvidenceBody};
 use super::{AttestError, Evidence, EvidenceKind, EvidenceSource, ReportData};
 
 /// Where configfs-tsm lives on a node.
@@ -86,7 +87,9 @@ impl TsmEvidence {
         }
     }
 
-    fn outblob(&self, report_data: &ReportData) -> Result<Vec<u8>, AttestError> {
+    /// The report (`outblob`) and, for SNP, the host's certificate table (`auxblob`; `None` when the
+    /// attribute is absent or empty).
+    fn outblob(&self, report_data: &ReportData) -> Result<(Vec<u8>, Option<Vec<u8>>), AttestError> {
         let kind = self.kind;
         let io = |what: &str, e: std::io::Error| AttestError::Unavailable {
             kind,
@@ -125,6 +128,15 @@ impl TsmEvidence {
                 .fs
                 .read(&entry, "outblob")
                 .map_err(|e| io("outblob", e))?;
+            let aux = match self.kind {
+                EvidenceKind::Snp => match self.fs.read(&entry, "auxblob") {
+                    Ok(aux) if aux.is_empty() => None,
+                    Ok(aux) => Some(aux),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => return Err(io("auxblob", e)),
+                },
+                _ => None,
+            };
             let after = self
                 .fs
                 .read(&entry, "generation")
@@ -135,7 +147,7 @@ impl TsmEvidence {
                     reason: "the report entry changed while it was read".into(),
                 });
             }
-            Ok(out)
+            Ok((out, aux))
         })();
         let _ = self.fs.remove(&entry);
         result
@@ -169,7 +181,7 @@ impl SevGuestEvidence {
 
 /// Where the report starts in a `MSG_REPORT_RSP`, and its size.
 const SNP_RESPONSE_REPORT_AT: usize = 0x20;
-const SNP_REPORT_LEN: usize = 1184;
+const SNP_REPORT_LEN: usize = REPORT_LEN;
 
 impl EvidenceSource for SevGuestEvidence {
     fn kind(&self) -> EvidenceKind {
@@ -204,31 +216,35 @@ impl EvidenceSource for SevGuestEvidence {
             .get(SNP_RESPONSE_REPORT_AT..SNP_RESPONSE_REPORT_AT + size)
             .filter(|_| size >= SNP_REPORT_LEN)
             .ok_or_else(|| malformed(format!("report size {size}")))?;
-        snp_evidence(&report[..SNP_REPORT_LEN], report_data)
+        snp_evidence(&report[..SNP_REPORT_LEN], None, report_data)
     }
 }
 
-fn snp_evidence(report: &[u8], report_data: &ReportData) -> Result<Evidence, AttestError> {
+/// The SNP body of a firmware report and the host's certificate table, if any.
+fn snp_evidence(
+    report: &[u8],
+    cert_table: Option<&[u8]>,
+    report_data: &ReportData,
+) -> Result<Evidence, AttestError> {
+    let malformed = |reason: String| AttestError::Malformed {
+        kind: EvidenceKind::Snp,
+        reason,
+    };
     if report.get(SNP_REPORT_DATA) != Some(&report_data[..]) {
-        return Err(AttestError::Malformed {
-            kind: EvidenceKind::Snp,
-            reason: "the report does not carry the report data asked for".into(),
-        });
+        return Err(malformed(
+            "the report does not carry the report data asked for".into(),
+        ));
     }
-    let body = serde_json::json!({
-        "attestation_report": null,
-        "cert_chain": null,
-        "sealcsi_raw_report": STANDARD.encode(report),
-    });
+    let body = SnpEvidenceBody::from_report(report, cert_table).map_err(malformed)?;
     Ok(Evidence {
         kind: EvidenceKind::Snp,
         report_data: *report_data,
-        body: serde_json::to_vec(&body).expect("JSON of strings"),
+        body: body.to_json(),
     })
 }
 
 /// The SNP report's report-data field: bytes 0x50..0x90.
-const SNP_REPORT_DATA: std::ops::Range<usize> = 0x50..0x90;
+const SNP_REPORT_DATA: std::ops::Range<usize> = REPORT_DATA_RANGE;
 /// A TDX quote (v4) carries the TD report body after the 48-byte header; REPORTDATA is at body
 /// offset 520, so quote bytes 568..632.
 const TDX_REPORT_DATA: std::ops::Range<usize> = 568..632;
@@ -239,13 +255,13 @@ impl EvidenceSource for TsmEvidence {
     }
 
     fn evidence(&self, report_data: &ReportData) -> Result<Evidence, AttestError> {
-        let out = self.outblob(report_data)?;
+        let (out, aux) = self.outblob(report_data)?;
         let (range, body) = match self.kind {
             EvidenceKind::Tdx => (
                 TDX_REPORT_DATA,
                 serde_json::json!({ "cc_eventlog": null, "quote": STANDARD.encode(&out) }),
             ),
-            _ => return snp_evidence(&out, report_data),
+            _ => return snp_evidence(&out, aux.as_deref(), report_data),
         };
         if out.get(range) != Some(&report_data[..]) {
             return Err(AttestError::Malformed {
@@ -265,11 +281,13 @@ impl EvidenceSource for TsmEvidence {
 }
 
 /// An in-memory configfs-tsm that answers like the kernel: an entry has `provider`, `generation`
-/// (bumped by each `inblob` write) and an `outblob` that embeds the last inblob where the report
-/// format puts it.
+/// (bumped by each `inblob` write), an `outblob` that embeds the last inblob where the report format
+/// puts it (for SNP an unsigned version-3 Milan report, zero elsewhere), and for SNP an `auxblob` (the
+/// certificate table given to [`MemoryTsm::with_auxblob`]; absent otherwise).
 pub struct MemoryTsm {
     provider: String,
     kind: EvidenceKind,
+    auxblob: Option<Vec<u8>>,
     entries: std::sync::Mutex<std::collections::HashMap<String, (u64, Vec<u8>)>>,
 }
 
@@ -278,8 +296,15 @@ impl MemoryTsm {
         Self {
             provider: provider.to_owned(),
             kind,
+            auxblob: None,
             entries: Default::default(),
         }
+    }
+
+    /// The same, with this `auxblob` (an SNP certificate table).
+    pub fn with_auxblob(mut self, auxblob: Vec<u8>) -> Self {
+        self.auxblob = Some(auxblob);
+        self
     }
 }
 
@@ -308,12 +333,22 @@ impl TsmFs for MemoryTsm {
         match attr {
             "provider" => Ok(format!("{}\n", self.provider).into_bytes()),
             "generation" => Ok(format!("{}\n", e.0).into_bytes()),
+            "auxblob" if self.kind == EvidenceKind::Snp => self
+                .auxblob
+                .clone()
+                .ok_or(std::io::ErrorKind::NotFound.into()),
             "outblob" => {
-                let (len, range) = match self.kind {
-                    EvidenceKind::Tdx => (5006, TDX_REPORT_DATA),
-                    _ => (1184, SNP_REPORT_DATA),
+                let (mut out, range) = match self.kind {
+                    EvidenceKind::Tdx => (vec![0xA5u8; 5006], TDX_REPORT_DATA),
+                    _ => {
+                        let mut report = vec![0u8; SNP_REPORT_LEN];
+                        report[0] = 3; // VERSION
+                        report[0x188] = 0x19; // CPUID family: Zen 3/4
+                        report[0x189] = 0x01; // CPUID model: Milan
+                        report[0x1A0..0x1E0].fill(0x5c); // CHIP_ID
+                        (report, SNP_REPORT_DATA)
+                    }
                 };
-                let mut out = vec![0xA5u8; len];
                 let mut data = e.1.clone();
                 data.resize(64, 0);
                 out[range].copy_from_slice(&data);
@@ -351,18 +386,45 @@ mod tests {
     }
 
     #[test]
-    fn snp_evidence_carries_the_raw_report() {
+    fn snp_evidence_is_the_report_and_the_cert_table_in_the_snp_verifiers_shape() {
+        use crate::attest::snp::{CertTableEntry, CertType, encode_cert_table};
         let tsm = TsmEvidence::with_fs(
             EvidenceKind::Snp,
             Box::new(MemoryTsm::new(EvidenceKind::Snp, "sev_guest")),
         );
         let ev = tsm.evidence(&[3u8; 64]).unwrap();
-        let body: serde_json::Value = serde_json::from_slice(&ev.body).unwrap();
-        let report = STANDARD
-            .decode(body["sealcsi_raw_report"].as_str().unwrap())
-            .unwrap();
-        assert_eq!(report.len(), 1184);
-        assert_eq!(&report[SNP_REPORT_DATA], &[3u8; 64]);
+        let body = SnpEvidenceBody::decode(&ev.body).unwrap();
+        assert_eq!(body.attestation_report.report_data, [3u8; 64]);
+        assert_eq!(body.attestation_report.version, 3);
+        assert_eq!(body.cert_chain, None);
+        let json: serde_json::Value = serde_json::from_slice(&ev.body).unwrap();
+        assert!(json["cert_chain"].is_null());
+        assert_eq!(json["attestation_report"]["report_data"][63], 3);
+        // With the host's certificate table (auxblob): its entries, in order.
+        let entries = vec![
+            CertTableEntry::new(CertType::VCEK, vec![1, 2, 3]),
+            CertTableEntry::new(CertType::ASK, vec![4, 5]),
+        ];
+        let tsm = TsmEvidence::with_fs(
+            EvidenceKind::Snp,
+            Box::new(
+                MemoryTsm::new(EvidenceKind::Snp, "sev_guest")
+                    .with_auxblob(encode_cert_table(&entries)),
+            ),
+        );
+        let ev = tsm.evidence(&[3u8; 64]).unwrap();
+        let body = SnpEvidenceBody::decode(&ev.body).unwrap();
+        assert_eq!(body.cert_chain, Some(entries));
+        let json: serde_json::Value = serde_json::from_slice(&ev.body).unwrap();
+        assert_eq!(json["cert_chain"][0]["cert_type"], "VCEK");
+        assert_eq!(json["cert_chain"][1]["data"], serde_json::json!([4, 5]));
+        // A table the host garbled is an error, not silently dropped.
+        let tsm = TsmEvidence::with_fs(
+            EvidenceKind::Snp,
+            Box::new(MemoryTsm::new(EvidenceKind::Snp, "sev_guest").with_auxblob(vec![1; 10])),
+        );
+        let err = tsm.evidence(&[3u8; 64]).unwrap_err();
+        assert!(err.to_string().contains("certificate table"), "{err}");
     }
 
     /// A sev-guest device that answers SNP_GET_REPORT like the firmware: the request's user data at
@@ -388,6 +450,11 @@ mod tests {
             resp[4..8].copy_from_slice(&(SNP_REPORT_LEN as u32).to_le_bytes());
             let at = SNP_RESPONSE_REPORT_AT + SNP_REPORT_DATA.start;
             resp[at..at + 64].copy_from_slice(&request[..64]);
+            // A version-3 Milan report (VERSION, CPUID family and model, CHIP_ID).
+            resp[SNP_RESPONSE_REPORT_AT] = 3;
+            resp[SNP_RESPONSE_REPORT_AT + 0x188] = 0x19;
+            resp[SNP_RESPONSE_REPORT_AT + 0x189] = 0x01;
+            resp[SNP_RESPONSE_REPORT_AT + 0x1A0..SNP_RESPONSE_REPORT_AT + 0x1E0].fill(0x5c);
             Ok(resp)
         }
     }
@@ -397,12 +464,9 @@ mod tests {
         let ev = SevGuestEvidence::with_device(Box::new(EchoDevice(0)))
             .evidence(&[5u8; 64])
             .unwrap();
-        let body: serde_json::Value = serde_json::from_slice(&ev.body).unwrap();
-        let report = STANDARD
-            .decode(body["sealcsi_raw_report"].as_str().unwrap())
-            .unwrap();
-        assert_eq!(report.len(), SNP_REPORT_LEN);
-        assert_eq!(&report[SNP_REPORT_DATA], &[5u8; 64]);
+        let body = SnpEvidenceBody::decode(&ev.body).unwrap();
+        assert_eq!(body.attestation_report.report_data, [5u8; 64]);
+        assert_eq!(body.cert_chain, None);
         let err = SevGuestEvidence::with_device(Box::new(EchoDevice(0x16)))
             .evidence(&[5u8; 64])
             .unwrap_err();

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use super::{Global, kernel_dm, open_source, print_json};
+use sealcsi::attest::snp::{RootOfTrust, SnpChain};
 use sealcsi::keyslots::parse_key_check;
 use sealcsi::keyslots::transfer::{self, EvidenceChoice, Expectation, TransferError};
 use sealcsi::sealing::{SIM_DEFAULT_IDENTITY, SourceKind, tpm};
@@ -32,10 +33,27 @@ pub(crate) enum TransferCommand {
         device: PathBuf,
         #[arg(long)]
         request: PathBuf,
-        /// What the target must prove: sim:<identity>, or tpm:<ak-sha256>:<bank>:<pcr>=<hex>,... (the
-        /// request's `ak_sha256` and the PCR values you expect).
+        /// What the target must prove: sim:<identity>, tpm:<ak-sha256>:<bank>:<pcr>=<hex>,... (the
+        /// request's `ak_sha256` and the PCR values you expect), or
+        /// snp:measurement=<96 hex>,policy=<hex>,tcb-min=<bl>.<tee>.<snp>.<ucode>[,vmpl=<n>][,debug=allow]
+        /// (with --vcek; docs/keys.md, "SNP expectation").
         #[arg(long, value_name = "POLICY")]
         expect: Expectation,
+        /// snp: the target chip's VCEK certificate (PEM or DER; AMD's KDS serves it for the chip ID
+        /// and reported TCB).
+        #[arg(long, value_name = "FILE")]
+        vcek: Option<PathBuf>,
+        /// snp: the ASK certificate (PEM or DER); default: AMD's, built in, of the report's product.
+        #[arg(long, value_name = "FILE", requires = "vcek")]
+        ask: Option<PathBuf>,
+        /// snp: the ARK certificate (PEM or DER); it must be AMD's root (built in) of the report's
+        /// product unless --trust-given-ark; default: AMD's, built in.
+        #[arg(long, value_name = "FILE", requires = "vcek")]
+        ark: Option<PathBuf>,
+        /// snp: trust --ark as the root even though it is not AMD's (test chains, a private root):
+        /// the grant then proves nothing about AMD hardware. Needs --ark and --ask.
+        #[arg(long, requires_all = ["ark", "ask"])]
+        trust_given_ark: bool,
     },
     /// On the target node: open the transfer slot with this node's pending request key, add this
     /// node's own sealed slot and remove the transfer slot. Idempotent.
@@ -98,7 +116,35 @@ pub(crate) fn run(global: &Global, command: TransferCommand) -> anyhow::Result<(
             device,
             request,
             expect,
+            vcek,
+            ask,
+            ark,
+            trust_given_ark,
         } => {
+            let expect = match (expect.is_snp(), vcek) {
+                (true, Some(vcek)) => {
+                    let root = if trust_given_ark {
+                        eprintln!(
+                            "sealcsi: WARNING: trusting the given ARK, not AMD's: this grant proves \
+                             nothing about AMD hardware"
+                        );
+                        RootOfTrust::OperatorArk
+                    } else {
+                        RootOfTrust::Amd
+                    };
+                    let chain = SnpChain::load(&vcek, ask.as_deref(), ark.as_deref(), root)
+                        .map_err(TransferError::from)?;
+                    expect.with_snp_chain(chain)?
+                }
+                (true, None) => anyhow::bail!(
+                    "--expect snp: needs --vcek (the target chip's VCEK certificate; \
+                     docs/keys.md, \"SNP expectation\")"
+                ),
+                (false, Some(_)) => {
+                    anyhow::bail!("--vcek, --ask and --ark are only for --expect snp:")
+                }
+                (false, None) => expect,
+            };
             let request = transfer::read_request(&request)?;
             let source = open_source(global)?;
             let dm = kernel_dm()?;

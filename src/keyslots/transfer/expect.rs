@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use super::TransferError;
 use super::request::TransferRequest;
+use crate::attest::snp::verify::verify_evidence;
+use crate::attest::snp::{SnpChain, SnpExpectation};
 use crate::attest::tpm::{QuoteExpectation, verify_quote};
 use crate::attest::{EvidenceKind, SampleBody};
 use crate::sealing::tpm::{PcrSelection, parse_expected_pcrs};
@@ -25,13 +27,46 @@ pub enum Expectation {
         quote: QuoteExpectation,
         text: String,
     },
+    /// `snp:measurement=<96 hex>,policy=<hex>,tcb-min=<bl>.<tee>.<snp>.<ucode>[.<fmc>][,vmpl=<n>]
+    /// [,debug=allow]`: an SEV-SNP report signed by a VCEK of the chain the operator gives
+    /// ([`Expectation::with_snp_chain`]; `--vcek`, `--ask`, `--ark`), with this launch measurement,
+    /// exactly this guest policy, a reported TCB at least this floor, and this VMPL (default 0).
+    Snp {
+        expect: SnpExpectation,
+        /// Set by [`Expectation::with_snp_chain`]; verification refuses without it.
+        chain: Option<Box<SnpChain>>,
+        text: String,
+    },
+}
+
+impl Expectation {
+    /// Attaches the SNP certificate chain an `snp:` expectation is verified with.
+    pub fn with_snp_chain(self, chain: SnpChain) -> Result<Self, TransferError> {
+        match self {
+            Expectation::Snp { expect, text, .. } => Ok(Expectation::Snp {
+                expect,
+                chain: Some(Box::new(chain)),
+                text,
+            }),
+            other => Err(TransferError::InvalidExpectation {
+                text: other.to_string(),
+                reason: "a certificate chain (--vcek, --ask, --ark) is only for snp: expectations"
+                    .into(),
+            }),
+        }
+    }
+
+    /// Whether the expectation is an SNP one (it then needs a chain).
+    pub fn is_snp(&self) -> bool {
+        matches!(self, Expectation::Snp { .. })
+    }
 }
 
 impl fmt::Display for Expectation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Expectation::Sim { identity } => write!(f, "sim:{identity}"),
-            Expectation::Tpm { text, .. } => f.write_str(text),
+            Expectation::Tpm { text, .. } | Expectation::Snp { text, .. } => f.write_str(text),
         }
     }
 }
@@ -45,7 +80,10 @@ impl FromStr for Expectation {
             reason: reason.to_owned(),
         };
         let (kind, rest) = text.split_once(':').ok_or_else(|| {
-            invalid("expected sim:<identity> or tpm:<ak-sha256>:<bank>:<pcr>=<hex>,...")
+            invalid(
+                "expected sim:<identity>, tpm:<ak-sha256>:<bank>:<pcr>=<hex>,... or \
+                 snp:measurement=<hex>,policy=<hex>,tcb-min=<bl>.<tee>.<snp>.<ucode>",
+            )
         })?;
         match kind {
             "sim" if rest.is_empty() => Err(invalid("the simulated identity is empty")),
@@ -76,12 +114,12 @@ impl FromStr for Expectation {
                     text: text.to_owned(),
                 })
             }
-            "snp" => Err(TransferError::Unsupported {
-                what: format!(
-                    "verifying {kind} evidence for a transfer is not implemented in this build"
-                ),
+            "snp" => Ok(Expectation::Snp {
+                expect: rest.parse().map_err(|e: String| invalid(&e))?,
+                chain: None,
+                text: text.to_owned(),
             }),
-            _ => Err(invalid("the kind is sim or tpm")),
+            _ => Err(invalid("the kind is sim, tpm or snp")),
         }
     }
 }
@@ -145,6 +183,37 @@ pub fn verify(expect: &Expectation, request: &TransferRequest) -> Result<Verifie
                 identity: expect.to_string(),
             })
         }
+        Expectation::Snp {
+            expect: snp,
+            chain,
+            text,
+        } => {
+            if request.evidence_kind != EvidenceKind::Snp {
+                return Err(rejected(format!(
+                    "the request carries {:?} evidence; the expectation needs an SEV-SNP report",
+                    request.evidence_kind
+                )));
+            }
+            let chain = chain
+                .as_ref()
+                .ok_or_else(|| TransferError::InvalidExpectation {
+                    text: text.clone(),
+                    reason: "an snp: expectation needs the VCEK (--vcek; --ask and --ark too for \
+                             a root other than AMD's)"
+                        .into(),
+                })?;
+            let verified = verify_evidence(&request.evidence, snp, chain, &bound)?;
+            tracing::info!(
+                root = %verified.root,
+                reported_tcb = %verified.reported_tcb,
+                chip_id = %verified.chip_id,
+                "verified SEV-SNP evidence"
+            );
+            Ok(Verified {
+                simulated: false,
+                identity: format!("{text} (chain root: {})", verified.root),
+            })
+        }
     }
 }
 
@@ -181,7 +250,11 @@ mod tests {
             assert_eq!(err.kind(), Kind::InvalidArgument, "{bad}: {err}");
         }
         let err = "snp:x".parse::<Expectation>().unwrap_err();
-        assert!(err.to_string().contains("not implemented"), "{err}");
+        assert_eq!(err.kind(), Kind::InvalidArgument, "{err}");
+        let snp = format!("snp:{}", crate::attest::snp::testing::expectation_text());
+        let parsed = snp.parse::<Expectation>().unwrap();
+        assert!(parsed.is_snp());
+        assert_eq!(parsed.to_string(), snp);
         let ak = "ab".repeat(32);
         let ok = format!(
             "tpm:{ak}:sha256:0={},7={}",

@@ -58,6 +58,9 @@ pub enum TransferError {
     Attest(#[from] AttestError),
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// SEV-SNP evidence refused by one of its checks, or an unusable chain file.
+    #[error(transparent)]
+    Snp(#[from] crate::attest::snp::SnpError),
     /// The request file is not a well-formed request.
     #[error("invalid transfer request: {reason}")]
     RequestFormat { reason: String },
@@ -119,6 +122,7 @@ impl Classify for TransferError {
             TransferError::Keyslot(e) => e.kind(),
             TransferError::Volume(e) => e.kind(),
             TransferError::Attest(e) => e.kind(),
+            TransferError::Snp(e) => e.kind(),
             TransferError::RequestFormat { .. }
             | TransferError::RequestFile { .. }
             | TransferError::InvalidExpectation { .. } => Kind::InvalidArgument,
@@ -150,10 +154,40 @@ pub enum EvidenceChoice {
 }
 
 /// The SEV-SNP evidence source for a transfer request: the same report source the key-broker client
-/// uses (configfs-tsm, falling back to `/dev/sev-guest`; [`crate::attest::open`]). Never run on SNP
-/// hardware.
+/// uses (configfs-tsm, falling back to `/dev/sev-guest`; [`crate::attest::open`]), without the host's
+/// certificate table (the source verifies with the chain its operator gives; the table would not fit
+/// the request's evidence limit). Never run on SNP hardware.
 pub fn snp_evidence_source() -> Result<Box<dyn EvidenceSource>, TransferError> {
-    Ok(crate::attest::open(EvidenceKind::Snp, "")?)
+    Ok(Box::new(ReportOnly(crate::attest::open(
+        EvidenceKind::Snp,
+        "",
+    )?)))
+}
+
+/// SNP evidence with `cert_chain` null.
+struct ReportOnly(Box<dyn EvidenceSource>);
+
+impl EvidenceSource for ReportOnly {
+    fn kind(&self) -> EvidenceKind {
+        self.0.kind()
+    }
+
+    fn evidence(
+        &self,
+        report_data: &crate::attest::ReportData,
+    ) -> Result<crate::attest::Evidence, AttestError> {
+        let mut evidence = self.0.evidence(report_data)?;
+        let mut body =
+            crate::attest::snp::SnpEvidenceBody::decode(&evidence.body).map_err(|e| {
+                AttestError::Malformed {
+                    kind: EvidenceKind::Snp,
+                    reason: e,
+                }
+            })?;
+        body.cert_chain = None;
+        evidence.body = body.to_json();
+        Ok(evidence)
+    }
 }
 
 /// The evidence source for `choice`.

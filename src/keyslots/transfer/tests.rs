@@ -339,3 +339,92 @@ fn make_request_writes_a_bound_request_and_never_overwrites() {
         assert!(err.to_string().contains("sev-guest"), "{err}");
     }
 }
+
+/// SNP evidence from the test chip of tests/data/snp/ (signed by the test VCEK; no SNP hardware).
+struct TestSnpChip;
+
+impl EvidenceSource for TestSnpChip {
+    fn kind(&self) -> EvidenceKind {
+        EvidenceKind::Snp
+    }
+
+    fn evidence(
+        &self,
+        report_data: &crate::attest::ReportData,
+    ) -> Result<crate::attest::Evidence, AttestError> {
+        Ok(crate::attest::Evidence {
+            kind: EvidenceKind::Snp,
+            report_data: *report_data,
+            body: crate::attest::snp::testing::evidence(report_data),
+        })
+    }
+}
+
+fn snp_expectation(text: &str) -> Expectation {
+    format!("snp:{text}")
+        .parse::<Expectation>()
+        .unwrap()
+        .with_snp_chain(crate::attest::snp::testing::chain())
+        .unwrap()
+}
+
+#[test]
+fn an_snp_request_is_granted_only_when_its_report_meets_the_expectation() {
+    use crate::attest::snp::testing;
+    let n = Nodes::new();
+    let out = n.dir.path().join("snp-req");
+    let report = make_request(&n.b(), &TestSnpChip, &n.b_state, None, &out).unwrap();
+    assert_eq!(report.evidence, EvidenceKind::Snp);
+    let req = read_request(&out).unwrap();
+    let a = n.a();
+    let grant_with = |req: &TransferRequest, expect: &Expectation| {
+        grant(&Volumes::new(&n.dm, &a), &n.dev, req, expect, &n.a_state)
+    };
+    let before = n.bytes();
+    let good = testing::expectation_text();
+    let refusals: Vec<(Expectation, &str)> = vec![
+        (
+            snp_expectation(&good.replace(&hex::encode(testing::MEASUREMENT), &"00".repeat(48))),
+            "launch measurement",
+        ),
+        (
+            snp_expectation(&good.replace("3.0.8.115", "3.0.9.115")),
+            "below the floor",
+        ),
+        (snp_expectation(&format!("{good},vmpl=2")), "VMPL"),
+        // No chain attached: refused, not skipped.
+        (format!("snp:{good}").parse().unwrap(), "needs the VCEK"),
+    ];
+    for (expect, needle) in refusals {
+        let err = grant_with(&req, &expect).unwrap_err();
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+    }
+    // A forged request: the evidence binds another key.
+    let mut forged = req.clone();
+    forged.public_key = crate::keyslots::recovery_keygen().0;
+    let err = grant_with(&forged, &snp_expectation(&good)).unwrap_err();
+    assert_eq!(err.kind(), Kind::Refused);
+    assert!(err.to_string().contains("does not bind"), "{err}");
+    // Sample evidence against an snp expectation.
+    let (sample, _) = n.request_on_b("sample-req", None);
+    let err = grant_with(&read_request(&sample).unwrap(), &snp_expectation(&good)).unwrap_err();
+    assert!(err.to_string().contains("SEV-SNP report"), "{err}");
+    assert_eq!(n.bytes(), before, "nothing was written on refusal");
+    assert_eq!(n.granted_records(), 0);
+
+    let granted = grant_with(&req, &snp_expectation(&good)).unwrap();
+    assert!(!granted.simulated);
+    assert!(
+        granted.verified.contains("operator ARK (not AMD)"),
+        "{}",
+        granted.verified
+    );
+    let accepted = accept(
+        &n.b(),
+        &n.dev,
+        &n.b_state,
+        Some(&parse_check(&granted.key_check)),
+    )
+    .unwrap();
+    assert_eq!(n.assert_opens(&n.b()), accepted.slot);
+}
