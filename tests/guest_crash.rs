@@ -74,6 +74,20 @@ impl Progress {
         Self::from_marks(earlier.chain(here))
     }
 
+    /// The steps begun and acknowledged, for a failure message.
+    fn describe(&self) -> String {
+        let sorted = |set: &HashSet<usize>| {
+            let mut v: Vec<usize> = set.iter().copied().filter(|&s| s != 0).collect();
+            v.sort_unstable();
+            v
+        };
+        format!(
+            "steps begun {:?}, acknowledged {:?}",
+            sorted(&self.begun),
+            sorted(&self.acked)
+        )
+    }
+
     fn from_marks<'m>(marks: impl IntoIterator<Item = &'m str>) -> Self {
         let mut begun = HashSet::from([0]);
         let mut acked = HashSet::from([0]);
@@ -1420,7 +1434,9 @@ fn expand_workload(case: &ExpandCase) -> Tally {
         ledger: &ledger,
     };
     let tally = harness::replay_phases(&bed, &original, &refs, &points, |pp, images| {
-        check_expanded(&at, images.writable(), &Progress::at_phase(&logs, pp))
+        let progress = Progress::at_phase(&logs, pp);
+        check_expanded(&at, images.writable(), &progress)
+            .map_err(|why| format!("{why}\n--- at this point: {}", progress.describe()))
     });
     let last = phases.len() - 1;
     let end = Progress::at_phase(
