@@ -36,7 +36,9 @@ mod logwrites_props;
 
 #[path = "crash/harness.rs"]
 mod harness;
-use harness::{Bed, EXIT_INVALID_HEADER, Fs, Logged, Tally, Tolerance, check_volume, full_set};
+use harness::{
+    Bed, EXIT_INVALID_HEADER, Fs, Logged, PhasePoint, Tally, Tolerance, check_volume, full_set,
+};
 use logwrites::{Log, Op, Point, PointKind};
 
 const KIB4: usize = 4096;
@@ -60,9 +62,36 @@ struct Progress {
 
 impl Progress {
     fn at(log: &Log, point: &Point) -> Self {
+        Self::from_marks(logwrites::marks_before(&log.entries, point.applied))
+    }
+
+    /// At a point of a phased log: every mark of the earlier phases, then those before the point.
+    fn at_phase(logs: &[&Log], pp: &PhasePoint) -> Self {
+        let earlier = logs[..pp.phase]
+            .iter()
+            .flat_map(|log| logwrites::marks_before(&log.entries, log.entries.len()));
+        let here = logwrites::marks_before(&logs[pp.phase].entries, pp.point.applied);
+        Self::from_marks(earlier.chain(here))
+    }
+
+    /// The steps begun and acknowledged, for a failure message.
+    fn describe(&self) -> String {
+        let sorted = |set: &HashSet<usize>| {
+            let mut v: Vec<usize> = set.iter().copied().filter(|&s| s != 0).collect();
+            v.sort_unstable();
+            v
+        };
+        format!(
+            "steps begun {:?}, acknowledged {:?}",
+            sorted(&self.begun),
+            sorted(&self.acked)
+        )
+    }
+
+    fn from_marks<'m>(marks: impl IntoIterator<Item = &'m str>) -> Self {
         let mut begun = HashSet::from([0]);
         let mut acked = HashSet::from([0]);
-        for m in logwrites::marks_before(&log.entries, point.applied) {
+        for m in marks {
             if let Some(n) = m.strip_prefix("begin:") {
                 begun.insert(n.parse().expect("step number"));
             } else if let Some(n) = m.strip_prefix("ack:") {
@@ -1164,4 +1193,332 @@ fn guest_crash_transfer() {
 fn guest_crash_keyslots() {
     let tally = keyslots_workload();
     harness::report("keyslots", &tally);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workload 4: online expansion (backing grow, integrity and crypt reload, filesystem resize)
+// ---------------------------------------------------------------------------------------------
+
+/// The engine NodeExpandVolume drives (the kernel device-mapper and this bed's simulated node).
+fn kernel_engine(bed: &Bed) -> sealcsi::node::KernelEngine {
+    let dm: std::sync::Arc<dyn sealcsi::dm::DeviceMapper> =
+        std::sync::Arc::new(sealcsi::dm::KernelDm::new().expect("device-mapper"));
+    let source = sealcsi::sealing::SimSource::open(&bed.state, harness::IDENTITY)
+        .expect("the bed's simulated node");
+    sealcsi::node::KernelEngine::new(dm, std::sync::Arc::new(source))
+}
+
+fn fs_kind(fs: Fs) -> sealcsi::header::FsKind {
+    match fs {
+        Fs::Ext4 => sealcsi::header::FsKind::Ext4,
+        Fs::Xfs => sealcsi::header::FsKind::Xfs,
+        Fs::None => sealcsi::header::FsKind::None,
+    }
+}
+
+/// The size of the filesystem mounted at `mnt`, in bytes.
+fn fs_bytes(mnt: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(mnt).expect("statvfs");
+    st.blocks() * st.fragment_size()
+}
+
+/// What `Node::expand` (NodeExpandVolume) does once the backing device is grown, in its order: the
+/// mapping grows (integrity reload, then crypt), the new space from `from` on is initialized, then
+/// the filesystem grows. Returns the new top size.
+fn expand_stack(
+    engine: &sealcsi::node::KernelEngine,
+    dm_name: &str,
+    backing: &Path,
+    from: u64,
+    fs: Fs,
+    mnt: &Path,
+) -> Result<u64, String> {
+    use sealcsi::node::VolumeEngine;
+    let device = engine
+        .open_device(dm_name)
+        .map_err(|e| e.to_string())?
+        .ok_or("the volume is not open")?;
+    let bytes = engine
+        .expand(dm_name, backing)
+        .map_err(|e| format!("expanding the mapping: {e}"))?;
+    engine
+        .init_new_space(dm_name, from, bytes)
+        .map_err(|e| format!("initializing the new space: {e}"))?;
+    engine
+        .grow_fs(fs_kind(fs), &device, mnt)
+        .map_err(|e| format!("growing the filesystem: {e}"))?;
+    Ok(bytes)
+}
+
+/// The backing file's part of `Store::grow_backing`: set the length, then sync it.
+fn grow_file(path: &Path, bytes: u64) {
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    if f.metadata().unwrap().len() < bytes {
+        f.set_len(bytes).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+struct ExpandCase {
+    label: &'static str,
+    fs: Fs,
+    size: u64,
+    grown: u64,
+    /// Points in the reduced set.
+    budget: usize,
+}
+
+const EXPAND_CASES: &[ExpandCase] = &[
+    ExpandCase {
+        label: "expand-ext4",
+        fs: Fs::Ext4,
+        size: EXT4_SIZE,
+        grown: EXT4_SIZE + 16 * MIB,
+        budget: 10,
+    },
+    ExpandCase {
+        label: "expand-xfs",
+        fs: Fs::Xfs,
+        size: XFS_SIZE,
+        grown: XFS_SIZE + 32 * MIB,
+        budget: 8,
+    },
+];
+/// The reduced set runs expand-ext4 only (expand-xfs alone takes about 100 s of checks).
+const REDUCED_EXPAND_CASES: usize = 1;
+
+/// Everything a point's check needs besides the image and the progress.
+#[derive(Clone, Copy)]
+struct ExpandCheck<'a> {
+    bed: &'a Bed,
+    engine: &'a sealcsi::node::KernelEngine,
+    case: &'a ExpandCase,
+    sizes: &'a ExpandSizes,
+    /// The step in which the mapping grows and its new space is initialized.
+    expand_step: usize,
+    ledger: &'a FileLedger,
+}
+
+/// What the workload measured, for the checks: top sizes before and after, the grown filesystem.
+struct ExpandSizes {
+    old_top: u64,
+    new_top: u64,
+    grown_fs: u64,
+}
+
+/// Formats and snapshots the volume; then, logged: opens and mounts it (staged), writes and
+/// acknowledges files, leaves one more step dirty, grows it online the way NodeExpandVolume does,
+/// writes and acknowledges a file into the grown filesystem, unmounts and closes.
+fn expand_workload(case: &ExpandCase) -> Tally {
+    use sealcsi::node::VolumeEngine;
+    let bed = Bed::new(case.label);
+    let engine = kernel_engine(&bed);
+    let backing = bed.file("vol.img", case.size);
+    bed.sealcsi(&["volume", "format", p(&backing), "--fs", case.fs.arg()])
+        .ok();
+    harness::detach_all(&backing);
+    let original = bed.dir.join("original.img");
+    harness::sparse_copy(&backing, &original);
+
+    let logged = Logged::start(&bed, &backing, case.size + 256 * MIB);
+    let name = "cc-work";
+    bed.track_name(name);
+    let report = bed
+        .sealcsi(&["volume", "open", logged.dev(), "--name", name])
+        .ok()
+        .json();
+    let device = PathBuf::from(report["device"].as_str().expect("open report has a device"));
+    let mnt = bed.mount(&device, case.fs.arg()).unwrap();
+    let mut steps = Steps::new(&logged);
+    let mut ledger = FileLedger::default();
+
+    let s = steps.begin();
+    let a = pattern(31, 64 * 1024);
+    create_with(&mnt.join("a"), &a, 0).sync_all().unwrap();
+    fsync_dir(&mnt);
+    ledger.record(s, "a", Some(a.clone()));
+    steps.ack(s);
+    let s = steps.begin();
+    let b = pattern(32, MIB as usize);
+    create_with(&mnt.join("b"), &b, 0).sync_all().unwrap();
+    fsync_dir(&mnt);
+    ledger.record(s, "b", Some(b));
+    steps.ack(s);
+    // Never acknowledged: dirty in the page cache while the volume grows.
+    let s = steps.begin();
+    let c = pattern(33, 40 * 1024);
+    create_with(&mnt.join("c"), &c, 0);
+    ledger.record(s, "c", Some(c));
+    let mut a2 = a;
+    let head = pattern(34, 8 * 1024);
+    a2[..head.len()].copy_from_slice(&head);
+    OpenOptions::new()
+        .write(true)
+        .open(mnt.join("a"))
+        .unwrap()
+        .write_all_at(&head, 0)
+        .unwrap();
+    ledger.record(s, "a", Some(a2));
+
+    // NodeExpandVolume: the backing file grows (Store::grow_backing: set_len, sync), the loop
+    // device re-reads its size (here: the log-writes device over it, a second log phase), ...
+    let grow = steps.begin();
+    grow_file(&backing, case.grown);
+    logged.grow(case.grown * 2 + 256 * MIB);
+    steps.ack(grow);
+    // (The marks of `grow` bracket the swap: begin in the first phase, ack in the second.)
+    // ... the pending init is recorded, the mapping grows and its new space is initialized, the
+    // record is cleared ...
+    let old_top = engine.size_bytes(name).unwrap();
+    let expand = steps.begin();
+    let bytes = engine
+        .expand(name, &logged.device)
+        .unwrap_or_else(|e| panic!("expand: {e}"));
+    engine
+        .init_new_space(name, old_top, bytes)
+        .unwrap_or_else(|e| panic!("init_new_space: {e}"));
+    steps.ack(expand);
+    // ... and the filesystem grows.
+    let fs_before = fs_bytes(&mnt);
+    let resize = steps.begin();
+    engine
+        .grow_fs(fs_kind(case.fs), &device, &mnt)
+        .unwrap_or_else(|e| panic!("grow_fs: {e}"));
+    steps.ack(resize);
+    println!("steps: grow {grow}, expand {expand}, resize {resize}");
+    let sizes = ExpandSizes {
+        old_top,
+        new_top: bytes,
+        grown_fs: fs_bytes(&mnt),
+    };
+    println!(
+        "expanded: top {} -> {} bytes, filesystem {fs_before} -> {} bytes",
+        sizes.old_top, sizes.new_top, sizes.grown_fs
+    );
+    assert!(
+        sizes.new_top > sizes.old_top && sizes.grown_fs > fs_before,
+        "the volume or its filesystem did not grow"
+    );
+
+    // A file in the grown filesystem, acknowledged.
+    let s = steps.begin();
+    let d = pattern(35, 2 * MIB as usize);
+    create_with(&mnt.join("d"), &d, 0).sync_all().unwrap();
+    fsync_dir(&mnt);
+    ledger.record(s, "d", Some(d));
+    steps.ack(s);
+    bed.umount(&mnt);
+    bed.close(name, None);
+    let phases = logged.finish_phases();
+
+    let logs: Vec<&Log> = phases.iter().map(|ph| &ph.log).collect();
+    let refs: Vec<(&Log, &Path, u64)> = phases
+        .iter()
+        .map(|ph| (&ph.log, ph.file.as_path(), ph.device_bytes))
+        .collect();
+    let mut all = Vec::new();
+    for (phase, ph) in phases.iter().enumerate() {
+        for point in logwrites::replay_points(&ph.log.entries, between()) {
+            all.push(PhasePoint { phase, point });
+        }
+    }
+    let points = harness::select_points(all, case.budget, |pp| {
+        matches!(pp.point.kind, PointKind::Start | PointKind::End)
+    });
+    let at = ExpandCheck {
+        bed: &bed,
+        engine: &engine,
+        case,
+        sizes: &sizes,
+        expand_step: expand,
+        ledger: &ledger,
+    };
+    let tally = harness::replay_phases(&bed, &original, &refs, &points, |pp, images| {
+        let progress = Progress::at_phase(&logs, pp);
+        check_expanded(&at, images.writable(), &progress)
+            .map_err(|why| format!("{why}\n--- at this point: {}", progress.describe()))
+    });
+    let last = phases.len() - 1;
+    let end = Progress::at_phase(
+        &logs,
+        &PhasePoint {
+            phase: last,
+            point: Point {
+                applied: phases[last].log.entries.len(),
+                kind: PointKind::End,
+            },
+        },
+    );
+    negative_control(&bed, &original, |image| check_expanded(&at, image, &end));
+    tally
+}
+
+/// At one point: the volume opens with the node's key at the old or the new size (the new one once
+/// the mapping's growth was acknowledged), the filesystem mounts and every file reads back as the
+/// ledger allows, fsck is clean; then NodeExpandVolume retried on that state (file grown, mapping
+/// grown, new space initialized from where the node's pending-init record would say, filesystem
+/// grown) completes at the workload's sizes, the files are still as allowed and fsck is clean. No
+/// AEAD error in the kernel log anywhere.
+fn check_expanded(at: &ExpandCheck, image: &Path, progress: &Progress) -> Result<(), String> {
+    use sealcsi::node::VolumeEngine;
+    let ExpandCheck {
+        bed,
+        engine,
+        case,
+        sizes,
+        expand_step,
+        ledger,
+    } = *at;
+    let check = harness::CHECK_NAME;
+    harness::check_opened(bed, image, Tolerance::default(), |device| {
+        let top = engine.size_bytes(check).map_err(|e| e.to_string())?;
+        if top != sizes.old_top && top != sizes.new_top {
+            return Err(format!(
+                "opens at {top} bytes, neither the old size ({}) nor the new ({})",
+                sizes.old_top, sizes.new_top
+            ));
+        }
+        if progress.acked.contains(&expand_step) && top != sizes.new_top {
+            return Err(format!(
+                "opens at {top} bytes after the growth of the mapping was acknowledged ({})",
+                sizes.new_top
+            ));
+        }
+        // The state the crash left (after the filesystem's journal replay at mount).
+        harness::with_mount(bed, device, case.fs, |mnt| ledger.check(mnt, progress))?;
+        harness::fsck(device, case.fs)?;
+        // The retry. Node::expand records the pending init before the mapping grows and clears it
+        // once the new space is initialized: inside that window the record says the old size.
+        let pending =
+            progress.begun.contains(&expand_step) && !progress.acked.contains(&expand_step);
+        grow_file(image, case.grown);
+        let from = if pending { sizes.old_top.min(top) } else { top };
+        harness::with_mount(bed, device, case.fs, |mnt| {
+            let bytes = expand_stack(engine, check, image, from, case.fs, mnt)
+                .map_err(|e| format!("retried expansion: {e}"))?;
+            let grown_fs = fs_bytes(mnt);
+            if bytes != sizes.new_top || grown_fs != sizes.grown_fs {
+                return Err(format!(
+                    "retried expansion: top {bytes} bytes, filesystem {grown_fs}; the workload's: \
+                     {}, {}",
+                    sizes.new_top, sizes.grown_fs
+                ));
+            }
+            ledger
+                .check(mnt, progress)
+                .map_err(|e| format!("after the retried expansion: {e}"))
+        })?;
+        harness::fsck(device, case.fs).map_err(|e| format!("after the retried expansion: {e}"))
+    })
+}
+
+#[test]
+#[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
+fn guest_crash_expand() {
+    run_cases(
+        EXPAND_CASES,
+        REDUCED_EXPAND_CASES,
+        |c| c.label,
+        expand_workload,
+    );
 }

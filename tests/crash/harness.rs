@@ -173,13 +173,26 @@ pub fn take_kernel_log() -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 
 /// A backing file behind dm-log-writes; `device` is what the workload formats or opens.
+///
+/// The log has one phase per table of the target: [`Logged::grow`] loads a new table over the grown
+/// backing file that logs to a fresh log device, because a new log-writes instance starts its log
+/// over at the first entry (and the old one, destroyed at the swap, finishes its own log with the
+/// writes it had not yet logged and its end mark).
 pub struct Logged<'a> {
     bed: &'a Bed,
     pub name: String,
     pub device: PathBuf,
     data_loop: String,
-    log_loop: String,
-    pub log_file: PathBuf,
+    /// Per phase: the log's loop device and file, and the backing device's size under its table.
+    logs: RefCell<Vec<(String, PathBuf, u64)>>,
+}
+
+/// One phase of a recorded log: what one log-writes table logged, and the size of the backing
+/// device under that table (the replay target is grown to it before the phase's first entry).
+pub struct Phase {
+    pub log: Log,
+    pub file: PathBuf,
+    pub device_bytes: u64,
 }
 
 /// Fails loudly if the target is missing rather than letting a workload run unlogged.
@@ -199,12 +212,7 @@ impl<'a> Logged<'a> {
         let log_file = bed.file("writes.log", log_size);
         let data_loop = bed.attach_loop(backing);
         let log_loop = bed.attach_loop(&log_file);
-        let sectors = sh("blockdev", &["--getsz", &data_loop])
-            .ok()
-            .stdout
-            .trim()
-            .to_owned();
-        let table = format!("0 {sectors} log-writes {data_loop} {log_loop}");
+        let (table, device_bytes) = log_table(&data_loop, &log_loop);
         sh("dmsetup", &["create", &name, "--table", &table]).ok();
         bed.track_name(&name);
         // No udev in the guest: make /dev/mapper/<name> ourselves.
@@ -220,9 +228,27 @@ impl<'a> Logged<'a> {
             name,
             device,
             data_loop,
-            log_loop,
-            log_file,
+            logs: RefCell::new(vec![(log_loop, log_file, device_bytes)]),
         }
+    }
+
+    /// The backing file has grown (the caller set its length and synced it): makes the loop device
+    /// re-read its size and swaps in a log-writes table of the new size that logs to a new log
+    /// file of `log_size` bytes. The swap suspends the target, which waits for the writes in
+    /// flight; the old table's destructor logs its unflushed writes and its end mark before the
+    /// resume returns, so every write that reaches the backing file is in exactly one phase, in
+    /// completion order.
+    pub fn grow(&self, log_size: u64) {
+        sh("losetup", &["-c", &self.data_loop]).ok();
+        let n = self.logs.borrow().len();
+        let log_file = self.bed.file(&format!("writes-{n}.log"), log_size);
+        let log_loop = self.bed.attach_loop(&log_file);
+        let (table, device_bytes) = log_table(&self.data_loop, &log_loop);
+        sh("dmsetup", &["reload", &self.name, "--table", &table]).ok();
+        sh("dmsetup", &["resume", &self.name]).ok();
+        self.logs
+            .borrow_mut()
+            .push((log_loop, log_file, device_bytes));
     }
 
     pub fn dev(&self) -> &str {
@@ -235,22 +261,53 @@ impl<'a> Logged<'a> {
     }
 
     /// Removes the target (which appends the end mark and writes the final super), detaches
-    /// both loop devices and parses the log.
+    /// the loop devices and parses the log of a workload that never grew the device.
     pub fn finish(self) -> (Log, PathBuf) {
+        let mut phases = self.finish_phases();
+        assert_eq!(phases.len(), 1, "a grown device's log has several phases");
+        let phase = phases.pop().unwrap();
+        (phase.log, phase.file)
+    }
+
+    /// Like [`Logged::finish`], for a log of one or more phases (see [`Logged::grow`]).
+    pub fn finish_phases(self) -> Vec<Phase> {
         sh("dmsetup", &["remove", "--retry", &self.name]).ok();
         self.bed.names.borrow_mut().retain(|n| *n != self.name);
         self.bed.detach_loop(&self.data_loop);
-        self.bed.detach_loop(&self.log_loop);
-        let file = File::open(&self.log_file).unwrap();
-        let log = logwrites::parse(&file)
-            .unwrap_or_else(|e| panic!("parsing {}: {e}", self.log_file.display()));
-        assert!(
-            matches!(log.entries.last().map(|e| &e.op), Some(logwrites::Op::Mark(m)) if m == logwrites::END_MARK),
-            "the log does not end with the target's end mark: the log device filled up?"
-        );
-        print_summary(&log);
-        (log, self.log_file)
+        let logs = self.logs.take();
+        let mut phases = Vec::new();
+        for (log_loop, log_file, device_bytes) in logs {
+            self.bed.detach_loop(&log_loop);
+            let file = File::open(&log_file).unwrap();
+            let log = logwrites::parse(&file)
+                .unwrap_or_else(|e| panic!("parsing {}: {e}", log_file.display()));
+            assert!(
+                matches!(log.entries.last().map(|e| &e.op), Some(logwrites::Op::Mark(m)) if m == logwrites::END_MARK),
+                "the log does not end with the target's end mark: the log device filled up?"
+            );
+            print_summary(&log);
+            phases.push(Phase {
+                log,
+                file: log_file,
+                device_bytes,
+            });
+        }
+        phases
     }
+}
+
+/// The log-writes table over all of `data_loop`, and the size in bytes it maps.
+fn log_table(data_loop: &str, log_loop: &str) -> (String, u64) {
+    let sectors: u64 = sh("blockdev", &["--getsz", data_loop])
+        .ok()
+        .stdout
+        .trim()
+        .parse()
+        .expect("blockdev --getsz prints a number");
+    (
+        format!("0 {sectors} log-writes {data_loop} {log_loop}"),
+        sectors * 512,
+    )
 }
 
 fn print_summary(log: &Log) {
@@ -309,7 +366,7 @@ pub fn full_set() -> bool {
 /// The points to check: all of them in the full set; in the reduced set every point `keep`
 /// insists on plus an evenly spaced sample of the rest, `budget` in all (or `keep`'s count if
 /// that is more).
-pub fn select_points(all: Vec<Point>, budget: usize, keep: impl Fn(&Point) -> bool) -> Vec<Point> {
+pub fn select_points<P>(all: Vec<P>, budget: usize, keep: impl Fn(&P) -> bool) -> Vec<P> {
     if full_set() || all.len() <= budget {
         return all;
     }
@@ -364,6 +421,41 @@ pub fn replay_each(
     points: &[Point],
     mut check: impl FnMut(&Point, &Images) -> Result<(), String>,
 ) -> Tally {
+    let size = fs::metadata(original).unwrap().len();
+    let points: Vec<PhasePoint> = points
+        .iter()
+        .map(|point| PhasePoint {
+            phase: 0,
+            point: point.clone(),
+        })
+        .collect();
+    replay_phases(
+        bed,
+        original,
+        &[(log, log_file, size)],
+        &points,
+        |pp, images| check(&pp.point, images),
+    )
+}
+
+/// A replay point of a log of several phases ([`Logged::grow`]): every entry of the phases
+/// before `phase` replayed, then the first `point.applied` entries of `phase`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PhasePoint {
+    pub phase: usize,
+    pub point: Point,
+}
+
+/// [`replay_each`] for a log of phases, each given as (log, log file, backing device size): the
+/// replay target grows to a phase's device size before that phase's first entry (the backing
+/// file grew, durably, before its table was loaded). `points` are in replay order.
+pub fn replay_phases(
+    bed: &Bed,
+    original: &Path,
+    phases: &[(&Log, &Path, u64)],
+    points: &[PhasePoint],
+    mut check: impl FnMut(&PhasePoint, &Images) -> Result<(), String>,
+) -> Tally {
     let started = Instant::now();
     let replay = bed.dir.join("replay.img");
     let image = bed.dir.join("check.img");
@@ -373,10 +465,34 @@ pub fn replay_each(
         .write(true)
         .open(&replay)
         .unwrap();
-    let src = File::open(log_file).unwrap();
-    let mut replayer = Replayer::new(log, &src, &target).unwrap();
+    let srcs: Vec<File> = phases
+        .iter()
+        .map(|(_, file, _)| File::open(file).unwrap())
+        .collect();
+    let grow_to = |size: u64| {
+        if target.metadata().unwrap().len() < size {
+            target.set_len(size).unwrap();
+        }
+    };
+    let mut phase = 0;
+    grow_to(phases[0].2);
+    let mut replayer = Replayer::new(phases[0].0, &srcs[0], &target).unwrap();
     let mut tally = Tally::default();
-    for point in points {
+    for pp in points {
+        assert!(
+            pp.phase >= phase && pp.phase < phases.len(),
+            "points in order"
+        );
+        while phase < pp.phase {
+            let all = phases[phase].0.entries.len();
+            replayer
+                .advance_to(all)
+                .unwrap_or_else(|e| panic!("replaying phase {phase}: {e}"));
+            phase += 1;
+            grow_to(phases[phase].2);
+            replayer = Replayer::new(phases[phase].0, &srcs[phase], &target).unwrap();
+        }
+        let point = &pp.point;
         replayer
             .advance_to(point.applied)
             .unwrap_or_else(|e| panic!("replaying up to entry {}: {e}", point.applied));
@@ -391,9 +507,14 @@ pub fn replay_each(
             PointKind::Between => tally.between += 1,
             PointKind::Start | PointKind::End => {}
         }
-        if let Err(why) = check(point, &images) {
+        if let Err(why) = check(pp, &images) {
+            let at = if phases.len() > 1 {
+                format!(" of phase {}", pp.phase)
+            } else {
+                String::new()
+            };
             let msg = format!(
-                "point {:?} after {} entries: {why}",
+                "point {:?} after {} entries{at}: {why}",
                 point.kind, point.applied
             );
             println!("FAILURE: {msg}");
@@ -458,6 +579,19 @@ pub fn check_volume(
     tolerance: Tolerance,
     verify: impl FnOnce(&Path) -> Result<(), String>,
 ) -> Result<(), String> {
+    check_opened(bed, image, tolerance, |device| {
+        mount_verify_fsck(bed, device, fs, verify)
+    })
+}
+
+/// Opens `image` with the node's key as [`CHECK_NAME`], runs `body` on the open device, closes.
+/// The kernel log must gain no AEAD error unless tolerated.
+pub fn check_opened(
+    bed: &Bed,
+    image: &Path,
+    tolerance: Tolerance,
+    body: impl FnOnce(&Path) -> Result<(), String>,
+) -> Result<(), String> {
     take_kernel_log();
     let out = bed.sealcsi(&["volume", "open", p(image), "--name", CHECK_NAME]);
     if out.code != 0 {
@@ -468,7 +602,7 @@ pub fn check_volume(
     let device = PathBuf::from(report["device"].as_str().expect("open report has a device"));
     // Read-ahead would read never-written blocks next to metadata (docs/init.md).
     sh("blockdev", &["--setra", "0", p(&device)]).ok();
-    let result = mount_verify_fsck(bed, &device, fs, verify);
+    let result = body(&device);
     bed.close(CHECK_NAME, Some(image));
     let kernel = take_kernel_log();
     let aead: Vec<&str> = kernel
@@ -495,14 +629,29 @@ fn mount_verify_fsck(
     if fs == Fs::None {
         return verify(device);
     }
+    with_mount(bed, device, fs, verify)?;
+    fsck(device, fs)
+}
+
+/// Mounts `device`, runs `f` on the mount point, unmounts (whatever `f` returned).
+pub fn with_mount<R>(
+    bed: &Bed,
+    device: &Path,
+    fs: Fs,
+    f: impl FnOnce(&Path) -> Result<R, String>,
+) -> Result<R, String> {
     let mnt = bed.mount(device, fs.arg())?;
-    let verified = verify(&mnt);
+    let result = f(&mnt);
     bed.umount(&mnt);
-    verified?;
+    result
+}
+
+/// The read-only fsck of an unmounted filesystem (`e2fsck -fn`, `xfs_repair -n`): clean or why not.
+pub fn fsck(device: &Path, fs: Fs) -> Result<(), String> {
     let out = match fs {
         Fs::Ext4 => sh("e2fsck", &["-fn", p(device)]),
         Fs::Xfs => sh("xfs_repair", &["-n", p(device)]),
-        Fs::None => unreachable!(),
+        Fs::None => return Ok(()),
     };
     if out.code != 0 {
         return Err(format!("fsck not clean: {out}"));
