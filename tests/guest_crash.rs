@@ -1222,6 +1222,18 @@ fn fs_bytes(mnt: &Path) -> u64 {
     st.blocks() * st.fragment_size()
 }
 
+/// The CSI volume id the expansion workload's volume is bound to: an expansion acts only on the header
+/// of the volume it expects (`Node::expand` passes the staged volume's).
+const EXPAND_VOLUME_ID: &str = "crash-expand";
+
+fn expand_expected(binding: &[u8; 32]) -> sealcsi::volume::Expected<'_> {
+    sealcsi::volume::Expected {
+        name: EXPAND_VOLUME_ID,
+        binding,
+        uuid: None,
+    }
+}
+
 /// What `Node::expand` (NodeExpandVolume) does once the backing device is grown, in its order: the
 /// mapping grows (integrity reload, then crypt), the new space from `from` on is initialized, then
 /// the filesystem grows. Returns the new top size.
@@ -1238,8 +1250,9 @@ fn expand_stack(
         .open_device(dm_name)
         .map_err(|e| e.to_string())?
         .ok_or("the volume is not open")?;
+    let binding = sealcsi::header::volume_binding(EXPAND_VOLUME_ID);
     let bytes = engine
-        .expand(dm_name, backing)
+        .expand(dm_name, backing, expand_expected(&binding))
         .map_err(|e| format!("expanding the mapping: {e}"))?;
     engine
         .init_new_space(dm_name, from, bytes)
@@ -1314,8 +1327,16 @@ fn expand_workload(case: &ExpandCase) -> Tally {
     let bed = Bed::new(case.label);
     let engine = kernel_engine(&bed);
     let backing = bed.file("vol.img", case.size);
-    bed.sealcsi(&["volume", "format", p(&backing), "--fs", case.fs.arg()])
-        .ok();
+    bed.sealcsi(&[
+        "volume",
+        "format",
+        p(&backing),
+        "--fs",
+        case.fs.arg(),
+        "--volume-id",
+        EXPAND_VOLUME_ID,
+    ])
+    .ok();
     harness::detach_all(&backing);
     let original = bed.dir.join("original.img");
     harness::sparse_copy(&backing, &original);
@@ -1371,8 +1392,9 @@ fn expand_workload(case: &ExpandCase) -> Tally {
     // record is cleared ...
     let old_top = engine.size_bytes(name).unwrap();
     let expand = steps.begin();
+    let binding = sealcsi::header::volume_binding(EXPAND_VOLUME_ID);
     let bytes = engine
-        .expand(name, &logged.device)
+        .expand(name, &logged.device, expand_expected(&binding))
         .unwrap_or_else(|e| panic!("expand: {e}"));
     engine
         .init_new_space(name, old_top, bytes)
