@@ -425,6 +425,28 @@ mod tests {
             .collect()
     }
 
+    /// A backend that did not grow its device (the reference hostpath driver only records the new size
+    /// of a block volume) must not get the expansion reported as done: the CO would show a size the
+    /// volume does not have.
+    #[test]
+    fn an_expansion_the_backend_did_not_grow_is_an_error_not_a_success() {
+        let r = rig();
+        let (id, stage) = volume(&r, "pvc-grow");
+        let staging = r.root.join("kubelet/staging");
+        r.node
+            .stage_stacked(&id, &staging, &fs_cap(), &stage)
+            .unwrap();
+        // NodeExpandVolume to 128 MiB, without the ControllerExpandVolume that grows the backend.
+        let err = r
+            .node
+            .expand_stacked(&id, &staging, 128 << 20, 0, Some(&fs_cap()))
+            .unwrap_err();
+        assert!(
+            matches!(&err, NodeError::FailedPrecondition(m) if m.contains("did not grow")),
+            "{err}"
+        );
+    }
+
     #[test]
     fn stage_goes_through_the_backend_then_the_node_local_path_and_unstage_reverses_it() {
         let r = rig();

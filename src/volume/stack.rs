@@ -313,7 +313,7 @@ pub fn open_stack(
 /// resolves without a path. A /dev/mapper path would depend on a node that udev may be replacing at
 /// that moment (seen: concurrent stages failed with "crypt: Device lookup failed (-ENODEV)"), or that a
 /// container's /dev may not show.
-pub fn lower_device(info: &crate::dm::DeviceInfo) -> PathBuf {
+pub fn lower_device(info: &DeviceInfo) -> PathBuf {
     PathBuf::from(format!("{}:{}", info.major, info.minor))
 }
 
@@ -366,24 +366,41 @@ fn crypt_matches_live(
     Ok(tables_match(&[wanted], &live)?)
 }
 
+/// How long a close waits for a device's last opener to let go before it calls the device busy: udev
+/// opens a device briefly after a write to it is closed (its "watch" of block devices), and a format
+/// closes its mapping right after writing to it (seen: a stage refused as "in use" at load 7).
+const CLOSE_WAIT_TRIES: u32 = 30;
+const CLOSE_WAIT_STEP: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Removes the stack named `names`; absent devices are fine (close is idempotent).
 pub fn close_stack(dm: &dyn DeviceMapper, names: &StackNames) -> Result<bool, MappingError> {
     let mut removed = false;
-    if let Some(info) = dm.info(&names.crypt)? {
-        if info.open_count > 0 {
-            return Err(MappingError::Busy(info.node.display().to_string()));
+    for name in [&names.crypt, &names.integrity] {
+        if wait_unused(dm, name)? {
+            dm.remove(name)?;
+            removed = true;
         }
-        dm.remove(&names.crypt)?;
-        removed = true;
-    }
-    if let Some(info) = dm.info(&names.integrity)? {
-        if info.open_count > 0 {
-            return Err(MappingError::Busy(info.node.display().to_string()));
-        }
-        dm.remove(&names.integrity)?;
-        removed = true;
     }
     Ok(removed)
+}
+
+/// `false` if `name` does not exist; `true` once nothing holds it open; [`MappingError::Busy`] if
+/// something still does after [`CLOSE_WAIT_TRIES`] looks (a mount, a process: not a passing udev).
+fn wait_unused(dm: &dyn DeviceMapper, name: &DmName) -> Result<bool, MappingError> {
+    let mut looks = 1;
+    loop {
+        let Some(info) = dm.info(name)? else {
+            return Ok(false);
+        };
+        if info.open_count == 0 {
+            return Ok(true);
+        }
+        if looks == CLOSE_WAIT_TRIES {
+            return Err(MappingError::Busy(info.node.display().to_string()));
+        }
+        looks += 1;
+        std::thread::sleep(CLOSE_WAIT_STEP);
+    }
 }
 
 #[cfg(test)]

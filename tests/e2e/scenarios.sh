@@ -128,6 +128,7 @@ in_pod_read() {
 }
 pv_of() { jp -n $NS get pvc "$1" '{.spec.volumeName}'; }
 volume_handle() { local pv; pv=$(pv_of "$1") && jp get pv "$pv" '{.spec.csi.volumeHandle}'; }
+event_says() { k -n $NS get events --field-selector "involvedObject.name=$1" -o jsonpath='{.items[*].message}' | grep -q "$2"; } # OBJECT TEXT
 has_event() { # has_event OBJECT REASON
     [ -n "$(k -n $NS get events --field-selector "involvedObject.name=$1,reason=$2" -o name 2>/dev/null)" ]
 }
@@ -231,6 +232,15 @@ online_expansion() { # FS MODE: grows the PVC the r- pod uses, while it runs
     local name=$1-$2 before after
     before=$(in_pod_read "r-$name" df -P -k /data | awk 'NR==2 {print $2}') || return 1
     check "PVC $name patched to 512Mi" k -n $NS patch pvc "$name" -p '{"spec":{"resources":{"requests":{"storage":"512Mi"}}}}' || return 1
+    if [ "$BACKEND" = stacked ]; then
+        # The reference hostpath driver only records a block volume's new size (its ControllerExpandVolume
+        # does not grow the file): sealcsi must say so, never report a size the volume does not have.
+        check "the kubelet reports sealcsi's refusal: the backend's device did not grow" wait_for 240 \
+            "an event saying the device did not grow" eval "event_says r-$name 'did not grow' || event_says $name 'did not grow'" || return 1
+        check "and the PVC's capacity is not 512Mi" test "$(jp -n $NS get pvc "$name" '{.status.capacity.storage}')" != 512Mi || return 1
+        check "the data is intact" in_pod_read "r-$name" sh -c "$READ_DATA" || return 1
+        return 0
+    fi
     check "PVC capacity becomes 512Mi (csi-resizer, then the kubelet's NodeExpand)" wait_for 240 "PVC capacity 512Mi" \
         eval "[ \"\$(jp -n $NS get pvc $name '{.status.capacity.storage}')\" = 512Mi ]" || return 1
     after=$(in_pod_read "r-$name" df -P -k /data | awk 'NR==2 {print $2}') || return 1
