@@ -622,7 +622,8 @@ impl NodeCore {
             // (the reference hostpath driver does, for block volumes) leaves it as it was. Success would
             // make the CO report a size the volume does not have.
             return Err(NodeError::FailedPrecondition(format!(
-                "volume {volume_id} offers {bytes} bytes after the expansion, less than the {required}                  asked: the device under it did not grow enough"
+                "volume {volume_id} offers {bytes} bytes after the expansion, less than the {required} \
+                 asked: the device under it did not grow enough"
             )));
         }
         tracing::info!(volume.id = %volume_id, bytes, capacity.bytes = capacity, "volume expanded");
