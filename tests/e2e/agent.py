@@ -16,6 +16,7 @@ namespace's private tap link: nothing else can reach it.
 import http.server
 import subprocess
 import sys
+import threading
 
 ADDRESS, PORT, LIB = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 REQUEST_TIMEOUT = 900
@@ -36,7 +37,8 @@ class Agent(http.server.BaseHTTPRequestHandler):
         script = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
         if self.path == "/shutdown":
             self.answer(0, b"")
-            self.server.done = True
+            # serve_forever() runs in the main thread; shutdown() waits for it, so not from there.
+            threading.Thread(target=self.server.shutdown).start()
             return
         if self.path != "/run":
             self.send_error(404)
@@ -56,7 +58,5 @@ class Agent(http.server.BaseHTTPRequestHandler):
 
 server = http.server.ThreadingHTTPServer((ADDRESS, PORT), Agent)
 server.daemon_threads = True
-server.done = False
 print(f"agent: serving on {ADDRESS}:{PORT}", flush=True)
-while not server.done:
-    server.handle_request()
+server.serve_forever()
