@@ -2194,7 +2194,8 @@ async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
     let mut served = serve(config.clone(), deps()).await;
     served.identity().probe(ProbeRequest {}).await.unwrap();
     // A second plugin on the same live socket refuses to start.
-    let second = sealcsi::csi::serve_until(config.clone(), deps(), std::future::pending()).await;
+    let second =
+        sealcsi::csi::serve_until(config.clone(), Some(deps()), std::future::pending()).await;
     assert!(matches!(second, Err(CsiError::Socket { .. })), "{second:?}");
     let bad = PluginConfig::new(
         "tcp://0.0.0.0:1",
@@ -2203,7 +2204,7 @@ async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
         dir.path().join("state"),
     );
     assert!(matches!(
-        sealcsi::csi::serve_until(bad, deps(), async {}).await,
+        sealcsi::csi::serve_until(bad, Some(deps()), async {}).await,
         Err(CsiError::Config(_))
     ));
     served.stop().await.unwrap();

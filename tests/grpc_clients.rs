@@ -70,7 +70,7 @@ async fn start(mode: Mode) -> Server {
         dir.path().join("state"),
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(sealcsi::csi::serve_until(config, deps, async move {
+    let task = tokio::spawn(sealcsi::csi::serve_until(config, Some(deps), async move {
         let _ = stopped.await;
     }));
     for _ in 0..500 {

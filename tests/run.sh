@@ -16,18 +16,51 @@ cargo test --all-targets
 echo "== guest tests (real device-mapper in user-mode Linux)"
 # The blockback test backend the guest suites spawn (an example: `cargo test --no-run` does not build it).
 cargo build --example blockback
-guest_suites=()
-for f in tests/guest_*.rs; do guest_suites+=("$(basename "$f" .rs)"); done
-for suite in "${guest_suites[@]}"; do
-    bin=$(cargo test --test "$suite" --no-run --message-format=json 2>/dev/null |
+# Every suite's binary from one cargo call, then the suites SEALCSI_GUEST_JOBS (default 2) at a time:
+# a user-mode Linux guest runs on one CPU, so on a 2-CPU machine two suites take about the time of
+# one. Each suite's output is printed whole when it ends; the longest suites start first.
+suite_args=()
+for f in tests/guest_*.rs; do suite_args+=(--test "$(basename "$f" .rs)"); done
+declare -A suite_bin=()
+while read -r name exe; do suite_bin[$name]=$exe; done < <(
+    cargo test "${suite_args[@]}" --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        print(m["executable"])')
-    echo "-- $suite ($bin)"
-    bash tests/vm/run-in-guest.sh --timeout 1800 -- "$bin" --ignored --test-threads=1 --nocapture
+        print(m["target"]["name"], m["executable"])')
+longest_first=(guest_csi guest_crash guest_keyslots guest_init guest_volume)
+ordered=()
+for s in "${longest_first[@]}"; do [ -n "${suite_bin[$s]:-}" ] && ordered+=("$s"); done
+for s in $(printf '%s\n' "${!suite_bin[@]}" | sort); do
+    case " ${ordered[*]} " in *" $s "*) ;; *) ordered+=("$s") ;; esac
 done
+[ "${#ordered[@]}" = "$((${#suite_args[@]} / 2))" ] || { echo "a guest suite did not build" >&2; exit 1; }
+logs=target/guest-logs
+rm -rf "$logs" && mkdir -p "$logs"
+declare -A running=() started=()
+failed=()
+finish_one() { # waits for one suite, prints its log and its result
+    local pid rc=0 name
+    wait -n -p pid "${!running[@]}" || rc=$?
+    name=${running[$pid]}
+    unset "running[$pid]"
+    echo "-- $name (${suite_bin[$name]}): rc $rc, $(($(date +%s) - ${started[$name]})) s"
+    cat "$logs/$name.log"
+    [ "$rc" = 0 ] || failed+=("$name")
+}
+for name in "${ordered[@]}"; do
+    while [ "${#running[@]}" -ge "${SEALCSI_GUEST_JOBS:-2}" ]; do finish_one; done
+    started[$name]=$(date +%s)
+    bash tests/vm/run-in-guest.sh --timeout 1800 -- "${suite_bin[$name]}" --ignored --test-threads=1 \
+        --nocapture </dev/null >"$logs/$name.log" 2>&1 &
+    running[$!]=$name
+done
+while [ "${#running[@]}" -gt 0 ]; do finish_one; done
+if [ "${#failed[@]}" -gt 0 ]; then
+    echo "guest suites failed: ${failed[*]}" >&2
+    exit 1
+fi
 
 echo "== interop tiers (real peers from env paths)"
 if [ -n "${SEALCSI_CSI_SANITY:-}" ]; then

@@ -303,16 +303,24 @@ fn run_plugin(global: &Global, args: PluginArgs) -> anyhow::Result<()> {
         // Fail at start, not at the first NodeStageVolume: volume keys go only through the keyring.
         sealcsi::keyring::require().context("the node service cannot serve")?;
     }
-    let source = open_source(global)?;
-    let broker =
-        open_broker(global, source.as_ref())?.map(|b| Box::new(b) as Box<dyn SealingSource>);
-    let deps = sealcsi::csi::PluginDeps::kernel_with_broker(source, broker)?;
     let mut config =
         sealcsi::csi::PluginConfig::new(args.endpoint, args.node_id, args.mode, &global.state_dir);
     config.driver_name = args.driver_name;
     config.metrics_address = args.metrics_address;
     config.overcommit_ratio = args.overcommit_ratio;
     config.backend = args.backend;
+    // A stacked controller runs wherever its Deployment lands, often a node with no TEE: it opens
+    // neither device-mapper nor a sealing source.
+    let deps = if config.needs_kernel() {
+        let source = open_source(global)?;
+        let broker =
+            open_broker(global, source.as_ref())?.map(|b| Box::new(b) as Box<dyn SealingSource>);
+        Some(sealcsi::csi::PluginDeps::kernel_with_broker(
+            source, broker,
+        )?)
+    } else {
+        None
+    };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

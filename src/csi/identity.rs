@@ -76,11 +76,14 @@ impl Identity for IdentityService {
                 Some(Ok(false)) => missing.push("the backend CSI driver is not ready".to_string()),
                 Some(Err(e)) => missing.push(e.to_string()),
             }
-            if let Err(e) = deps.dm.version() {
-                missing.push(format!("device-mapper is not usable: {e}"));
-            }
-            if let Err(e) = deps.engine.probe_source() {
-                missing.push(e);
+            // A stacked controller has neither: it does not use them.
+            if let Some(deps) = &deps {
+                if let Err(e) = deps.dm.version() {
+                    missing.push(format!("device-mapper is not usable: {e}"));
+                }
+                if let Err(e) = deps.engine.probe_source() {
+                    missing.push(e);
+                }
             }
             Ok(missing)
         })

@@ -125,6 +125,13 @@ pub struct PluginConfig {
 }
 
 impl PluginConfig {
+    /// Whether this plugin needs device-mapper and a sealing source: the node service does, and so
+    /// does the node-local controller (it checks the volumes it deletes are not open); a stacked
+    /// controller alone does not.
+    pub fn needs_kernel(&self) -> bool {
+        self.mode.node() || self.backend.is_none()
+    }
+
     /// A configuration with the default driver name.
     pub fn new(
         endpoint: impl Into<String>,
@@ -232,7 +239,8 @@ pub enum CsiError {
 /// What every service shares.
 pub(crate) struct Shared {
     pub config: PluginConfig,
-    pub deps: PluginDeps,
+    /// `None` only in a stacked controller ([`PluginConfig::needs_kernel`]).
+    pub deps: Option<PluginDeps>,
     pub guards: guard::OpGuards,
     pub provisioner: Option<Arc<Provisioner>>,
     /// The controller core of a stacked plugin (`PluginConfig::backend`), in place of `provisioner`.

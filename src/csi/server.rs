@@ -87,7 +87,9 @@ pub async fn shutdown_signal() {
 }
 
 /// Serves until SIGTERM/SIGINT, then lets in-flight calls finish (up to [`DRAIN_TIMEOUT`]).
-pub async fn serve(config: PluginConfig, deps: PluginDeps) -> Result<(), CsiError> {
+/// `deps` may be `None` only for a stacked controller (`--mode controller --backend ...`): it talks to
+/// the backend driver alone, so it runs on any node, with neither device-mapper nor a sealing source.
+pub async fn serve(config: PluginConfig, deps: Option<PluginDeps>) -> Result<(), CsiError> {
     serve_until(config, deps, shutdown_signal()).await
 }
 
@@ -130,7 +132,7 @@ async fn connect_backend(
 /// Serves until `shutdown` completes, then drains.
 pub async fn serve_until(
     config: PluginConfig,
-    deps: PluginDeps,
+    deps: Option<PluginDeps>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CsiError> {
     if config.node_id.is_empty() {
@@ -139,14 +141,26 @@ pub async fn serve_until(
     if config.driver_name.is_empty() {
         return Err(CsiError::Config("driver name is empty".into()));
     }
+    if deps.is_none() && config.needs_kernel() {
+        return Err(CsiError::Config(
+            "the node service and the node-local controller need device-mapper and a sealing \
+             source; only a stacked controller (--mode controller --backend ...) runs without"
+                .into(),
+        ));
+    }
     let path = socket_path(&config.endpoint)?;
     let store = Store::open(&config.state_dir)?.with_overcommit(config.overcommit_ratio)?;
     // Always collected (cheap); served only when an address is configured.
-    let engine = deps.engine.clone();
-    let metrics = crate::metrics::Metrics::with_failure_counts(
-        Some(deps.dm.clone()),
-        Some(Box::new(move |dm_name| engine.integrity_failures(dm_name))),
-    );
+    let metrics = match &deps {
+        Some(deps) => {
+            let engine = deps.engine.clone();
+            crate::metrics::Metrics::with_failure_counts(
+                Some(deps.dm.clone()),
+                Some(Box::new(move |dm_name| engine.integrity_failures(dm_name))),
+            )
+        }
+        None => crate::metrics::Metrics::with_failure_counts(None, None),
+    };
     let backend = match &config.backend {
         Some(b) => Some(connect_backend(b).await?),
         None => None,
@@ -164,12 +178,15 @@ pub async fn serve_until(
         }
         _ => None,
     };
+    // `needs_kernel` was checked above: whatever needs `deps` below finds it.
+    let kernel = deps.as_ref();
     let shared = Arc::new(Shared {
-        provisioner: (config.mode.controller() && backend.is_none())
-            .then(|| Arc::new(Provisioner::new(store.clone(), deps.dm.clone()))),
+        provisioner: kernel
+            .filter(|_| config.mode.controller() && backend.is_none())
+            .map(|deps| Arc::new(Provisioner::new(store.clone(), deps.dm.clone()))),
         stacked,
         backend: backend.clone(),
-        node: config.mode.node().then(|| {
+        node: kernel.filter(|_| config.mode.node()).map(|deps| {
             let core = NodeCore::new(store.clone(), deps.engine.clone(), deps.mounter.clone())
                 .with_metrics(metrics.clone());
             Arc::new(match &backend {

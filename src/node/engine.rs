@@ -443,11 +443,7 @@ impl VolumeEngine for KernelEngine {
     }
 
     fn grow_fs(&self, fs: FsKind, device: &Path, mount_point: &Path) -> Result<(), EngineError> {
-        let target = match fs {
-            FsKind::Xfs => mount_point,
-            _ => device,
-        };
-        crate::volume::mkfs::grow(fs, target)?;
+        crate::volume::mkfs::grow(fs, device, mount_point)?;
         Ok(())
     }
 

@@ -257,25 +257,44 @@ pub fn fsck_check(fs: FsKind, device: &Path) -> Result<(), FsError> {
     })
 }
 
-/// Grows the filesystem to fill its (already grown) device.
+/// Grows the mounted filesystem to fill its (already grown) device, and returns only once the
+/// growth is durable.
 ///
-/// ext4: `resize2fs <device>` (online when mounted). XFS: `xfs_growfs <mountpoint>` (XFS grows
-/// only mounted). Note for AEAD volumes: the added space was never written. Not yet verified in
-/// the guest: which blocks of the new space the kernel's online resize and a later fsck read
-/// before anything writes them (for XFS at least the 128 KiB at each new AG start, see
-/// [`super::init`]).
-pub fn grow(fs: FsKind, device_or_mountpoint: &Path) -> Result<(), FsError> {
+/// ext4: `resize2fs <device>` (online). XFS: `xfs_growfs <mount_point>` (XFS grows only mounted),
+/// then its secondary superblocks are rewritten from the primary ([`super::xfs`]: the kernel's
+/// growfs writes them after its commit, and a retry that finds the size reached would otherwise
+/// never write them). Both end with a cache flush of the device: NodeExpandVolume acknowledges a
+/// growth that a power cut right after cannot take back. Note for AEAD volumes: the added space
+/// must have been initialized first (the engine's `init_new_space`).
+pub fn grow(fs: FsKind, device: &Path, mount_point: &Path) -> Result<(), FsError> {
     match fs {
         FsKind::Ext4 => {
-            let _ra = ReadaheadGuard::off(device_or_mountpoint)?;
-            run_ok("resize2fs", &[device_or_mountpoint.as_os_str().to_owned()])?;
+            let _ra = ReadaheadGuard::off(device)?;
+            run_ok("resize2fs", &[device.as_os_str().to_owned()])?;
         }
         FsKind::Xfs => {
-            run_ok("xfs_growfs", &[device_or_mountpoint.as_os_str().to_owned()])?;
+            run_ok("xfs_growfs", &[mount_point.as_os_str().to_owned()])?;
+            super::xfs::rewrite_secondary_superblocks(mount_point).map_err(|source| {
+                FsError::Device {
+                    what: "rewriting the XFS secondary superblocks",
+                    device: mount_point.to_owned(),
+                    source,
+                }
+            })?;
         }
         FsKind::None => return Err(FsError::NoFilesystem("grow")),
     }
-    Ok(())
+    flush_device(device)
+}
+
+/// fsync of the block device: the kernel sends a cache flush down the whole stack.
+fn flush_device(device: &Path) -> Result<(), FsError> {
+    let err = |source| FsError::Device {
+        what: "flushing",
+        device: device.to_owned(),
+        source,
+    };
+    fs::File::open(device).map_err(err)?.sync_all().map_err(err)
 }
 
 fn device_size(device: &Path) -> Result<u64, FsError> {

@@ -24,6 +24,7 @@ pub mod inspect;
 pub mod mkfs;
 pub mod seal;
 pub mod stack;
+pub mod xfs;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

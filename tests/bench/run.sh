@@ -2,7 +2,8 @@
 # The benchmark set of issue 6, in one command (host):
 #   bash tests/bench/run.sh          # the full set: ~25 min on a 2-core host
 #   bash tests/bench/run.sh --tiny   # CI: smallest sizes, 1 run, no levers; keeps the set from rotting
-# 1. builds target/release/sealcsi;
+#                                    # (dev profile: the test build's artifacts, no release build)
+# 1. builds target/release/sealcsi (--tiny: target/debug/sealcsi);
 # 2. runs the criterion benches on the host (benches/unseal.rs, benches/control_path.rs);
 # 3. boots the user-mode Linux guest for tests/bench/guest-bench.sh (provisioning, data path with fio,
 #    levers, scale), all configurations in ONE guest run so their ratios are comparable;
@@ -25,17 +26,24 @@ done
 command -v fio >/dev/null || { echo "run.sh: fio is not installed (apt-get install fio)" >&2; exit 2; }
 
 OUT=target/bench
+# --tiny checks that every benchmark still runs, not what it measures: it reuses the dev profile the
+# tests built instead of a second, optimized build of the whole tree (several minutes of CI).
+PROFILE=release
+[ "$TINY" = 1 ] && PROFILE=dev
+profile_dir=release
+[ "$PROFILE" = dev ] && profile_dir=debug
+export SEALCSI_BIN=$PWD/target/$profile_dir/sealcsi
 mkdir -p "$OUT"
 rm -f "$OUT/host.json" "$OUT/results.json"
 rm -rf target/criterion/header_select target/criterion/unseal_only target/criterion/decode_select_unseal \
     target/criterion/control_path
 
-echo "== building target/release/sealcsi" >&2
-cargo build --release --bin sealcsi
+echo "== building target/$profile_dir/sealcsi" >&2
+cargo build --profile "$PROFILE" --bin sealcsi
 
 echo "== host: criterion benches" >&2
 if [ "$TINY" = 1 ]; then
-    SEALCSI_BENCH_TINY=1 cargo bench --bench unseal --bench control_path -- \
+    SEALCSI_BENCH_TINY=1 cargo bench --profile "$PROFILE" --bench unseal --bench control_path -- \
         --warm-up-time 0.2 --measurement-time 0.5 --sample-size 10
 else
     cargo bench --bench unseal --bench control_path
@@ -54,8 +62,8 @@ echo "== results" >&2
 python3 tests/bench/report.py --out "$OUT"
 
 echo "== guest: stage time through the stacked driver (tests/bench/stacked_stage.rs)" >&2
-cargo build --release --example blockback
-stacked_bin=$(cargo test --release --test guest_stacked --no-run --message-format=json \
+cargo build --profile "$PROFILE" --example blockback
+stacked_bin=$(cargo test --profile "$PROFILE" --test guest_stacked --no-run --message-format=json \
     | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)

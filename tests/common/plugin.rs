@@ -24,7 +24,7 @@ pub struct Served {
 pub async fn serve(config: PluginConfig, deps: PluginDeps) -> Served {
     let socket = sealcsi::csi::socket_path(&config.endpoint).expect("a unix endpoint");
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(sealcsi::csi::serve_until(config, deps, async move {
+    let task = tokio::spawn(sealcsi::csi::serve_until(config, Some(deps), async move {
         let _ = stopped.await;
     }));
     Served {
