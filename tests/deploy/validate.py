@@ -695,6 +695,12 @@ def check_stacked_component(comp_path: Path, rendered: list[dict], base_kust: di
     ep = arg_value(ctl_args, "--endpoint")
     check(f"{label}: controller sealcsi --endpoint", ep == EXPECT["endpoint"], f"{ep!r}")
     check_backend_socket("controller Deployment", dep, ctl)
+    # The stacked controller needs no device-mapper, no sealing source (src/csi: needs_kernel).
+    sc = ctl.get("securityContext", {})
+    check(f"{label}: controller sealcsi not privileged, no privilege escalation",
+          not sc.get("privileged") and sc.get("allowPrivilegeEscalation") is False, f"{sc}")
+    host_paths = [v["name"] for v in pod.get("volumes", []) if "hostPath" in v]
+    check(f"{label}: controller pod mounts nothing of its host", not host_paths, f"{host_paths}")
     sock = socket_path(EXPECT["endpoint"])
     sock_dir = str(Path(sock).parent)
     csi_vol = volume_of(pod, ctl, sock_dir)
