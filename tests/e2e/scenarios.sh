@@ -104,7 +104,9 @@ spec:
       imagePullPolicy: Never
       command: ["/bin/sh", "-c", $(printf '%s' "$4; touch /tmp/ready; exec sleep 1000000" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')]
       $vol
-      readinessProbe: {exec: {command: [test, -e, /tmp/ready]}, periodSeconds: 1}
+      # An exec in the user-mode Linux node takes 1-3 s: with the default 1 s timeout every probe timed
+      # out for a minute after the script was done (measured: Ready 44 s after the container started).
+      readinessProbe: {exec: {command: [test, -e, /tmp/ready]}, periodSeconds: 2, timeoutSeconds: 20}
   volumes:
     - name: v
       persistentVolumeClaim: {claimName: $2}
