@@ -159,7 +159,7 @@ pub async fn serve_until(
                 Some(Box::new(move |dm_name| engine.integrity_failures(dm_name))),
             )
         }
-        None => crate::metrics::Metrics::with_failure_counts(None, None),
+        None => crate::metrics::Metrics::new(None),
     };
     let backend = match &config.backend {
         Some(b) => Some(connect_backend(b).await?),
@@ -179,14 +179,14 @@ pub async fn serve_until(
         _ => None,
     };
     // `needs_kernel` was checked above: whatever needs `deps` below finds it.
-    let kernel = deps.as_ref();
     let shared = Arc::new(Shared {
-        provisioner: kernel
+        provisioner: deps
+            .as_ref()
             .filter(|_| config.mode.controller() && backend.is_none())
             .map(|deps| Arc::new(Provisioner::new(store.clone(), deps.dm.clone()))),
         stacked,
         backend: backend.clone(),
-        node: kernel.filter(|_| config.mode.node()).map(|deps| {
+        node: deps.as_ref().filter(|_| config.mode.node()).map(|deps| {
             let core = NodeCore::new(store.clone(), deps.engine.clone(), deps.mounter.clone())
                 .with_metrics(metrics.clone());
             Arc::new(match &backend {
