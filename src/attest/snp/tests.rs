@@ -157,6 +157,28 @@ fn a_tampered_report_is_refused_by_its_signature() {
 }
 
 #[test]
+fn a_signature_with_bytes_beyond_r_and_s_is_refused() {
+    // The signature check reads 48 bytes of each 72-byte component: the rest must be zero, or one
+    // signed report would verify under many encodings (found by the mutation property test below).
+    let good = testing::sign(testing::report(&BOUND)).to_bytes().unwrap();
+    check(&testing::body(
+        AttestationReport::from_bytes(&good).unwrap(),
+    ))
+    .unwrap();
+    // (The reserved bytes after S are not carried by the parsed report: nothing to check there.)
+    for at in [0x2A0 + 48, 0x2A0 + 71, 0x2A0 + 72 + 48, 0x2A0 + 143] {
+        let mut b = good;
+        b[at] = 1;
+        let r = AttestationReport::from_bytes(&b).unwrap();
+        let err = refused(&testing::body(r));
+        assert!(
+            matches!(err, SnpError::ReportFormat(_)),
+            "byte {at:#x}: {err}"
+        );
+    }
+}
+
+#[test]
 fn a_vcek_not_signed_by_the_ask_is_refused() {
     let mut chain = testing::chain();
     chain.vcek = certificate_from_bytes(testing::ROGUE_VCEK).unwrap();

@@ -33,6 +33,11 @@ const SIG_ALGO_ECDSA_P384_SHA384: u32 = 1;
 /// Offsets in the report of POLICY (u64) and KEY_INFO (u32).
 const REPORT_POLICY_AT: usize = 0x08;
 const REPORT_KEY_INFO_AT: usize = 0x48;
+/// The signature field of a report (the SNP ABI's ECDSA P-384 format): R and S, 72 bytes each, little
+/// endian, of which a P-384 value uses the first 48; then reserved bytes to the end of the report.
+const REPORT_SIGNATURE_AT: usize = 0x2A0;
+const SIGNATURE_COMPONENT_LEN: usize = 72;
+const P384_SCALAR_LEN: usize = 48;
 /// KEY_INFO bits 4:2, SIGNING_KEY: 0 is the VCEK.
 const KEY_INFO_SIGNING_KEY_SHIFT: u32 = 2;
 const KEY_INFO_SIGNING_KEY_MASK: u32 = 0b111;
@@ -460,6 +465,27 @@ fn check_vcek_extensions(vcek: &Certificate, report: &AttestationReport) -> Resu
     Ok(())
 }
 
+/// Refuses a report whose signature field has non-zero bytes beyond R's and S's 48 significant bytes
+/// (the reserved area after S is not carried by the parsed report): the signature check reads only
+/// the significant bytes, so without this one signed report would have many encodings (a report the
+/// host altered there would still verify, and any record or replay check keyed on the report's bytes
+/// would see a new report).
+fn check_signature_encoding(raw: &[u8]) -> Result<(), SnpError> {
+    let signature = &raw[REPORT_SIGNATURE_AT..];
+    let r_pad = P384_SCALAR_LEN..SIGNATURE_COMPONENT_LEN;
+    let s_pad = SIGNATURE_COMPONENT_LEN + P384_SCALAR_LEN..signature.len();
+    if signature[r_pad]
+        .iter()
+        .chain(&signature[s_pad])
+        .any(|&b| b != 0)
+    {
+        return Err(SnpError::ReportFormat(
+            "the signature field has non-zero bytes beyond the P-384 R and S values".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Verifies an SNP evidence body against `expect`, with `chain`, requiring REPORT_DATA to be
 /// `report_data`. The order: the body parses; the root (AMD's, or the operator's ARK); the chain (ARK
 /// self-signed, ASK by ARK, VCEK by ASK); the report's signature by the VCEK; the VCEK issued for this
@@ -539,6 +565,7 @@ pub fn verify_evidence(
         )));
     }
     let raw = body.report_bytes().map_err(SnpError::Evidence)?;
+    check_signature_encoding(&raw)?;
     let word = |at: usize| u32::from_le_bytes(raw[at..at + 4].try_into().expect("4 bytes"));
     let signing_key =
         (word(REPORT_KEY_INFO_AT) >> KEY_INFO_SIGNING_KEY_SHIFT) & KEY_INFO_SIGNING_KEY_MASK;
