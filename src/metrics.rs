@@ -429,6 +429,7 @@ mod tests {
                 mode: JournalMode::Journal,
                 block_size: 4096,
                 fix_padding: true,
+                journal_sectors: None,
             }),
         };
         dm.create(&integrity, &format!("SEALCSI-{id}-integrity"), &[line])

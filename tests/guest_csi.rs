@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 use tonic::Code;
 use tonic::transport::Channel;
 
+mod common;
 #[path = "common/plugin.rs"]
 mod plugin;
 use plugin::{Served, serve};
@@ -617,6 +618,84 @@ async fn guest_csi_online_expansion() {
     p.unpublish(&id, &target).await;
     p.unstage(&id, &staging).await;
     p.delete(&id).await;
+    p.stop().await;
+}
+
+/// The workqueue options of the live crypt table of volume `id`.
+fn crypt_workqueue_flags(id: &str) -> Vec<String> {
+    common::workqueue_flags(&format!("sealcsi-{id}"))
+}
+
+#[tokio::test]
+#[ignore = "guest: needs root, loop devices and device-mapper (tests/vm/run-in-guest.sh)"]
+async fn guest_csi_workqueues_parameter_reaches_the_crypt_table_and_survives_expansion() {
+    let dir = scratch("workqueues");
+    let p = Plugin::start(&dir, &dir.join("state"), "node-a").await;
+    let create = |name: &str, workqueues: Option<&str>| CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 128 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap("")],
+        parameters: workqueues
+            .map(|w| HashMap::from([("workqueues".to_string(), w.to_string())]))
+            .unwrap_or_default(),
+        ..Default::default()
+    };
+    let tuned = p
+        .controller()
+        .create_volume(create("pvc-rin", Some("read-inline")))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let id = tuned.volume_id.clone();
+    assert_eq!(
+        tuned.volume_context.get("workqueues").map(String::as_str),
+        Some("read-inline")
+    );
+    let staging = dir.join("staging-rin");
+    p.stage(&id, &staging, mount_cap("")).await.unwrap();
+    assert_eq!(crypt_workqueue_flags(&id), ["no_read_workqueue"]);
+    // A repeated stage finds the same open; a grown table keeps the flags.
+    p.stage(&id, &staging, mount_cap("")).await.unwrap();
+    p.node()
+        .node_expand_volume(node_expand(&id, &staging, 256 * MIB))
+        .await
+        .unwrap();
+    assert_eq!(crypt_workqueue_flags(&id), ["no_read_workqueue"]);
+    p.unstage(&id, &staging).await;
+
+    // The default: the measured choice (docs/benchmarks.md), here both queued.
+    let plain = p
+        .controller()
+        .create_volume(create("pvc-default", None))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let staging = dir.join("staging-default");
+    p.stage(&plain.volume_id, &staging, mount_cap(""))
+        .await
+        .unwrap();
+    assert_eq!(
+        crypt_workqueue_flags(&plain.volume_id),
+        Vec::<String>::new()
+    );
+    p.unstage(&plain.volume_id, &staging).await;
+
+    let bad = p
+        .controller()
+        .create_volume(create("pvc-bad", Some("sometimes")))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().contains("workqueues"), "{bad:?}");
+    p.delete(&id).await;
+    p.delete(&plain.volume_id).await;
     p.stop().await;
 }
 

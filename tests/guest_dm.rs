@@ -95,6 +95,7 @@ fn integrity_line(dev: &Path, length: u64) -> TargetLine {
             mode: JournalMode::Journal,
             block_size: 4096,
             fix_padding: true,
+            journal_sectors: None,
         }),
     }
 }

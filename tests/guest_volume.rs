@@ -25,7 +25,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::{BIN, MIB, Out, p, run, sh};
+use common::{BIN, MIB, Out, p, run, sh, workqueue_flags};
 
 const KIB4: usize = 4096;
 const GIB: u64 = 1 << 30;
@@ -745,6 +745,97 @@ fn guest_volume_block_full_wipe_roundtrip() {
 
 #[test]
 #[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
+fn guest_volume_open_takes_the_workqueue_choice_and_an_open_volume_keeps_its_own() {
+    let fx = Fixture::new("workqueues");
+    let name = "gv-wq";
+    let file = fx.file("vol.img", 128 * MIB);
+    fx.format(&file, &["--fs", "ext4"]);
+    for (choice, flags) in [
+        ("inline", &["no_read_workqueue", "no_write_workqueue"][..]),
+        ("read-inline", &["no_read_workqueue"][..]),
+        ("write-inline", &["no_write_workqueue"][..]),
+        ("queued", &[][..]),
+    ] {
+        fx.track(name);
+        fx.sealcsi(&[
+            "volume",
+            "open",
+            p(&file),
+            "--name",
+            name,
+            "--workqueues",
+            choice,
+        ])
+        .ok();
+        assert_eq!(workqueue_flags(name), flags, "--workqueues {choice}");
+        assert!(fx.close(name));
+    }
+    // The default is the measured choice (docs/benchmarks.md): both queued.
+    fx.open(&file, name);
+    assert_eq!(workqueue_flags(name), Vec::<String>::new());
+    // Opening again with another choice is the same open: success, flags unchanged.
+    let again = fx
+        .sealcsi(&[
+            "volume",
+            "open",
+            p(&file),
+            "--name",
+            name,
+            "--workqueues",
+            "inline",
+        ])
+        .ok()
+        .json();
+    assert_eq!(again["already_open"], Value::Bool(true), "{again}");
+    assert_eq!(workqueue_flags(name), Vec::<String>::new());
+    let bad = fx.sealcsi(&[
+        "volume",
+        "open",
+        p(&file),
+        "--name",
+        name,
+        "--workqueues",
+        "off",
+    ]);
+    assert_eq!(bad.code, 2, "a bad value is a usage error: {bad}");
+    assert!(fx.close(name));
+    fx.expect_detached(&file, "after the final close");
+    fx.finish();
+}
+
+/// `journal_sectors` of the live integrity table `dm_name`.
+fn journal_sectors(dm_name: &str) -> u64 {
+    let table = sh("dmsetup", &["table", dm_name]).ok().stdout;
+    table
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("journal_sectors:"))
+        .unwrap_or_else(|| panic!("no journal_sectors in {table}"))
+        .parse()
+        .unwrap()
+}
+
+#[test]
+#[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
+fn guest_volume_integrity_journal_is_capped_at_8_mib() {
+    // dm-integrity keeps its journal in memory; its own default is 1/128 of the device, up to 64 MiB.
+    let fx = Fixture::new("journal");
+    let name = "gv-journal";
+    for (size, at_most, at_least) in [(256 * MIB, 4096, 2048), (16 << 30, 16384, 8192)] {
+        let file = fx.file(&format!("vol-{size}.img"), size);
+        fx.format(&file, &["--fs", "ext4"]);
+        fx.open(&file, name);
+        let sectors = journal_sectors(&format!("{name}-integrity"));
+        assert!(
+            (at_least..=at_most).contains(&sectors),
+            "{size}-byte device: journal of {sectors} sectors, want {at_least}..={at_most}"
+        );
+        assert!(fx.close(name));
+    }
+    fx.finish();
+}
+
+#[test]
+#[ignore = "guest: needs device-mapper, run via tests/vm/run-in-guest.sh"]
 fn guest_volume_crypt_only_ext4_roundtrip() {
     filesystem_roundtrip(
         "crypt-only",
@@ -1192,7 +1283,6 @@ fn guest_volume_format_timing() {
         );
         println!("{line}");
         lines.push(line);
-        fs::remove_file(&file).unwrap();
     }
     println!("timing summary:\n{}", lines.join("\n"));
     fx.finish();

@@ -11,6 +11,7 @@ use super::{Global, kernel_dm, open_broker, open_source, print_json};
 use sealcsi::header::{self, FsKind, Integrity, Journal, Profile};
 use sealcsi::sealing;
 use sealcsi::volume::init::InitMode;
+use sealcsi::volume::stack::Workqueues;
 use sealcsi::volume::{self, FormatOptions, VolumeError, Volumes};
 
 #[derive(Subcommand)]
@@ -41,6 +42,10 @@ pub(crate) enum VolumeCommand {
         /// Device-mapper name; default sealcsi-<volume uuid>.
         #[arg(long)]
         name: Option<String>,
+        /// Which of dm-crypt's workqueues the crypt device bypasses (docs/benchmarks.md,
+        /// "Workqueues"). A volume already open keeps its flags.
+        #[arg(long, value_enum, default_value_t)]
+        workqueues: Workqueues,
     },
     /// Close /dev/mapper/<name> and the layers under it.
     Close { name: String },
@@ -90,7 +95,11 @@ pub(crate) fn run(global: &Global, command: VolumeCommand) -> anyhow::Result<()>
                 .with_context(|| format!("formatting {}", device.display()))?;
             print_json(&report)
         }
-        VolumeCommand::Open { device, name } => {
+        VolumeCommand::Open {
+            device,
+            name,
+            workqueues,
+        } => {
             let name = match name {
                 Some(name) => name,
                 None => volume::default_name(&volume::inspect(&device)?.uuid)?,
@@ -100,6 +109,7 @@ pub(crate) fn run(global: &Global, command: VolumeCommand) -> anyhow::Result<()>
             let dm = kernel_dm()?;
             let report = Volumes::new(&dm, source.as_ref())
                 .with_broker(broker.as_ref().map(|b| b as &dyn sealing::SealingSource))
+                .with_workqueues(workqueues)
                 .open(&device, &name)
                 .with_context(|| format!("opening {}", device.display()))?;
             print_json(&report)

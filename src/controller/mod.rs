@@ -451,6 +451,7 @@ mod tests {
                 mode: crate::dm::JournalMode::Journal,
                 block_size: 4096,
                 fix_padding: true,
+                journal_sectors: None,
             }),
         }];
         dm.create(&name, "SEALCSI-x", &line).unwrap();

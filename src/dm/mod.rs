@@ -331,6 +331,7 @@ mod tests {
                 mode: JournalMode::Journal,
                 block_size: 4096,
                 fix_padding: true,
+                journal_sectors: None,
             }),
         };
         assert!(tables_match(&[line("7:0", 48)], &[line("7:0", 48)]).unwrap());

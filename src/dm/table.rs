@@ -219,6 +219,10 @@ pub struct IntegrityTarget {
     /// `fix_padding`: the padding fix all new devices should use (set at format, remembered in the
     /// superblock).
     pub fix_padding: bool,
+    /// `journal_sectors`: the journal's size when the kernel FORMATS the device (it keeps the journal
+    /// in memory, so this is also its memory); ignored when a superblock exists, whose journal wins.
+    /// Never set by a parse: the kernel reports the size it found, which is not a choice.
+    pub journal_sectors: Option<u64>,
 }
 
 /// Options the kernel reports back in its table for values it chose itself (sealcsi never sets
@@ -249,6 +253,9 @@ impl IntegrityTarget {
             opts.push("fix_padding".to_owned());
         }
         opts.push(format!("block_size:{}", self.block_size));
+        if let Some(n) = self.journal_sectors {
+            opts.push(format!("journal_sectors:{n}"));
+        }
         opts
     }
 
@@ -335,6 +342,7 @@ impl IntegrityTarget {
             mode,
             block_size: block_size.unwrap_or(512),
             fix_padding,
+            journal_sectors: None,
         };
         t.validate()?;
         Ok(t)
@@ -882,6 +890,7 @@ mod tests {
             mode: JournalMode::Journal,
             block_size: 4096,
             fix_padding: true,
+            journal_sectors: None,
         }
     }
 
@@ -913,6 +922,19 @@ mod tests {
             ..integrity()
         };
         assert_eq!(d.params().as_str(), "/dev/loop0 8 48 D 1 block_size:4096");
+        let sized = IntegrityTarget {
+            journal_sectors: Some(16384),
+            ..integrity()
+        };
+        assert_eq!(
+            sized.params().as_str(),
+            "/dev/loop0 0 48 J 3 fix_padding block_size:4096 journal_sectors:16384"
+        );
+        // What the kernel reports back is the journal it found, never kept as a choice.
+        assert_eq!(
+            IntegrityTarget::parse(&sized.params()).unwrap(),
+            integrity()
+        );
     }
 
     #[test]
@@ -1196,6 +1218,7 @@ mod tests {
                     },
                     block_size,
                     fix_padding,
+                    journal_sectors: None,
                 },
             )
     }

@@ -17,7 +17,7 @@ use crate::volume::header_io::read_region;
 use crate::volume::health::{self, Check, Condition};
 use crate::volume::init::InitMode;
 use crate::volume::mkfs::FsError;
-use crate::volume::stack::{self, MappingError, SECTOR, StackNames};
+use crate::volume::stack::{self, MappingError, SECTOR, StackNames, Workqueues};
 use crate::volume::{self, FormatOptions, VolumeError, Volumes};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,13 +96,15 @@ pub trait VolumeEngine: Send + Sync {
     /// any other signature is formatted first with `format` (never forced), unless `formatted` says the
     /// volume was formatted already (with that UUID): then a missing header is an error, never a reason to
     /// format, and a header with another UUID is refused. A header that does not unseal here is an error
-    /// too. Idempotent: an open volume is success.
+    /// too. Idempotent: an open volume is success (and keeps the workqueue flags it was opened with).
+    /// The crypt device is loaded with `workqueues`.
     fn stage_device(
         &self,
         backing: &Path,
         dm_name: &str,
         format: &FormatOptions,
         formatted: Option<[u8; 16]>,
+        workqueues: Workqueues,
     ) -> Result<StagedDevice, EngineError>;
     /// Re-binds the (closed) volume on `backing` from volume id `source`'s binding `from` to `to`
     /// (`crate::volume::Volumes::rebind`; recovery slots for one of `recipients` are re-wrapped to it);
@@ -259,8 +261,10 @@ impl VolumeEngine for KernelEngine {
         dm_name: &str,
         format: &FormatOptions,
         formatted: Option<[u8; 16]>,
+        workqueues: Workqueues,
     ) -> Result<StagedDevice, EngineError> {
         let names = StackNames::new(dm_name)?;
+        let volumes = self.volumes().with_workqueues(workqueues);
         let mut init = None;
         let was_open = self.dm.info(&names.crypt)?.is_some();
         if !was_open && !header::has_magic(&read_region(backing)?) {
@@ -274,7 +278,7 @@ impl VolumeEngine for KernelEngine {
                 force: false,
                 ..*format
             };
-            let report = self.volumes().format(backing, &opts, &mut |_, _| {})?;
+            let report = volumes.format(backing, &opts, &mut |_, _| {})?;
             tracing::info!(volume.uuid = %report.uuid, seconds = report.total_seconds, "formatted new sealed volume");
             init = Some(InitTiming {
                 fast: opts.init == InitMode::Fast,
@@ -287,7 +291,7 @@ impl VolumeEngine for KernelEngine {
             binding: &format.volume_binding,
             uuid: formatted,
         };
-        let report = self.volumes().open_as(backing, dm_name, Some(expected))?;
+        let report = volumes.open_as(backing, dm_name, Some(expected))?;
         if !was_open {
             announce_opened(self.failures.as_deref(), &names);
         }
@@ -408,8 +412,10 @@ impl VolumeEngine for KernelEngine {
         if data_sectors * SECTOR <= old_bytes {
             return Ok(old_bytes);
         }
+        // The grown table keeps the workqueue flags the volume was opened with.
+        let workqueues = stack::live_workqueues(&*self.dm, &names)?;
         let (table_key, logon) = stack::table_key(&header.uuid_string(), &key)?;
-        let crypt = stack::crypt_line(&lower, &header, data_sectors, table_key)?;
+        let crypt = stack::crypt_line(&lower, &header, data_sectors, table_key, workqueues)?;
         debug_assert!(matches!(crypt.target, Target::Crypt(_)));
         let reloaded = self.dm.reload(&names.crypt, std::slice::from_ref(&crypt));
         drop(logon);

@@ -277,6 +277,7 @@ impl MemoryEngine {
         profile: Profile,
         fs: FsKind,
         sectors: u64,
+        workqueues: stack::Workqueues,
     ) -> Result<(Option<crate::dm::TargetLine>, crate::dm::TargetLine), EngineError> {
         let header = Header::new([7; 16], profile, fs, 0);
         let integrity = stack::integrity_line(backing, &header, sectors);
@@ -285,7 +286,7 @@ impl MemoryEngine {
             None => backing.to_path_buf(),
         };
         let key = CryptKey::Hex(zeroize::Zeroizing::new(vec![0; profile.key_len()]));
-        let crypt = stack::crypt_line(&lower, &header, sectors, key)?;
+        let crypt = stack::crypt_line(&lower, &header, sectors, key, workqueues)?;
         Ok((integrity, crypt))
     }
 }
@@ -309,6 +310,7 @@ impl VolumeEngine for MemoryEngine {
         dm_name: &str,
         format: &FormatOptions,
         known_uuid: Option<[u8; 16]>,
+        workqueues: stack::Workqueues,
     ) -> Result<StagedDevice, EngineError> {
         let names = StackNames::new(dm_name)?;
         let delay = *self.stage_delay.lock().unwrap_or_else(|e| e.into_inner());
@@ -363,7 +365,14 @@ impl VolumeEngine for MemoryEngine {
             });
         }
         let sectors = Self::data_sectors(backing)?;
-        let (integrity, crypt) = Self::lines(backing, &names, marker.profile, marker.fs, sectors)?;
+        let (integrity, crypt) = Self::lines(
+            backing,
+            &names,
+            marker.profile,
+            marker.fs,
+            sectors,
+            workqueues,
+        )?;
         let uuid = hex::encode(&Sha256::digest(backing.as_os_str().as_encoded_bytes())[..8]);
         if let Some(line) = integrity {
             // A stale integrity device without its crypt device is removed first, as the real stack does.
@@ -444,7 +453,20 @@ impl VolumeEngine for MemoryEngine {
         if sectors * SECTOR <= old {
             return Ok(old);
         }
-        let (integrity, crypt) = Self::lines(backing, &names, marker.profile, marker.fs, sectors)?;
+        let workqueues = match stack::live_workqueues(&*self.dm, &names) {
+            Err(stack::MappingError::Dm(DmError::NotFound(n))) => {
+                return Err(EngineError::NotOpen(n));
+            }
+            other => other?,
+        };
+        let (integrity, crypt) = Self::lines(
+            backing,
+            &names,
+            marker.profile,
+            marker.fs,
+            sectors,
+            workqueues,
+        )?;
         if let Some(line) = integrity {
             self.dm.reload(&names.integrity, &[line])?;
         }

@@ -250,9 +250,13 @@ impl NodeCore {
             },
         };
         let was_open = self.engine.open_device(&dm)?.is_some();
-        let staged = self
-            .engine
-            .stage_device(&vol.backing, &dm, &format, vol.record.formatted());
+        let staged = self.engine.stage_device(
+            &vol.backing,
+            &dm,
+            &format,
+            vol.record.formatted(),
+            params.workqueues,
+        );
         self.record_stage(&staged);
         let staged = staged?;
         if vol.record.formatted_uuid.is_none() {

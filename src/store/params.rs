@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::StoreError;
 use crate::header::{Integrity, Journal, Profile};
 use crate::volume::init::InitMode;
+use crate::volume::stack::Workqueues;
 
 /// StorageClass parameter keys with this prefix are the CO's (csi-provisioner's extra metadata), not ours.
 pub const CO_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
@@ -19,6 +20,10 @@ pub const PARAMETERS: &[(&str, &[&str])] = &[
     ("integrity", &["hmac-sha256", "none"]),
     ("init", &["fast", "full"]),
     ("journal", &["journal", "direct"]),
+    (
+        "workqueues",
+        &["queued", "inline", "read-inline", "write-inline"],
+    ),
 ];
 
 /// The StorageClass parameters of one volume.
@@ -28,6 +33,10 @@ pub struct VolumeParams {
     /// Filesystem volumes only; block volumes are always fully initialized.
     pub init: InitMode,
     pub journal: Journal,
+    /// dm-crypt's workqueue flags at every stage (tuning: not in the header). Records written before
+    /// the parameter existed read as the default.
+    #[serde(default)]
+    pub workqueues: Workqueues,
 }
 
 impl Default for VolumeParams {
@@ -36,6 +45,7 @@ impl Default for VolumeParams {
             integrity: Integrity::HmacSha256,
             init: InitMode::Fast,
             journal: Journal::Journal,
+            workqueues: Workqueues::default(),
         }
     }
 }
@@ -84,6 +94,7 @@ impl VolumeParams {
                 "integrity" => out.integrity = value_of(key, value)?,
                 "init" => out.init = value_of(key, value)?,
                 "journal" => out.journal = value_of(key, value)?,
+                "workqueues" => out.workqueues = value_of(key, value)?,
                 _ => {
                     return Err(StoreError::InvalidArgument(format!(
                         "unknown parameter {key:?}; allowed parameters: {}",
@@ -100,13 +111,19 @@ impl VolumeParams {
         Ok(out)
     }
 
-    /// The parameters as the volume context handed to the node (all keys, explicit values).
+    /// The parameters as the volume context handed to the node: every key that applies, explicit
+    /// values, so that [`Self::parse`] reads back exactly these parameters (`journal` is left out with
+    /// `integrity: none`, which refuses it).
     pub fn to_map(self) -> HashMap<String, String> {
-        HashMap::from([
+        let mut map = HashMap::from([
             ("integrity".to_string(), name_of(&self.integrity)),
             ("init".to_string(), name_of(&self.init)),
-            ("journal".to_string(), name_of(&self.journal)),
-        ])
+            ("workqueues".to_string(), name_of(&self.workqueues)),
+        ]);
+        if self.integrity != Integrity::None {
+            map.insert("journal".to_string(), name_of(&self.journal));
+        }
+        map
     }
 
     /// The mapping profile these parameters ask for.
@@ -182,6 +199,7 @@ mod tests {
         assert_eq!(names::<Integrity>(), PARAMETERS[0].1);
         assert_eq!(names::<InitMode>(), PARAMETERS[1].1);
         assert_eq!(names::<Journal>(), PARAMETERS[2].1);
+        assert_eq!(names::<Workqueues>(), PARAMETERS[3].1);
     }
 
     #[test]
@@ -189,7 +207,43 @@ mod tests {
         let json = serde_json::to_string(&VolumeParams::default()).unwrap();
         assert_eq!(
             json,
-            r#"{"integrity":"hmac-sha256","init":"fast","journal":"journal"}"#
+            r#"{"integrity":"hmac-sha256","init":"fast","journal":"journal","workqueues":"queued"}"#
+        );
+        // A record written before the workqueues parameter existed reads as the default.
+        let old: VolumeParams = serde_json::from_str(
+            r#"{"integrity":"hmac-sha256","init":"fast","journal":"journal"}"#,
+        )
+        .unwrap();
+        assert_eq!(old, VolumeParams::default());
+    }
+
+    #[test]
+    fn workqueues_apply_to_both_profiles() {
+        let p = VolumeParams::parse(&params(&[("workqueues", "inline")])).unwrap();
+        assert_eq!(p.workqueues, Workqueues::Inline);
+        let p = VolumeParams::parse(&params(&[
+            ("integrity", "none"),
+            ("workqueues", "read-inline"),
+        ]))
+        .unwrap();
+        assert_eq!(p.workqueues, Workqueues::ReadInline);
+        assert_eq!(p.to_map()["workqueues"], "read-inline");
+        // Every combination reads back from the volume context it makes (a stacked node parses it).
+        for integrity in Integrity::value_variants() {
+            for workqueues in Workqueues::value_variants() {
+                let p = VolumeParams {
+                    integrity: *integrity,
+                    workqueues: *workqueues,
+                    ..VolumeParams::default()
+                };
+                assert_eq!(VolumeParams::parse(&p.to_map()).unwrap(), p, "{p:?}");
+            }
+        }
+        let err = VolumeParams::parse(&params(&[("workqueues", "none")])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("queued|inline|read-inline|write-inline"),
+            "{err}"
         );
     }
 }

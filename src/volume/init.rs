@@ -246,6 +246,7 @@ fn check_ext4_backups(plan: &[Range<u64>], backups: &[u64]) -> Result<(), InitEr
 }
 
 fn zero(
+    zeros: &crate::devio::ZeroWriter,
     device: &Path,
     range: &Range<u64>,
     done_before: u64,
@@ -253,15 +254,20 @@ fn zero(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), InitError> {
     let len = range.end - range.start;
-    crate::devio::zero_range(device, range.start, len, |done, _| {
-        progress(done_before + done, total)
-    })
-    .map_err(|source| InitError::Zero {
+    zeros
+        .zero(range.start, len, |done, _| {
+            progress(done_before + done, total)
+        })
+        .map_err(|source| zero_error(device, range.start, len, source))
+}
+
+fn zero_error(device: &Path, offset: u64, len: u64, source: io::Error) -> InitError {
+    InitError::Zero {
         device: device.to_owned(),
-        offset: range.start,
+        offset,
         len,
         source,
-    })
+    }
 }
 
 /// Initializes a new volume.
@@ -302,6 +308,8 @@ pub fn initialize(
     }
 
     let started = Instant::now();
+    let zeros = crate::devio::ZeroWriter::open(device)
+        .map_err(|source| zero_error(device, 0, size_bytes, source))?;
     let mut written = 0;
     match (mode, integrity) {
         (InitMode::Full, _) => {
@@ -309,7 +317,7 @@ pub fn initialize(
                 start: 0,
                 end: size_bytes,
             };
-            zero(device, &all, 0, size_bytes, progress)?;
+            zero(&zeros, device, &all, 0, size_bytes, progress)?;
             written = size_bytes;
         }
         (InitMode::Fast, false) => {}
@@ -319,18 +327,22 @@ pub fn initialize(
             let base = base_plan(size_bytes);
             let base_total: u64 = base.iter().map(|r| r.end - r.start).sum();
             for range in &base {
-                zero(device, range, written, base_total, progress)?;
+                zero(&zeros, device, range, written, base_total, progress)?;
                 written += range.end - range.start;
             }
             let rest = subtract(&layout_plan(device, size_bytes, fs)?, &base);
             let total = base_total + rest.iter().map(|r| r.end - r.start).sum::<u64>();
             debug!(device = %device.display(), ranges = base.len() + rest.len(), bytes = total, "pre-write plan");
             for range in &rest {
-                zero(device, range, written, total, progress)?;
+                zero(&zeros, device, range, written, total, progress)?;
                 written += range.end - range.start;
             }
         }
     }
+    // One flush for all of it (mkfs flushes again at its end).
+    zeros
+        .finish()
+        .map_err(|source| zero_error(device, 0, size_bytes, source))?;
     let wipe = started.elapsed();
 
     let started = Instant::now();

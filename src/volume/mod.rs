@@ -190,6 +190,8 @@ pub struct Volumes<'a> {
     /// The node's key broker, when configured: `kbs` slots open through it when no slot of the node's
     /// own source does.
     broker: Option<&'a dyn SealingSource>,
+    /// The workqueue flags of the crypt devices this engine loads.
+    workqueues: stack::Workqueues,
 }
 
 /// Usable data sectors behind the header region for a crypt-only volume (whole 4 KiB blocks).
@@ -245,7 +247,14 @@ impl<'a> Volumes<'a> {
             dm,
             source,
             broker: None,
+            workqueues: stack::Workqueues::default(),
         }
+    }
+
+    /// The same engine, loading crypt devices with `workqueues` (format's own mapping and every open).
+    pub fn with_workqueues(mut self, workqueues: stack::Workqueues) -> Self {
+        self.workqueues = workqueues;
+        self
     }
 
     /// The same engine, also opening `kbs` keyslots through `broker`.
@@ -333,6 +342,7 @@ impl<'a> Volumes<'a> {
             &initialization_header(header),
             data_sectors,
             key,
+            self.workqueues,
         )?;
         let data_bytes = data_sectors * SECTOR;
         let report = init::initialize(
@@ -354,8 +364,14 @@ impl<'a> Volumes<'a> {
         header: &Header,
         names: &StackNames,
     ) -> Result<u64, VolumeError> {
-        let probe = stack::integrity_line(backing, header, devio::ALIGN as u64 / SECTOR)
-            .expect("AEAD profile has an integrity layer");
+        let device_bytes = devio::size_of(backing).map_err(io_error("reading the device size"))?;
+        let probe = stack::format_integrity_line(
+            backing,
+            header,
+            device_bytes,
+            devio::ALIGN as u64 / SECTOR,
+        )
+        .expect("AEAD profile has an integrity layer");
         let uuid = stack::dm_uuid(&header.uuid_string(), "integrity");
         self.dm
             .create(&names.integrity, &uuid, std::slice::from_ref(&probe))?;
@@ -453,7 +469,15 @@ impl<'a> Volumes<'a> {
             }
             Profile::XtsOnly => crypt_only_sectors(dev.size_bytes()?),
         };
-        let outcome = stack::open_stack(self.dm, &names, dev.path(), &header, data_sectors, &key)?;
+        let outcome = stack::open_stack(
+            self.dm,
+            &names,
+            dev.path(),
+            &header,
+            data_sectors,
+            &key,
+            self.workqueues,
+        )?;
         // The loop device (if we attached one) stays attached while the mapping holds it; it detaches
         // itself when the mapping is removed.
         dev.keep_while_in_use()?;

@@ -152,6 +152,34 @@ fn journal_mode(journal: Journal) -> JournalMode {
     }
 }
 
+/// The largest dm-integrity journal sealcsi formats, in sectors (8 MiB). dm-integrity keeps the whole
+/// journal in memory while the device is open, and its own default grows with the device (1/128 of
+/// it) up to 64 MiB, reached at 8 GiB: 100 staged volumes of 8 GiB or more would pin 6.4 GiB of a
+/// node's memory. The measurements behind the cap are in docs/benchmarks.md ("Journal size").
+pub const MAX_JOURNAL_SECTORS: u64 = 16384;
+
+/// The journal size a new integrity device on `device_bytes` is formatted with: the kernel's own
+/// default (1/128 of the device), capped at [`MAX_JOURNAL_SECTORS`].
+pub fn format_journal_sectors(device_bytes: u64) -> u64 {
+    (device_bytes / SECTOR / 128).clamp(1, MAX_JOURNAL_SECTORS)
+}
+
+/// The integrity table line that makes the kernel format a new integrity device on `backing`
+/// (`device_bytes` long) with a journal of [`format_journal_sectors`]; `provided_sectors` as in
+/// [`integrity_line`].
+pub fn format_integrity_line(
+    backing: &Path,
+    header: &Header,
+    device_bytes: u64,
+    provided_sectors: u64,
+) -> Option<TargetLine> {
+    let mut line = integrity_line(backing, header, provided_sectors)?;
+    if let Target::Integrity(t) = &mut line.target {
+        t.journal_sectors = Some(format_journal_sectors(device_bytes));
+    }
+    Some(line)
+}
+
 /// The integrity table line for a volume whose integrity device provides `provided_sectors`.
 pub fn integrity_line(
     backing: &Path,
@@ -171,8 +199,87 @@ pub fn integrity_line(
             mode: journal_mode(journal),
             block_size: header.profile.sector_size(),
             fix_padding: true,
+            journal_sectors: None,
         }),
     })
+}
+
+/// Which of dm-crypt's two workqueues a volume's crypt device bypasses: the `workqueues` option of
+/// `sealcsi volume open` and of the StorageClass. A bypassed direction (`no_read_workqueue`,
+/// `no_write_workqueue`) encrypts or decrypts inline, in the context that submitted the I/O; a queued
+/// one hands the work to dm-crypt's kcryptd workers, which can overlap it with the I/O of other
+/// requests and, on a multi-core node, run it on another CPU.
+///
+/// Tuning, not security: the data, tags and keys are the same either way, the header does not record
+/// it, and a volume already open keeps the flags it was opened with. The default is the measured
+/// choice of docs/benchmarks.md ("Workqueues").
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workqueues {
+    /// Both directions through the workqueues (the kernel's default, and cryptsetup's).
+    #[default]
+    Queued,
+    /// Both inline (`no_read_workqueue no_write_workqueue`).
+    Inline,
+    /// Reads inline, writes queued (`no_read_workqueue`).
+    ReadInline,
+    /// Writes inline, reads queued (`no_write_workqueue`).
+    WriteInline,
+}
+
+impl Workqueues {
+    /// (`no_read_workqueue`, `no_write_workqueue`).
+    pub fn bypassed(self) -> (bool, bool) {
+        match self {
+            Workqueues::Queued => (false, false),
+            Workqueues::Inline => (true, true),
+            Workqueues::ReadInline => (true, false),
+            Workqueues::WriteInline => (false, true),
+        }
+    }
+
+    /// What a crypt table (a live one, read back from the kernel) runs with.
+    pub fn of(target: &CryptTarget) -> Self {
+        match (target.no_read_workqueue, target.no_write_workqueue) {
+            (false, false) => Workqueues::Queued,
+            (true, true) => Workqueues::Inline,
+            (true, false) => Workqueues::ReadInline,
+            (false, true) => Workqueues::WriteInline,
+        }
+    }
+
+    fn apply(self, target: &mut CryptTarget) {
+        (target.no_read_workqueue, target.no_write_workqueue) = self.bypassed();
+    }
+}
+
+/// The workqueue flags the open crypt device `names.crypt` runs with (what a reload must keep).
+pub fn live_workqueues(
+    dm: &dyn DeviceMapper,
+    names: &StackNames,
+) -> Result<Workqueues, MappingError> {
+    match dm.table(&names.crypt)?.as_slice() {
+        [
+            TargetLine {
+                target: Target::Crypt(t),
+                ..
+            },
+        ] => Ok(Workqueues::of(t)),
+        _ => Err(MappingError::Dm(DmError::InvalidTable(format!(
+            "{} is not a single crypt line",
+            names.crypt
+        )))),
+    }
 }
 
 /// The crypt table line over `lower` (the integrity device, or the backing device for crypt-only).
@@ -181,12 +288,13 @@ pub fn crypt_line(
     header: &Header,
     length_sectors: u64,
     key: CryptKey,
+    queues: Workqueues,
 ) -> Result<TargetLine, MappingError> {
     let (cipher, offset) = match header.profile {
         Profile::AeadHmacSha256 { .. } => (CryptCipher::AuthencHmacSha256XtsPlainRandom, 0),
         Profile::XtsOnly => (CryptCipher::AesXtsPlain64, header.data_offset / SECTOR),
     };
-    let target = CryptTarget::new(
+    let mut target = CryptTarget::new(
         cipher,
         key,
         lower.to_path_buf(),
@@ -194,6 +302,7 @@ pub fn crypt_line(
         header.profile.sector_size(),
     )
     .map_err(DmError::from)?;
+    queues.apply(&mut target);
     Ok(TargetLine {
         start: 0,
         length: length_sectors,
@@ -247,7 +356,8 @@ fn expect_ours(info: &DeviceInfo, uuid: &str) -> Result<(), MappingError> {
 }
 
 /// Opens (or finds already open) the stack of `header` on `backing`, whose integrity superblock says
-/// `provided_sectors` (ignored for crypt-only; `data_sectors` is used there).
+/// `provided_sectors` (ignored for crypt-only; `data_sectors` is used there), its crypt device with
+/// `queues`. A stack already open with other workqueue flags is the same open: it keeps its flags.
 pub fn open_stack(
     dm: &dyn DeviceMapper,
     names: &StackNames,
@@ -255,6 +365,7 @@ pub fn open_stack(
     header: &Header,
     data_sectors: u64,
     key: &VolumeKey,
+    queues: Workqueues,
 ) -> Result<OpenOutcome, MappingError> {
     let volume_uuid = header.uuid_string();
     let crypt_uuid = dm_uuid(&volume_uuid, "crypt");
@@ -293,7 +404,7 @@ pub fn open_stack(
         None => backing.to_path_buf(),
     };
     let (table_key, logon) = table_key(&volume_uuid, key)?;
-    let crypt = crypt_line(&lower, header, data_sectors, table_key)?;
+    let crypt = crypt_line(&lower, header, data_sectors, table_key, queues)?;
     let created = dm.create(&names.crypt, &crypt_uuid, std::slice::from_ref(&crypt));
     drop(logon); // the kernel copied the key at table load
     match created {
@@ -333,7 +444,9 @@ fn refuse_if_open_elsewhere(
 }
 
 /// An existing crypt device is "the same open" when its cipher, geometry and lower device match what we
-/// would load; the key itself is not compared (the kernel shows a fresh keyring description or hex).
+/// would load; the key itself is not compared (the kernel shows a fresh keyring description or hex),
+/// nor are the workqueue flags (tuning: a node restarted with another default must still find the
+/// volumes it staged before).
 fn crypt_matches_live(
     dm: &dyn DeviceMapper,
     names: &StackNames,
@@ -361,7 +474,13 @@ fn crypt_matches_live(
     let Target::Crypt(live_crypt) = &line.target else {
         return Ok(false);
     };
-    let mut wanted = crypt_line(&lower, header, line.length, live_crypt.key.clone())?;
+    let mut wanted = crypt_line(
+        &lower,
+        header,
+        line.length,
+        live_crypt.key.clone(),
+        Workqueues::of(live_crypt),
+    )?;
     wanted.length = line.length;
     Ok(tables_match(&[wanted], &live)?)
 }
@@ -462,6 +581,7 @@ mod tests {
             &header,
             2000,
             keyring(),
+            Workqueues::Inline,
         )
         .unwrap();
         assert_eq!(
@@ -471,12 +591,72 @@ mod tests {
         );
         let xts = Header::new([1; 16], Profile::XtsOnly, FsKind::Ext4, 0);
         assert!(integrity_line(Path::new("/dev/loop0"), &xts, 2000).is_none());
-        let crypt = crypt_line(Path::new("/dev/loop0"), &xts, 2000, keyring()).unwrap();
+        let crypt = crypt_line(
+            Path::new("/dev/loop0"),
+            &xts,
+            2000,
+            keyring(),
+            Workqueues::Inline,
+        )
+        .unwrap();
         assert_eq!(
             crypt.target.params().as_str(),
             "aes-xts-plain64 :64:logon:sealcsi:x 0 /dev/loop0 2048 3 sector_size:4096 no_read_workqueue \
              no_write_workqueue"
         );
+    }
+
+    #[test]
+    fn format_journal_is_the_kernels_default_capped() {
+        // 1/128 of the device below the cap, as dm-integrity's own default.
+        assert_eq!(format_journal_sectors(64 << 20), 1024);
+        assert_eq!(format_journal_sectors(1 << 30), 16384);
+        assert_eq!(format_journal_sectors(16 << 40), MAX_JOURNAL_SECTORS);
+        let header = Header::new([1; 16], aead(), FsKind::Ext4, 0);
+        let line = format_integrity_line(Path::new("/dev/loop0"), &header, 64 << 30, 8).unwrap();
+        assert_eq!(
+            line.target.params().as_str(),
+            "/dev/loop0 2048 48 J 3 fix_padding block_size:4096 journal_sectors:16384"
+        );
+        let xts = Header::new([1; 16], Profile::XtsOnly, FsKind::Ext4, 0);
+        assert!(format_integrity_line(Path::new("/dev/loop0"), &xts, 1 << 30, 8).is_none());
+    }
+
+    #[test]
+    fn workqueue_choice_sets_exactly_its_flags() {
+        let header = Header::new([1; 16], aead(), FsKind::Ext4, 0);
+        let key = || CryptKey::Keyring {
+            description: "sealcsi:x".into(),
+        };
+        let options = |q| {
+            let line = crypt_line(Path::new("/dev/x"), &header, 8, key(), q).unwrap();
+            let text = line.target.params().to_string();
+            text.split_once(" 0 /dev/x 0 ").unwrap().1.to_string()
+        };
+        assert_eq!(
+            options(Workqueues::Queued),
+            "2 integrity:48:aead sector_size:4096"
+        );
+        assert_eq!(
+            options(Workqueues::ReadInline),
+            "3 integrity:48:aead sector_size:4096 no_read_workqueue"
+        );
+        assert_eq!(
+            options(Workqueues::WriteInline),
+            "3 integrity:48:aead sector_size:4096 no_write_workqueue"
+        );
+        for q in [
+            Workqueues::Queued,
+            Workqueues::Inline,
+            Workqueues::ReadInline,
+            Workqueues::WriteInline,
+        ] {
+            let line = crypt_line(Path::new("/dev/x"), &header, 8, key(), q).unwrap();
+            let Target::Crypt(t) = &line.target else {
+                panic!("not crypt")
+            };
+            assert_eq!(Workqueues::of(t), q, "round trip of {q:?}");
+        }
     }
 
     #[test]

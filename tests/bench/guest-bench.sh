@@ -51,7 +51,8 @@ if [ "$TINY" = 1 ]; then
     # configuration only: it is there to keep the script from rotting, not to measure.
     PBKDF=(--pbkdf pbkdf2 --pbkdf-force-iterations 1000)
 else
-    PROV_SIZES_MIB=(1024 4096 16384 65536)
+    # 16 TiB less 1 MiB: the guest's scratch is ext4, whose largest file is 16 TiB less one block.
+    PROV_SIZES_MIB=(1024 4096 65536 1048576 16777215)
     WIPE_MAX_MIB=${SEALCSI_BENCH_WIPE_MAX_MIB:-4096}
     RUNS=${SEALCSI_BENCH_RUNS:-5}
     SEQ_MIB=${SEALCSI_BENCH_SEQ_MIB:-128}
@@ -116,6 +117,11 @@ log "kernel $kernel, sealcsi $BIN, fio $(fio --version), tiny=$TINY"
 # Each row: sparse file of S MiB -> mounted ext4 with a file written and synced. The clock covers loop
 # attach, format/luksFormat (and its wipe), open, mkfs and mount.
 usable() { echo ok >"$W/mnt/p/usable" && sync "$W/mnt/p/usable"; }
+mem_available_kib() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    awk '/^MemAvailable:/ {print $2}' /proc/meminfo
+}
 
 prov_sealcsi() { # init size_mib
     local init=$1 size=$2 img=$W/prov.img t0 t1 t2 t3 report
@@ -130,13 +136,46 @@ prov_sealcsi() { # init size_mib
     mount -t ext4 /dev/mapper/b-prov "$W/mnt/p"
     usable
     t3=$EPOCHREALTIME
+    # The memory one staged volume pins: MemAvailable with the volume closed and open, caches dropped
+    # (outside the clock).
+    umount "$W/mnt/p"
+    "$BIN" volume close b-prov >/dev/null 2>&1
+    local avail_closed avail_open
+    avail_closed=$(mem_available_kib)
+    "$BIN" volume open "$img" --name b-prov >/dev/null 2>&1
+    avail_open=$(mem_available_kib)
+    mount -t ext4 /dev/mapper/b-prov "$W/mnt/p"
+    # What the open pins: dm-integrity keeps its journal in memory (read from the live table).
+    local journal
+    journal=$(dmsetup table b-prov-integrity | sed -n 's/.*journal_sectors:\([0-9]*\).*/\1/p')
     local init_s mkfs_s
     init_s=$(sed -n 's/.*"init_seconds": \([0-9.e-]*\).*/\1/p' <<<"$report")
     mkfs_s=$(sed -n 's/.*"mkfs_seconds": \([0-9.e-]*\).*/\1/p' <<<"$report")
-    emit "{\"kind\":\"prov\",\"stack\":\"sealcsi-$init\",\"size_mib\":$size,\"t\":[$t0,$t1,$t2,$t3],\"phases\":[\"format\",\"open\",\"mount\"],\"init_s\":${init_s:-null},\"mkfs_s\":${mkfs_s:-null},\"allocated_kib\":$(du -k "$img" | cut -f1)}"
+    emit "{\"kind\":\"prov\",\"stack\":\"sealcsi-$init\",\"size_mib\":$size,\"t\":[$t0,$t1,$t2,$t3],\"phases\":[\"format\",\"open\",\"mount\"],\"init_s\":${init_s:-null},\"mkfs_s\":${mkfs_s:-null},\"journal_sectors\":${journal:-null},\"open_mem_kib\":$((avail_closed - avail_open)),\"allocated_kib\":$(du -k "$img" | cut -f1)}"
     log "provision sealcsi-$init ${size} MiB: $(awk "BEGIN{print $t3-$t0}") s"
     umount "$W/mnt/p"
     "$BIN" volume close b-prov >/dev/null 2>&1
+    rm -f "$img"
+}
+
+# The unencrypted floor (issue 14): loop device + mkfs.ext4 (its defaults) + mount + the same file.
+prov_floor() { # size_mib
+    local size=$1 img=$W/prov.img t0 t1 t2 t3 loop
+    rm -f "$img"
+    truncate -s "${size}M" "$img"
+    mkdir -p "$W/mnt/p"
+    t0=$EPOCHREALTIME
+    loop=$("$LOSETUP" --direct-io=on -f --show "$img")
+    t1=$EPOCHREALTIME
+    "$MKFS" -q -F "$loop"
+    t2=$EPOCHREALTIME
+    mount -t ext4 "$loop" "$W/mnt/p"
+    usable
+    t3=$EPOCHREALTIME
+    emit "{\"kind\":\"prov\",\"stack\":\"floor\",\"size_mib\":$size,\"t\":[$t0,$t1,$t2,$t3],\"phases\":[\"losetup\",\"mkfs\",\"mount\"],\"allocated_kib\":$(du -k "$img" | cut -f1)}"
+    log "provision floor ${size} MiB: $(awk "BEGIN{print $t3-$t0}") s"
+    umount "$W/mnt/p"
+    "$LOSETUP" -d "$loop"
     rm -f "$img"
 }
 
@@ -184,6 +223,7 @@ if [[ $PARTS == *" prov "* ]]; then
 log "== provisioning: sizes ${PROV_SIZES_MIB[*]} MiB (full wipes up to $WIPE_MAX_MIB MiB)"
 prov_peer_nowipe "${PROV_SIZES_MIB[0]}"
 for size in "${PROV_SIZES_MIB[@]}"; do
+    prov_floor "$size"
     prov_sealcsi fast "$size"
     if [ "$size" -le "$WIPE_MAX_MIB" ]; then
         prov_sealcsi full "$size"
@@ -241,17 +281,29 @@ setup_luks() { # stack-name integrity(yes|no) open-args...
 }
 
 # A hand-built AEAD stack with dmsetup, the tables of docs/format.md with one thing changed.
-# No wipe: fio writes the measured region before it reads it.
-setup_manual() { # stack-name journal(J|D) iv(random|plain64) tag block wq(yes|no)
+# wq says which dm-crypt workqueues are bypassed: inline (no_read_workqueue no_write_workqueue, sealcsi's
+# flags until issue 14), queued (neither: the kernel's and cryptsetup's default), read-inline
+# (no_read_workqueue only), write-inline (no_write_workqueue only). Extra dm-integrity options (journal
+# tuning) follow; the device is formatted with them. No wipe: fio writes the measured region before it
+# reads it.
+setup_manual() { # stack-name journal(J|D) iv(random|plain64) tag block wq [integrity-option...]
     local name=$1 mode=$2 iv=$3 tag=$4 block=$5 wq=$6 loop provided key opts
+    shift 6
+    local iopts=("fix_padding" "block_size:$block" "$@")
     loop=$(new_loop "$name")
     dd if=/dev/zero of="$loop" bs=1M count=1 oflag=direct status=none
-    dmsetup create "b-$name-integrity" --table "0 8 integrity $loop 0 $tag $mode 2 fix_padding block_size:$block"
+    dmsetup create "b-$name-integrity" --table "0 8 integrity $loop 0 $tag $mode ${#iopts[@]} ${iopts[*]}"
     provided=$(dmsetup status "b-$name-integrity" | awk '{print $5}')
     dmsetup remove "b-$name-integrity"
-    dmsetup create "b-$name-integrity" --table "0 $provided integrity $loop 0 $tag $mode 2 fix_padding block_size:$block"
+    dmsetup create "b-$name-integrity" --table "0 $provided integrity $loop 0 $tag $mode ${#iopts[@]} ${iopts[*]}"
     key=$(head -c 96 /dev/urandom | od -An -tx1 -v | tr -d ' \n')
-    if [ "$wq" = no ]; then opts="4 integrity:$tag:aead sector_size:$block no_read_workqueue no_write_workqueue"; else opts="2 integrity:$tag:aead sector_size:$block"; fi
+    case $wq in
+        inline) opts="4 integrity:$tag:aead sector_size:$block no_read_workqueue no_write_workqueue" ;;
+        queued) opts="2 integrity:$tag:aead sector_size:$block" ;;
+        read-inline) opts="3 integrity:$tag:aead sector_size:$block no_read_workqueue" ;;
+        write-inline) opts="3 integrity:$tag:aead sector_size:$block no_write_workqueue" ;;
+        *) log "setup_manual: bad wq $wq"; return 2 ;;
+    esac
     dmsetup create "b-$name" --table "0 $provided crypt capi:authenc(hmac(sha256),xts(aes))-$iv $key 0 /dev/mapper/b-$name-integrity 0 $opts"
     add_stack "$name" "/dev/mapper/b-$name"
     record_tables "$name" "b-$name" "b-$name-integrity"
@@ -270,10 +322,22 @@ setup_luks luks2-plain no
 if [ "$LEVERS" = 1 ]; then
 setup_luks luks2-integrity-nowq yes --perf-no_read_workqueue --perf-no_write_workqueue
 setup_luks luks2-plain-nowq no --perf-no_read_workqueue --perf-no_write_workqueue
-setup_manual man-J-wq J random 48 4096 yes
-setup_manual man-J-plain64-tag32 J plain64 32 4096 no
-setup_manual man-J-512 J random 48 512 no
-setup_manual man-D-wq D random 48 4096 yes
+setup_manual man-J-wq J random 48 4096 queued
+setup_manual man-J-plain64-tag32 J plain64 32 4096 inline
+setup_manual man-J-512 J random 48 512 inline
+setup_manual man-D-wq D random 48 4096 queued
+# Which workqueue, per journal mode (issue 14: the flags become a measured choice).
+setup_manual man-J-rin J random 48 4096 read-inline
+setup_manual man-J-win J random 48 4096 write-inline
+setup_manual man-D-rin D random 48 4096 read-inline
+setup_manual man-D-inline D random 48 4096 inline
+# dm-integrity journal tuning, each against man-J-wq (the device here is small: the kernel's default
+# journal is 1/128 of it, ~1.7 MiB; a volume of 8 GiB or more gets 64 MiB).
+setup_manual man-J-wq-js8m J random 48 4096 queued journal_sectors:16384
+setup_manual man-J-wq-js64m J random 48 4096 queued journal_sectors:131072
+setup_manual man-J-wq-buf1k J random 48 4096 queued buffer_sectors:1024
+setup_manual man-J-wq-ct1s J random 48 4096 queued commit_time:1000
+setup_manual man-J-wq-wm90 J random 48 4096 queued journal_watermark:90
 # The peer in direct mode: luksFormat --integrity-no-journal is an open-time flag.
 LUKSD_LOOP=$(new_loop luks2-integrity-D)
 cryptsetup luksFormat --type luks2 --integrity hmac-sha256 --cipher aes-xts-plain64 --key-size 512 --sector-size 4096 \
@@ -290,13 +354,17 @@ WORKLOADS=(
     "randwrite4k randwrite 4k $RAND_MIB 1"
     "randread4k randread 4k $RAND_MIB 1"
 )
-# The I/O-depth lever: on these stacks only.
-QD_STACKS=" sealcsi-J sealcsi-D luks2-integrity raw "
+# Queue depth 16: on every stack compared with the peer and the workqueue and journal levers (not the
+# IV, tag and sector-size levers).
+QD_STACKS=" raw sealcsi-J sealcsi-D sealcsi-crypt luks2-integrity luks2-integrity-D luks2-plain "
+QD_STACKS+=" luks2-integrity-nowq man-J-wq man-D-wq man-J-rin man-J-win man-D-rin man-D-inline "
+QD_STACKS+=" man-J-wq-js8m man-J-wq-js64m man-J-wq-buf1k man-J-wq-ct1s man-J-wq-wm90 "
 [ "$LEVERS" = 1 ] || QD_STACKS=""
 QD_WORKLOADS=(
+    "seqwrite1m-qd16 write 1M $SEQ_MIB 16"
+    "seqread1m-qd16 read 1M $SEQ_MIB 16"
     "randwrite4k-qd16 randwrite 4k $RAND_MIB 16"
     "randread4k-qd16 randread 4k $RAND_MIB 16"
-    "seqwrite1m-qd4 write 1M $SEQ_MIB 4"
 )
 
 run_fio() { # stack workload-spec run

@@ -77,19 +77,21 @@ for r in records:
             "phases": {p: t[i + 1] - t[i] for i, p in enumerate(r["phases"])},
             "init_s": r.get("init_s"),
             "mkfs_s": r.get("mkfs_s"),
+            "journal_mib": None if r.get("journal_sectors") is None else r["journal_sectors"] / 2048,
+            "open_mem_mib": None if r.get("open_mem_kib") is None else r["open_mem_kib"] / 1024,
             "allocated_mib": r.get("allocated_kib", 0) / 1024,
             "estimated": False,
         }
 nowipe = next((r for r in records if r["kind"] == "prov_nowipe"), None)
 sizes = sorted({s for (_, s) in prov})
-if meta:
-    sizes = sorted(set(sizes) | ({1024, 4096, 16384, 65536} if not meta["tiny"] else set()))
+# Full wipes are extrapolated (linear in the size) up to this size only: beyond it the guess says nothing.
+EXTRAPOLATE_MAX_MIB = 65536
 
 
 def extrapolate(stack, size):
     """Linear in size from the two largest measured sizes (the wipe is a sequential write)."""
     pts = sorted((s, v["total_s"]) for (st, s), v in prov.items() if st == stack and not v["estimated"])
-    if not pts:
+    if not pts or size > EXTRAPOLATE_MAX_MIB:
         return None
     if len(pts) == 1:
         return pts[0][1] * size / pts[0][0]
@@ -98,35 +100,47 @@ def extrapolate(stack, size):
     return t2 + slope * (size - s2)
 
 
+def fmt_mib(x):
+    return "-" if x is None else f"{x:.1f} MiB"
+
+
+def fmt_size(mib):
+    return f"{mib / 1024:g} GiB" if mib < 1 << 20 else f"{mib / (1 << 20):.4g} TiB"
+
+
 prov_rows = []
 prov_json = []
 for size in sizes:
-    row = {"size_gib": size / 1024}
+    row = {"size_mib": size}
     cells = []
-    for stack in ("sealcsi-fast", "sealcsi-full", PEER):
+    for stack in ("floor", "sealcsi-fast", "sealcsi-full", PEER):
         v = prov.get((stack, size))
         if v is None:
-            est = extrapolate(stack, size)
+            est = None if stack in ("floor", "sealcsi-fast") else extrapolate(stack, size)
             v = None if est is None else {"total_s": est, "estimated": True}
         row[stack] = v
         cells.append(v)
-    fast, full, peer = cells
+    floor, fast, full, peer = cells
     if not any(cells):
         continue
-    r_fast = ratio(peer and peer["total_s"], fast and fast["total_s"])
+    r_floor = ratio(fast and fast["total_s"], floor and floor["total_s"])
     r_full = ratio(peer and peer["total_s"], full and full["total_s"])
-    row["peer_over_fast"] = r_fast
+    row["fast_over_floor"] = r_floor
     row["peer_over_full"] = r_full
     prov_json.append(row)
-    g = size / 1024
     prov_rows.append(
         [
-            f"{g:g} GiB",
-            fmt_s(fast and fast["total_s"], fast and fast["estimated"]),
+            fmt_size(size),
+            fmt_s(floor and floor["total_s"]),
+            fmt_s(fast and fast["total_s"]),
+            fmt_ratio(r_floor),
+            fmt_s(fast and fast.get("init_s")),
+            fmt_s(fast and fast.get("mkfs_s")),
             fmt_s(full and full["total_s"], full and full["estimated"]),
             fmt_s(peer and peer["total_s"], peer and peer["estimated"]),
-            fmt_ratio(r_fast),
             fmt_ratio(r_full),
+            fmt_mib(fast and fast.get("journal_mib")),
+            fmt_mib(fast and fast.get("open_mem_mib")),
         ]
     )
 if prov_json:
@@ -185,11 +199,11 @@ for r in records:
     if r["kind"] == "table":
         tables[r["stack"]] = r["table"]
 stacks = sorted({s for (s, _) in fio})
-workloads = [
-    w
-    for w in ["seqwrite1m", "seqread1m", "randwrite4k", "randread4k", "randwrite4k-qd16", "randread4k-qd16", "seqwrite1m-qd4"]
-    if any(wl == w for (_, wl) in fio)
+ALL_WORKLOADS = [
+    "seqwrite1m", "seqread1m", "randwrite4k", "randread4k",
+    "seqwrite1m-qd16", "seqread1m-qd16", "randwrite4k-qd16", "randread4k-qd16",
 ]
+workloads = [w for w in ALL_WORKLOADS if any(wl == w for (_, wl) in fio)]
 if fio:
     results.setdefault("guest", {})["data_path"] = {
         s: {w: summary(s, w) for w in workloads if summary(s, w)} for s in stacks
@@ -206,36 +220,37 @@ for wl in workloads:
     data_rows.append(row)
 
 LEVERS = [
-    ("sealcsi-J", "sealcsi (reference: J, 4096, no workqueues, random IV, tag 48)"),
-    ("man-J-wq", "workqueues ON (dm-crypt default)"),
-    ("man-J-plain64-tag32", "IV plain64, tag 32 (the peer's cipher)"),
-    ("man-J-512", "sector size 512"),
-    ("sealcsi-D", "journal -> direct"),
-    ("man-D-wq", "direct + workqueues ON"),
-    (PEER, "peer as configured (J, workqueues ON, plain64, tag 32)"),
+    ("sealcsi-J", "sealcsi as shipped (J, 4096, random IV, tag 48, its default workqueues)"),
+    ("man-J-wq", "J, workqueues queued (the kernel's default)"),
+    ("man-J-rin", "J, reads inline (no_read_workqueue)"),
+    ("man-J-win", "J, writes inline (no_write_workqueue)"),
+    ("man-J-plain64-tag32", "J, inline, IV plain64, tag 32 (the peer's cipher)"),
+    ("man-J-512", "J, inline, sector size 512"),
+    ("man-J-wq-js8m", "J queued, journal_sectors 16384 (8 MiB)"),
+    ("man-J-wq-js64m", "J queued, journal_sectors 131072 (64 MiB)"),
+    ("man-J-wq-buf1k", "J queued, buffer_sectors 1024"),
+    ("man-J-wq-ct1s", "J queued, commit_time 1000 ms"),
+    ("man-J-wq-wm90", "J queued, journal_watermark 90"),
+    ("sealcsi-D", "sealcsi direct (its default workqueues)"),
+    ("man-D-wq", "D, queued"),
+    ("man-D-rin", "D, reads inline"),
+    ("man-D-inline", "D, both inline"),
+    (PEER, "peer as configured (J, workqueues queued, plain64, tag 32)"),
     (PEER + "-nowq", "peer + no_read/no_write_workqueue"),
     (PEER + "-D", "peer --integrity-no-journal"),
-    ("luks2-plain", "peer crypt-only (workqueues ON)"),
+    ("luks2-plain", "peer crypt-only (workqueues queued)"),
     ("luks2-plain-nowq", "peer crypt-only + no workqueues"),
-    ("sealcsi-crypt", "sealcsi crypt-only (no workqueues)"),
+    ("sealcsi-crypt", "sealcsi crypt-only"),
 ]
 lever_rows = []
 for stack, what in LEVERS:
     if not any(s == stack for (s, _) in fio):
         continue
     row = [stack, what]
-    for wl in ["seqwrite1m", "seqread1m", "randwrite4k", "randread4k"]:
+    for wl in workloads:
         s, ref = summary(stack, wl), summary("sealcsi-J", wl)
-        row.append(f"{cell(s)} ({fmt_ratio(ratio(s and s['median'], ref and ref['median']))})")
+        row.append(f"{cell(s)} ({fmt_ratio(ratio(s and s['median'], ref and ref['median']))})" if s else "-")
     lever_rows.append(row)
-
-qd_rows = []
-for stack in ["raw", "sealcsi-J", "sealcsi-D", PEER]:
-    row = [stack]
-    for wl in ["randwrite4k", "randwrite4k-qd16", "randread4k", "randread4k-qd16", "seqwrite1m", "seqwrite1m-qd4"]:
-        row.append(cell(summary(stack, wl)))
-    if any(c != "-" for c in row[1:]):
-        qd_rows.append(row)
 
 # ------------------------------------------------------------------ scale
 scale = next((r for r in records if r["kind"] == "scale"), None)
@@ -289,12 +304,18 @@ if meta:
     )
 if prov_rows:
     out.append("\n## 1. Provisioning: blank sparse file -> mounted, usable ext4 (lower is better)")
-    out.append(table(["size", "sealcsi fast", "sealcsi full", "peer (LUKS2 integrity)", "peer/fast", "peer/full"], prov_rows))
+    out.append(
+        table(
+            ["size", "floor (loop+mkfs+mount)", "sealcsi fast", "fast/floor", "of which pre-write", "mkfs",
+             "sealcsi full", "peer (LUKS2 integrity)", "peer/full", "integrity journal", "memory pinned by open"],
+            prov_rows,
+        )
+    )
     if nowipe:
         out.append(f"peer luksFormat without its wipe (PBKDF, headers): {nowipe['t'][1] - nowipe['t'][0]:.2f} s")
 if data_rows:
     out.append(
-        f"\n## 2. Data path: fio O_DIRECT, libaio, qd 1; median of {meta['runs'] if meta else '?'} runs ±half the spread (higher is better)"
+        f"\n## 2. Data path: fio O_DIRECT, libaio; median of {meta['runs'] if meta else '?'} runs ±half the spread (higher is better)"
     )
     heads = ["workload", "raw"]
     for ours, theirs in COMPARE:
@@ -302,10 +323,7 @@ if data_rows:
     out.append(table(heads, data_rows))
 if lever_rows:
     out.append("\n## 3. Levers (median; ratio against sealcsi-J)")
-    out.append(table(["stack", "what changed", "seqwrite1m MiB/s", "seqread1m MiB/s", "randwrite4k IOPS", "randread4k IOPS"], lever_rows))
-if qd_rows:
-    out.append("\n## 3b. I/O depth lever")
-    out.append(table(["stack", "randwrite4k qd1", "qd16", "randread4k qd1", "qd16", "seqwrite1m qd1", "qd4"], qd_rows))
+    out.append(table(["stack", "what changed"] + workloads, lever_rows))
 if tables:
     out.append("\n## dm tables (keys cut)")
     for s in stacks:

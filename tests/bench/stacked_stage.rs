@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sealcsi::node::{KernelEngine, Mounter, SystemMounter, VolumeEngine};
+use sealcsi::volume::stack::Workqueues;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -129,7 +130,7 @@ pub async fn run() {
         let name = format!("sealcsi-bench-{run}");
         let t0 = Instant::now();
         let staged = tokio::task::block_in_place(|| {
-            engine.stage_device(&bb_device, &name, &format, formatted)
+            engine.stage_device(&bb_device, &name, &format, formatted, Workqueues::default())
         })
         .unwrap();
         Mounter::mount(

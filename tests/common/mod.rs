@@ -91,3 +91,14 @@ pub fn sh(prog: &str, args: &[&str]) -> Out {
 pub fn p(path: &Path) -> &str {
     path.to_str().expect("scratch paths are UTF-8")
 }
+
+/// The `*_workqueue` options of the live crypt table `dm_name` (`dmsetup table`: the key is not shown).
+pub fn workqueue_flags(dm_name: &str) -> Vec<String> {
+    sh("dmsetup", &["table", dm_name])
+        .ok()
+        .stdout
+        .split_whitespace()
+        .filter(|w| w.ends_with("_workqueue"))
+        .map(str::to_owned)
+        .collect()
+}

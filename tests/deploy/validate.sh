@@ -27,7 +27,7 @@ export SEALCSI_EXPECT_BINARY="/usr/bin/sealcsi"
 export SEALCSI_EXPECT_IMAGE="sealcsi"
 export SEALCSI_EXPECT_NAMESPACE="sealcsi"
 # StorageClass parameters: key=allowed values, the first being the default.
-export SEALCSI_EXPECT_PARAMETERS="integrity=hmac-sha256,none;init=fast,full;journal=journal,direct"
+export SEALCSI_EXPECT_PARAMETERS="integrity=hmac-sha256,none;init=fast,full;journal=journal,direct;workqueues=queued,inline,read-inline,write-inline"
 export SEALCSI_EXPECT_FSTYPES="ext4,xfs"
 export SEALCSI_EXPECT_TEE_VALUES="auto,sim,snp,tpm"
 # The StorageClasses that must exist, with their fstype.
