@@ -329,6 +329,7 @@ setup_manual man-D-wq D random 48 4096 queued
 # Which workqueue, per journal mode (issue 14: the flags become a measured choice).
 setup_manual man-J-rin J random 48 4096 read-inline
 setup_manual man-J-win J random 48 4096 write-inline
+setup_manual man-J-inline J random 48 4096 inline
 setup_manual man-D-rin D random 48 4096 read-inline
 setup_manual man-D-inline D random 48 4096 inline
 # dm-integrity journal tuning, each against man-J-wq (the device here is small: the kernel's default
@@ -357,7 +358,7 @@ WORKLOADS=(
 # Queue depth 16: on every stack compared with the peer and the workqueue and journal levers (not the
 # IV, tag and sector-size levers).
 QD_STACKS=" raw sealcsi-J sealcsi-D sealcsi-crypt luks2-integrity luks2-integrity-D luks2-plain "
-QD_STACKS+=" luks2-integrity-nowq man-J-wq man-D-wq man-J-rin man-J-win man-D-rin man-D-inline "
+QD_STACKS+=" luks2-integrity-nowq man-J-wq man-D-wq man-J-rin man-J-win man-J-inline man-D-rin man-D-inline "
 QD_STACKS+=" man-J-wq-js8m man-J-wq-js64m man-J-wq-buf1k man-J-wq-ct1s man-J-wq-wm90 "
 [ "$LEVERS" = 1 ] || QD_STACKS=""
 QD_WORKLOADS=(

@@ -224,6 +224,7 @@ LEVERS = [
     ("man-J-wq", "J, workqueues queued (the kernel's default)"),
     ("man-J-rin", "J, reads inline (no_read_workqueue)"),
     ("man-J-win", "J, writes inline (no_write_workqueue)"),
+    ("man-J-inline", "J, both inline (no_read_workqueue no_write_workqueue)"),
     ("man-J-plain64-tag32", "J, inline, IV plain64, tag 32 (the peer's cipher)"),
     ("man-J-512", "J, inline, sector size 512"),
     ("man-J-wq-js8m", "J queued, journal_sectors 16384 (8 MiB)"),
