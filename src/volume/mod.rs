@@ -331,7 +331,7 @@ impl<'a> Volumes<'a> {
     ) -> Result<(u64, init::InitReport), VolumeError> {
         let integrity = matches!(opts.profile, Profile::AeadHmacSha256 { .. });
         let data_sectors = if integrity {
-            self.format_integrity(dev.path(), header, names)?
+            self.format_integrity(dev.path(), size, header, names)?
         } else {
             crypt_only_sectors(size)
         };
@@ -356,15 +356,15 @@ impl<'a> Volumes<'a> {
         Ok((data_bytes, report))
     }
 
-    /// Lets the kernel format the (zeroed) integrity area through a one-block mapping, and returns the
-    /// data sectors it provides.
+    /// Lets the kernel format the (zeroed) integrity area of `backing` (`device_bytes` long) through a
+    /// one-block mapping, and returns the data sectors it provides.
     fn format_integrity(
         &self,
         backing: &Path,
+        device_bytes: u64,
         header: &Header,
         names: &StackNames,
     ) -> Result<u64, VolumeError> {
-        let device_bytes = devio::size_of(backing).map_err(io_error("reading the device size"))?;
         let probe = stack::format_integrity_line(
             backing,
             header,
