@@ -1,7 +1,8 @@
 //! The KBS client and the `kbs` keyslot against the KBS test double (tests/kbs_double), a real HTTP
 //! server on 127.0.0.1: release allowed, denied by policy (the step named), broker down (nothing
-//! changed), wrong report data (401), missing resource; and a volume header opened through its kbs
-//! slot by a second node identity.
+//! changed), wrong report data (401), missing resource; over HTTPS, the broker's certificate verified
+//! against the CA bundle (unknown issuer and wrong name refused before any request); and a volume
+//! header opened through its kbs slot by a second node identity.
 
 #[path = "kbs_double/mod.rs"]
 mod kbs_double;
@@ -313,4 +314,69 @@ mod volume {
             "another broker's slot was sent to this one"
         );
     }
+}
+
+/// A client over HTTPS (the default) that trusts `ca_pem` (written to a file, as `--kbs-ca` takes it)
+/// or, without one, the system's roots.
+fn tls_client(url: &str, ca_pem: Option<&str>, dir: &std::path::Path) -> KbsClient {
+    let mut c = KbsConfig::new(url);
+    c.http.timeout = Duration::from_secs(5);
+    if let Some(pem) = ca_pem {
+        let bundle = dir.join("ca.pem");
+        std::fs::write(&bundle, pem).unwrap();
+        c.http.ca_bundle = Some(bundle);
+    }
+    c.retry = Retry {
+        attempts: 1,
+        backoff: Duration::from_millis(10),
+    };
+    KbsClient::new(Box::new(HttpTransport::new(url, &c.http).unwrap()), c.retry)
+}
+
+#[test]
+fn over_https_the_release_needs_the_brokers_certificate_to_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = kbs_double::test_certificate(&["127.0.0.1"]);
+    let double = KbsDouble::start_tls(0, &cert, &key);
+    double.set_policy(&Policy::allow_sample());
+    double.put_resource(PATH, &[9u8; 32]);
+    let url = double.url();
+    assert!(url.starts_with("https://"), "{url}");
+    // With the CA bundle that signed the broker's certificate: the full handshake, over TLS.
+    let got = tls_client(&url, Some(&cert), dir.path())
+        .fetch_resource(&SampleEvidence::new("node-a"), &path())
+        .unwrap();
+    assert_eq!(got.as_slice(), &[9u8; 32]);
+    assert_eq!(double.log().len(), 3, "{:?}", double.log());
+    // Without it (the system's roots do not know this certificate): refused at the first step, and
+    // no request reached the broker.
+    let err = tls_client(&url, None, dir.path())
+        .fetch_resource(&SampleEvidence::new("node-a"), &path())
+        .unwrap_err();
+    assert!(matches!(err, BrokerError::Unreachable { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("step auth"), "{text}");
+    assert!(text.contains("invalid peer certificate"), "{text}");
+    // A CA bundle of another certificate: refused the same way.
+    let (other, _) = kbs_double::test_certificate(&["127.0.0.1"]);
+    let err = tls_client(&url, Some(&other), dir.path())
+        .fetch_resource(&SampleEvidence::new("node-a"), &path())
+        .unwrap_err();
+    assert!(matches!(err, BrokerError::Unreachable { .. }), "{err}");
+    assert_eq!(double.log().len(), 3, "no request got past the handshake");
+}
+
+#[test]
+fn over_https_a_certificate_for_another_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = kbs_double::test_certificate(&["kbs.example"]);
+    let double = KbsDouble::start_tls(0, &cert, &key);
+    double.set_policy(&Policy::allow_sample());
+    double.put_resource(PATH, &[9u8; 32]);
+    let err = tls_client(&double.url(), Some(&cert), dir.path())
+        .fetch_resource(&SampleEvidence::new("node-a"), &path())
+        .unwrap_err();
+    assert!(matches!(err, BrokerError::Unreachable { .. }), "{err}");
+    assert!(err.to_string().contains("not valid for name"), "{err}");
+    assert!(double.log().is_empty(), "{:?}", double.log());
 }

@@ -9,6 +9,7 @@
 
 pub mod sample;
 pub mod snp;
+pub mod tdx;
 pub mod tpm;
 pub mod tsm;
 
@@ -91,7 +92,8 @@ pub trait EvidenceSource: Send + Sync {
 }
 
 /// The node's evidence of `kind`: `sample` naming `sim_identity`; SNP and TDX through configfs-tsm
-/// ([`tsm`]), SNP falling back to `/dev/sev-guest`. A TPM quote ([`tpm`]) needs the node's TCTI and PCR
+/// ([`tsm`]), SNP falling back to `/dev/sev-guest`, TDX to `/dev/tdx_guest` and the host's quoting
+/// service ([`tdx`]). A TPM quote ([`tpm`]) needs the node's TCTI and PCR
 /// selection and is opened by its one caller, the attested transfer; none is offered to a key broker.
 pub fn open(
     kind: EvidenceKind,
@@ -99,14 +101,61 @@ pub fn open(
 ) -> Result<Box<dyn EvidenceSource>, AttestError> {
     match kind {
         EvidenceKind::Sample => Ok(Box::new(SampleEvidence::new(sim_identity))),
-        EvidenceKind::Snp => match tsm::TsmEvidence::open(kind) {
-            Ok(tsm) => Ok(Box::new(tsm)),
-            Err(_) => Ok(Box::new(tsm::SevGuestEvidence::open()?)),
-        },
-        EvidenceKind::Tdx => Ok(Box::new(tsm::TsmEvidence::open(kind)?)),
+        EvidenceKind::Snp => tsm_or(kind, || Ok(Box::new(tsm::SevGuestEvidence::open()?))),
+        EvidenceKind::Tdx => tsm_or(kind, || Ok(Box::new(tdx::QgsEvidence::open()?))),
         EvidenceKind::Tpm => Err(AttestError::Unavailable {
             kind,
             reason: "TPM evidence is not offered to a key broker by this build".into(),
         }),
+    }
+}
+
+/// configfs-tsm when the node has it, else `fallback`; when neither is there, the error names both.
+fn tsm_or(
+    kind: EvidenceKind,
+    fallback: impl FnOnce() -> Result<Box<dyn EvidenceSource>, AttestError>,
+) -> Result<Box<dyn EvidenceSource>, AttestError> {
+    let tsm_error = match tsm::TsmEvidence::open(kind) {
+        Ok(tsm) => return Ok(Box::new(tsm)),
+        Err(e) => e,
+    };
+    fallback().map_err(|e| AttestError::Unavailable {
+        kind,
+        reason: format!("{tsm_error}; and the fallback: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_configfs_tsm_or_a_guest_device_the_error_names_both() {
+        // This host is no confidential VM: neither configfs-tsm nor the guest devices exist.
+        if std::path::Path::new(tsm::TSM_REPORT_DIR).exists() {
+            eprintln!(
+                "not run: this host has configfs-tsm ({})",
+                tsm::TSM_REPORT_DIR
+            );
+            return;
+        }
+        for (kind, device) in [
+            (EvidenceKind::Snp, "/dev/sev-guest"),
+            (EvidenceKind::Tdx, "/dev/tdx_guest"),
+        ] {
+            if std::path::Path::new(device).exists() {
+                eprintln!("not run for {kind:?}: this host has {device}");
+                continue;
+            }
+            let err = open(kind, "unused")
+                .err()
+                .expect("no evidence on this host");
+            let text = err.to_string();
+            assert!(
+                text.contains("configfs-tsm") && text.contains(device),
+                "{text}"
+            );
+            assert_eq!(err.kind(), Kind::Unavailable);
+        }
     }
 }

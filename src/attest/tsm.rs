@@ -10,17 +10,13 @@
 //!   the certificate table the host attached to the extended report (configfs-tsm `auxblob`), or null
 //!   when there is none (docs/keys.md, "SEV-SNP evidence").
 //!
-//! Without configfs-tsm, SNP evidence comes from `/dev/sev-guest` ([`SevGuestEvidence`]). There is no
-//! `/dev/tdx_guest` fallback: that device gives a TDREPORT, and a quote needs the host's quoting
-//! service, which this build does not reach.
+//! Without configfs-tsm, SNP evidence comes from `/dev/sev-guest` ([`SevGuestEvidence`]) and TDX
+//! evidence from `/dev/tdx_guest` and the host's quoting service ([`super::tdx::QgsEvidence`]).
 //!
 //! NEVER RUN ON SNP OR TDX HARDWARE: tested only against the in-memory [`MemoryTsm`] and a fake
 //! sev-guest device.
 
 use std::path::PathBuf;
-
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 
 use super::snp::{REPORT_DATA_RANGE, REPORT_LEN, SnpEvidenceBody};
 use super::{AttestError, Evidence, EvidenceKind, EvidenceSource, ReportData};
@@ -245,9 +241,6 @@ fn snp_evidence(
 
 /// The SNP report's report-data field: bytes 0x50..0x90.
 const SNP_REPORT_DATA: std::ops::Range<usize> = REPORT_DATA_RANGE;
-/// A TDX quote (v4) carries the TD report body after the 48-byte header; REPORTDATA is at body
-/// offset 520, so quote bytes 568..632.
-const TDX_REPORT_DATA: std::ops::Range<usize> = 568..632;
 
 impl EvidenceSource for TsmEvidence {
     fn kind(&self) -> EvidenceKind {
@@ -256,27 +249,10 @@ impl EvidenceSource for TsmEvidence {
 
     fn evidence(&self, report_data: &ReportData) -> Result<Evidence, AttestError> {
         let (out, aux) = self.outblob(report_data)?;
-        let (range, body) = match self.kind {
-            EvidenceKind::Tdx => (
-                TDX_REPORT_DATA,
-                serde_json::json!({ "cc_eventlog": null, "quote": STANDARD.encode(&out) }),
-            ),
-            _ => return snp_evidence(&out, aux.as_deref(), report_data),
-        };
-        if out.get(range) != Some(&report_data[..]) {
-            return Err(AttestError::Malformed {
-                kind: self.kind,
-                reason: format!(
-                    "the {} bytes from configfs-tsm do not carry the report data asked for",
-                    out.len()
-                ),
-            });
+        match self.kind {
+            EvidenceKind::Tdx => super::tdx::tdx_evidence(&out, report_data, "configfs-tsm"),
+            _ => snp_evidence(&out, aux.as_deref(), report_data),
         }
-        Ok(Evidence {
-            kind: self.kind,
-            report_data: *report_data,
-            body: serde_json::to_vec(&body).expect("JSON of strings"),
-        })
     }
 }
 
@@ -338,8 +314,10 @@ impl TsmFs for MemoryTsm {
                 .clone()
                 .ok_or(std::io::ErrorKind::NotFound.into()),
             "outblob" => {
+                let mut data = [0u8; 64];
+                data[..e.1.len()].copy_from_slice(&e.1);
                 let (mut out, range) = match self.kind {
-                    EvidenceKind::Tdx => (vec![0xA5u8; 5006], TDX_REPORT_DATA),
+                    EvidenceKind::Tdx => return Ok(super::tdx::test_quote(&data)),
                     _ => {
                         let mut report = vec![0u8; SNP_REPORT_LEN];
                         report[0] = 3; // VERSION
@@ -349,8 +327,6 @@ impl TsmFs for MemoryTsm {
                         (report, SNP_REPORT_DATA)
                     }
                 };
-                let mut data = e.1.clone();
-                data.resize(64, 0);
                 out[range].copy_from_slice(&data);
                 Ok(out)
             }
@@ -369,6 +345,9 @@ impl TsmFs for MemoryTsm {
 
 #[cfg(test)]
 mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+
     use super::*;
 
     #[test]
@@ -381,7 +360,10 @@ mod tests {
         let ev = tsm.evidence(&data).unwrap();
         let body: serde_json::Value = serde_json::from_slice(&ev.body).unwrap();
         let quote = STANDARD.decode(body["quote"].as_str().unwrap()).unwrap();
-        assert_eq!(&quote[TDX_REPORT_DATA], &data[..]);
+        assert_eq!(
+            super::super::tdx::quote_report_data(&quote),
+            Some(&data[..])
+        );
         assert!(body["cc_eventlog"].is_null());
     }
 

@@ -88,6 +88,8 @@ type Shared = Arc<Mutex<Inner>>;
 /// A running double; dropped, it stops.
 pub struct KbsDouble {
     pub addr: SocketAddr,
+    /// Served over HTTPS with this certificate (PEM), or over plain HTTP.
+    pub tls_cert_pem: Option<String>,
     inner: Shared,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -419,13 +421,80 @@ pub fn encrypt_to(tee_pubkey: &Value, plaintext: &[u8]) -> Result<Value, String>
     }))
 }
 
+/// A self-signed certificate for `names` (DNS names or IP addresses), as (certificate, key) PEM.
+pub fn test_certificate(names: &[&str]) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = rcgen::CertificateParams::new(names)
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn tls_acceptor(cert_pem: &str, key_pem: &str) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// Serves `app` over TLS on `listener` until `stopped`: one HTTP/1.1 connection per accepted TLS
+/// session; a failed handshake only ends its connection.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut stopped => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => continue,
+            },
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
 impl KbsDouble {
-    /// Starts the double on 127.0.0.1 (`port` 0: any free port).
+    /// Starts the double on 127.0.0.1 over plain HTTP (`port` 0: any free port).
     pub fn start(port: u16) -> Self {
+        Self::start_with(port, None)
+    }
+
+    /// Starts the double on 127.0.0.1 over HTTPS with this certificate and key (PEM).
+    pub fn start_tls(port: u16, cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_with(port, Some((cert_pem.to_owned(), key_pem.to_owned())))
+    }
+
+    fn start_with(port: u16, tls: Option<(String, String)>) -> Self {
         let inner: Shared = Arc::default();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let state = inner.clone();
+        let tls_cert_pem = tls.as_ref().map(|(cert, _)| cert.clone());
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -446,17 +515,23 @@ impl KbsDouble {
                     .await
                     .unwrap();
                 ready_tx.send(listener.local_addr().unwrap()).unwrap();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    .unwrap();
+                match tls {
+                    Some((cert, key)) => {
+                        serve_tls(listener, app, tls_acceptor(&cert, &key), stopped).await
+                    }
+                    None => axum::serve(listener, app)
+                        .with_graceful_shutdown(async {
+                            let _ = stopped.await;
+                        })
+                        .await
+                        .unwrap(),
+                }
             });
         });
         let addr = ready_rx.recv().unwrap();
         Self {
             addr,
+            tls_cert_pem,
             inner,
             stop: Some(stop),
             thread: Some(thread),
@@ -464,11 +539,22 @@ impl KbsDouble {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls_cert_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
-    /// Sets a resource through the admin endpoint (over HTTP, as an operator would).
+    /// Sets a resource through the admin endpoint (over HTTP, as an operator would; over HTTPS the
+    /// double takes it directly: its TLS is what the test is about, not its admin API).
     pub fn put_resource(&self, path: &str, bytes: &[u8]) {
+        if self.tls_cert_pem.is_some() {
+            let mut inner = self.inner.lock().unwrap();
+            inner.resources.insert(path.to_owned(), bytes.to_vec());
+            return;
+        }
         let status = admin_post(
             &format!("{}/kbs/v0/resource/{path}", self.url()),
             bytes.to_vec(),
@@ -476,8 +562,12 @@ impl KbsDouble {
         assert_eq!(status, 200, "set resource");
     }
 
-    /// Sets the policy through the admin endpoint.
+    /// Sets the policy through the admin endpoint (directly over HTTPS, as for resources).
     pub fn set_policy(&self, policy: &Policy) {
+        if self.tls_cert_pem.is_some() {
+            self.inner.lock().unwrap().policy = policy.clone();
+            return;
+        }
         let text = serde_json::to_vec(policy).unwrap();
         let body = json!({ "policy": URL_SAFE_NO_PAD.encode(text) }).to_string();
         let status = admin_post(
