@@ -1,5 +1,5 @@
 //! By hand: the KBS client against the REAL Trustee KBS (built outside this repository), started and
-//! stopped by the test on 127.0.0.1 with its builtin attestation service and plain http.
+//! stopped by the test on 127.0.0.1 with its builtin attestation service, over plain http and HTTPS.
 //!
 //! ```text
 //! SEALCSI_TRUSTEE_KBS=/path/to/kbs [SEALCSI_KBS_RECORD_DIR=tests/data/kbs] \
@@ -11,7 +11,9 @@
 //! (`authorization_mode = "InsecureAllowAll"`), runs the scenarios of tests/kbs_double/transcript.rs
 //! (allowed release with `sample` evidence, missing resource, evidence over wrong report data, a
 //! resource request without a session, a protocol version mismatch), then a deny-all policy and the
-//! denied release. With `SEALCSI_KBS_RECORD_DIR` it writes each scenario's exchanges there as JSON
+//! denied release. A second test starts the KBS over HTTPS with a certificate made for the run and
+//! checks the release through TLS with that CA bundle, and the refusal without it. With
+//! `SEALCSI_KBS_RECORD_DIR` it writes each scenario's exchanges there as JSON
 //! (the format is in transcript.rs); `SEALCSI_TRUSTEE_KBS_REV` names the KBS revision in them. The
 //! resource and the recorded session key are random test data, not secrets.
 
@@ -47,9 +49,22 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start(binary: &Path, dir: &Path, port: u16) -> Kbs {
+/// Starts the KBS on 127.0.0.1:`port`: plain http, or HTTPS with `tls` (certificate and key PEM).
+fn start(binary: &Path, dir: &Path, port: u16, tls: Option<(&str, &str)>) -> Kbs {
+    let http_server = match tls {
+        None => "insecure_http = true".to_owned(),
+        Some((cert, key)) => {
+            std::fs::write(dir.join("kbs-cert.pem"), cert).unwrap();
+            std::fs::write(dir.join("kbs-key.pem"), key).unwrap();
+            format!(
+                "insecure_http = false\ncertificate = \"{}\"\nprivate_key = \"{}\"",
+                dir.join("kbs-cert.pem").display(),
+                dir.join("kbs-key.pem").display()
+            )
+        }
+    };
     let config = format!(
-        "[http_server]\nsockets = [\"127.0.0.1:{port}\"]\ninsecure_http = true\n\n\
+        "[http_server]\nsockets = [\"127.0.0.1:{port}\"]\n{http_server}\n\n\
          [attestation_token]\ninsecure_header_jwk = true\n\n\
          [attestation_service]\ntype = \"coco_as_builtin\"\n\n\
          [attestation_service.attestation_token_broker]\nduration_min = 5\n\n\
@@ -125,7 +140,7 @@ fn the_client_interoperates_with_the_real_trustee_kbs() {
         std::env::var("SEALCSI_TRUSTEE_KBS_REV").unwrap_or_else(|_| "unknown revision".into());
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let _kbs = start(Path::new(&binary), dir.path(), port);
+    let _kbs = start(Path::new(&binary), dir.path(), port, None);
     let url = format!("http://127.0.0.1:{port}");
     let opts = HttpOptions {
         insecure_http: true,
@@ -172,4 +187,49 @@ fn the_client_interoperates_with_the_real_trustee_kbs() {
             std::fs::write(dir.join(format!("{}.json", scenario.name())), text + "\n").unwrap();
         }
     }
+}
+
+#[test]
+#[ignore = "by hand: needs the real Trustee KBS in SEALCSI_TRUSTEE_KBS"]
+fn the_client_interoperates_with_the_real_trustee_kbs_over_https() {
+    let Some(binary) = std::env::var_os("SEALCSI_TRUSTEE_KBS") else {
+        println!(
+            "kbs_interop: SEALCSI_TRUSTEE_KBS is not set: the real-KBS HTTPS test did not run"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (cert, key) = kbs_double::test_certificate(&["127.0.0.1"]);
+    let _kbs = start(Path::new(&binary), dir.path(), port, Some((&cert, &key)));
+    let url = format!("https://127.0.0.1:{port}");
+    let bundle = dir.path().join("ca.pem");
+    std::fs::write(&bundle, &cert).unwrap();
+    let opts = HttpOptions {
+        ca_bundle: Some(bundle),
+        ..HttpOptions::default()
+    };
+    let tls = HttpTransport::new(&url, &opts).unwrap();
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).unwrap();
+    admin(
+        &tls,
+        &format!("/kbs/v0/resource/{}", transcript::RESOURCE),
+        &secret,
+    );
+    set_policy(&tls, "package policy\n\ndefault allow = true\n");
+    let rec = Recording::new(HttpTransport::new(&url, &opts).unwrap());
+    let (_, session_key) = recorded_key();
+    let exchanges = transcript::drive(Scenario::Allow, &rec, session_key, &secret);
+    println!(
+        "kbs_interop: allow over HTTPS: as expected, {} exchanges",
+        exchanges.len()
+    );
+    // Without the CA bundle (the system's roots do not know the certificate): refused.
+    let untrusting = HttpTransport::new(&url, &HttpOptions::default()).unwrap();
+    let text = untrusting
+        .post_json("/kbs/v0/auth", None, b"{}")
+        .expect_err("an unknown issuer is refused");
+    assert!(text.contains("invalid peer certificate"), "{text}");
+    println!("kbs_interop: HTTPS without the CA bundle: refused ({text})");
 }
