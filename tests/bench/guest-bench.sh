@@ -9,7 +9,8 @@
 #    at once and visited round-robin (run r of every stack, then run r+1), so host noise hits all alike;
 # 3. levers: variants of the AEAD stack (workqueue flags, journal vs direct, IV mode / tag size, sector
 #    size, I/O depth) built the same way;
-# 4. scale: N volumes staged (open + mount) at once with the real binary: time per stage, memory.
+# 4. scale: N volumes staged (open + mount) at once with the real binary: time per stage, memory;
+# 5. journal: the memory an open integrity device pins with the old default journal and the capped one.
 # Raw records go to target/bench/guest.jsonl and target/bench/fio/; tests/bench/report.py turns them into
 # the table and target/bench/results.json.
 #
@@ -17,7 +18,7 @@
 # full-wipe stacks are really run; larger sizes are extrapolated from the two largest measured ones,
 # default 4096: a 64 GiB wipe writes 64 GiB to the host disk and takes ~15 min here), SEALCSI_BENCH_RUNS,
 # SEALCSI_BENCH_SEQ_MIB, SEALCSI_BENCH_RAND_MIB, SEALCSI_BENCH_SCALE_N, SEALCSI_BENCH_LEVERS (0/1),
-# SEALCSI_BENCH_PARTS (default "prov data scale": which parts to run), SEALCSI_BENCH_OUT.
+# SEALCSI_BENCH_PARTS (default "prov data scale journal": which parts to run), SEALCSI_BENCH_OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$PWD
@@ -62,7 +63,7 @@ else
     PBKDF=()
 fi
 
-PARTS=" ${SEALCSI_BENCH_PARTS:-prov data scale} "
+PARTS=" ${SEALCSI_BENCH_PARTS:-prov data scale journal} "
 OUT=${SEALCSI_BENCH_OUT:-$REPO/target/bench}
 RAW=$OUT/guest.jsonl
 FIO_DIR=$OUT/fio
@@ -427,9 +428,32 @@ done
 t1=$EPOCHREALTIME
 emit "{\"kind\":\"scale_teardown\",\"n\":$SCALE_N,\"t\":[$t0,$t1]}"
 fi
+log "scale done at ${SECONDS}s"
+
+# 5. journal memory, old against new (issue 14): the memory an open dm-integrity device pins with the
+# journal the kernel's default gave a 16 GiB volume before the cap (1/128 of the device, 64 MiB at
+# most: 131072 sectors) and with the cap (16384 sectors, 8 MiB). The same table sealcsi loads (tag 48,
+# journal mode, 4 KiB blocks) on a blank sparse file, which the kernel formats at load; MemAvailable
+# with caches dropped, before the load and after.
+if [[ $PARTS == *" journal "* ]]; then
+log "== journal memory: 131072 sectors (before the cap) against 16384 (after), 16 GiB"
+for journal in 131072 16384 131072 16384; do
+    img=$W/journal.img
+    rm -f "$img"
+    truncate -s 16G "$img"
+    loop=$("$LOSETUP" --direct-io=on -f --show "$img")
+    before=$(mem_available_kib)
+    dmsetup create b-journal --table "0 8 integrity $loop 0 48 J 3 fix_padding block_size:4096 journal_sectors:$journal"
+    after=$(mem_available_kib)
+    emit "{\"kind\":\"journal_mem\",\"journal_sectors\":$journal,\"device_mib\":16384,\"pinned_kib\":$((before - after)),\"table\":$(dmsetup table b-journal | json_str)}"
+    log "journal_sectors:$journal pins $((before - after)) KiB"
+    dmsetup remove b-journal
+    "$LOSETUP" -d "$loop"
+    rm -f "$img"
+done
+fi
 cleanup
 trap - EXIT
 rm -rf "$W"
 
-log "scale done at ${SECONDS}s"
 python3 "$REPO/tests/bench/report.py" --guest-only --out "$OUT"
