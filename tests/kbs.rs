@@ -333,13 +333,20 @@ fn tls_client(url: &str, ca_pem: Option<&str>, dir: &std::path::Path) -> KbsClie
     KbsClient::new(Box::new(HttpTransport::new(url, &c.http).unwrap()), c.retry)
 }
 
-#[test]
-fn over_https_the_release_needs_the_brokers_certificate_to_verify() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = kbs_double::test_certificate(&["127.0.0.1"]);
+/// The double over HTTPS with a certificate for `names`, allowing sample evidence to a resource of
+/// nines; and the certificate (PEM).
+fn allowed_tls_double(names: &[&str]) -> (KbsDouble, String) {
+    let (cert, key) = kbs_double::test_certificate(names);
     let double = KbsDouble::start_tls(0, &cert, &key);
     double.set_policy(&Policy::allow_sample());
     double.put_resource(PATH, &[9u8; 32]);
+    (double, cert)
+}
+
+#[test]
+fn over_https_the_release_needs_the_brokers_certificate_to_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let (double, cert) = allowed_tls_double(&["127.0.0.1"]);
     let url = double.url();
     assert!(url.starts_with("https://"), "{url}");
     // With the CA bundle that signed the broker's certificate: the full handshake, over TLS.
@@ -369,10 +376,7 @@ fn over_https_the_release_needs_the_brokers_certificate_to_verify() {
 #[test]
 fn over_https_a_certificate_for_another_name_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = kbs_double::test_certificate(&["kbs.example"]);
-    let double = KbsDouble::start_tls(0, &cert, &key);
-    double.set_policy(&Policy::allow_sample());
-    double.put_resource(PATH, &[9u8; 32]);
+    let (double, cert) = allowed_tls_double(&["kbs.example"]);
     let err = tls_client(&double.url(), Some(&cert), dir.path())
         .fetch_resource(&SampleEvidence::new("node-a"), &path())
         .unwrap_err();

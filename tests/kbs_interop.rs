@@ -114,6 +114,19 @@ fn set_policy(transport: &HttpTransport, rego: &str) {
     admin(transport, "/kbs/v0/resource-policy", body.as_bytes());
 }
 
+/// Uploads a random 32-byte resource and the allow-all policy to a fresh KBS; returns the resource.
+fn seed_allowing(transport: &HttpTransport) -> [u8; 32] {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).unwrap();
+    admin(
+        transport,
+        &format!("/kbs/v0/resource/{}", transcript::RESOURCE),
+        &secret,
+    );
+    set_policy(transport, "package policy\n\ndefault allow = true\n");
+    secret
+}
+
 /// A session key whose private half the transcript keeps (test data), so the recorded JWE can be
 /// decrypted later.
 fn recorded_key() -> ([u8; 32], EphemeralKey) {
@@ -147,15 +160,7 @@ fn the_client_interoperates_with_the_real_trustee_kbs() {
         ..HttpOptions::default()
     };
     let plain = HttpTransport::new(&url, &opts).unwrap();
-
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).unwrap();
-    admin(
-        &plain,
-        &format!("/kbs/v0/resource/{}", transcript::RESOURCE),
-        &secret,
-    );
-    set_policy(&plain, "package policy\n\ndefault allow = true\n");
+    let secret = seed_allowing(&plain);
 
     let rec = Recording::new(HttpTransport::new(&url, &opts).unwrap());
     for scenario in Scenario::ALL {
@@ -209,15 +214,7 @@ fn the_client_interoperates_with_the_real_trustee_kbs_over_https() {
         ca_bundle: Some(bundle),
         ..HttpOptions::default()
     };
-    let tls = HttpTransport::new(&url, &opts).unwrap();
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).unwrap();
-    admin(
-        &tls,
-        &format!("/kbs/v0/resource/{}", transcript::RESOURCE),
-        &secret,
-    );
-    set_policy(&tls, "package policy\n\ndefault allow = true\n");
+    let secret = seed_allowing(&HttpTransport::new(&url, &opts).unwrap());
     let rec = Recording::new(HttpTransport::new(&url, &opts).unwrap());
     let (_, session_key) = recorded_key();
     let exchanges = transcript::drive(Scenario::Allow, &rec, session_key, &secret);

@@ -58,6 +58,10 @@ const QGS_HEADER_LEN: usize = 16;
 const QGS_RESPONSE_FIXED_LEN: usize = QGS_HEADER_LEN + 8;
 /// The largest reply read from the QGS: a quote with its PCK certificate chain is 5-8 KiB.
 pub const QGS_MAX_REPLY: usize = 64 * 1024;
+/// A TDX quote's header, before the TD report body (version 4) or its 6-byte descriptor (version 5).
+const QUOTE_HEADER_LEN: usize = 48;
+/// REPORTDATA's offset in the TD report body of a quote.
+const QUOTE_BODY_REPORT_DATA_AT: usize = 520;
 /// How long the QGS may take to answer (quote generation takes milliseconds; the host may be slow).
 const QGS_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -217,19 +221,27 @@ pub enum QgsReplyError {
     Empty,
 }
 
-/// The GET_QUOTE_REQ message for `tdreport` (without the stream's length prefix).
-pub fn quote_request(tdreport: &[u8]) -> Vec<u8> {
-    let size = (QGS_HEADER_LEN + 8 + tdreport.len()) as u32;
+/// A QGS message: the 16-byte header (version 1.0, `kind`, the whole size, `error_code`), the two
+/// sizes of the body, then `first` and `second`.
+fn qgs_message(kind: u32, error_code: u32, first: &[u8], second: &[u8]) -> Vec<u8> {
+    let size = (QGS_HEADER_LEN + 8 + first.len() + second.len()) as u32;
     let mut msg = Vec::with_capacity(size as usize);
     msg.extend_from_slice(&QGS_MAJOR_VERSION.to_le_bytes());
     msg.extend_from_slice(&0u16.to_le_bytes());
-    msg.extend_from_slice(&QGS_GET_QUOTE_REQ.to_le_bytes());
+    msg.extend_from_slice(&kind.to_le_bytes());
     msg.extend_from_slice(&size.to_le_bytes());
-    msg.extend_from_slice(&0u32.to_le_bytes());
-    msg.extend_from_slice(&(tdreport.len() as u32).to_le_bytes());
-    msg.extend_from_slice(&0u32.to_le_bytes());
-    msg.extend_from_slice(tdreport);
+    msg.extend_from_slice(&error_code.to_le_bytes());
+    msg.extend_from_slice(&(first.len() as u32).to_le_bytes());
+    msg.extend_from_slice(&(second.len() as u32).to_le_bytes());
+    msg.extend_from_slice(first);
+    msg.extend_from_slice(second);
     msg
+}
+
+/// The GET_QUOTE_REQ message for `tdreport` (without the stream's length prefix): the report, no
+/// id list.
+pub fn quote_request(tdreport: &[u8]) -> Vec<u8> {
+    qgs_message(QGS_GET_QUOTE_REQ, 0, tdreport, &[])
 }
 
 /// The quote in a GET_QUOTE_RESP message (without the stream's length prefix). Every size field is
@@ -303,11 +315,12 @@ pub fn exchange(stream: &mut dyn QgsStream, tdreport: &[u8]) -> std::io::Result<
 pub fn quote_report_data(quote: &[u8]) -> Option<&[u8]> {
     let version = u16::from_le_bytes(quote.get(0..2)?.try_into().ok()?);
     let body = match version {
-        4 => 48,
-        5 => 48 + 6,
+        4 => QUOTE_HEADER_LEN,
+        5 => QUOTE_HEADER_LEN + 6,
         _ => return None,
     };
-    quote.get(body + 520..body + 520 + REPORT_DATA_LEN)
+    let at = body + QUOTE_BODY_REPORT_DATA_AT;
+    quote.get(at..at + REPORT_DATA_LEN)
 }
 
 /// TDX evidence as Trustee's tdx verifier takes it (`TdxEvidence`): `{"cc_eventlog": null,
@@ -430,24 +443,14 @@ pub fn test_quote(report_data: &ReportData) -> Vec<u8> {
     let mut quote = vec![0xA5u8; 5006];
     quote[0..2].copy_from_slice(&4u16.to_le_bytes());
     quote[4..8].copy_from_slice(&0x81u32.to_le_bytes());
-    quote[568..632].copy_from_slice(report_data);
+    let at = QUOTE_HEADER_LEN + QUOTE_BODY_REPORT_DATA_AT;
+    quote[at..at + REPORT_DATA_LEN].copy_from_slice(report_data);
     quote
 }
 
 /// A GET_QUOTE_RESP carrying `quote` (and a selected id of `id` bytes), without the length prefix.
 pub fn test_quote_response(quote: &[u8], id: &[u8], error_code: u32) -> Vec<u8> {
-    let size = (QGS_RESPONSE_FIXED_LEN + id.len() + quote.len()) as u32;
-    let mut msg = Vec::with_capacity(size as usize);
-    msg.extend_from_slice(&QGS_MAJOR_VERSION.to_le_bytes());
-    msg.extend_from_slice(&0u16.to_le_bytes());
-    msg.extend_from_slice(&QGS_GET_QUOTE_RESP.to_le_bytes());
-    msg.extend_from_slice(&size.to_le_bytes());
-    msg.extend_from_slice(&error_code.to_le_bytes());
-    msg.extend_from_slice(&(id.len() as u32).to_le_bytes());
-    msg.extend_from_slice(&(quote.len() as u32).to_le_bytes());
-    msg.extend_from_slice(id);
-    msg.extend_from_slice(quote);
-    msg
+    qgs_message(QGS_GET_QUOTE_RESP, error_code, id, quote)
 }
 
 #[cfg(test)]
