@@ -7,8 +7,6 @@
 . "$E2E_RUN/e2e.env"
 RUN=$E2E_RUN
 LOGS=$RUN/logs
-STATE=/var/lib/sealcsi
-PLUGIN_DIR=/var/lib/kubelet/plugins/sealcsi.io
 BACKEND_DIR=/var/lib/sealcsi-backend
 HOSTPATH_STATE=/scratch/hostpath
 PIDS=/run/e2e
@@ -16,6 +14,19 @@ export PATH=/run/e2e-bin:$PATH
 mkdir -p "$PIDS"
 # shellcheck source=tests/e2e/lib.sh
 . "$E2E_REPO/tests/e2e/lib.sh"
+
+# for_backend: the driver instance BACKEND names (the host's node() calls it first in every request).
+# The stacked pass (scenario 8) runs beside the DaemonSet's (11), so it is a second driver of its own
+# name, kubelet plugin dir, state dir, processes and logs; the node-local one keeps sealcsi.io.
+for_backend() {
+    if [ "${BACKEND:-local}" = stacked ]; then
+        DRIVER=stacked.sealcsi.io STATE=/var/lib/sealcsi-stacked SUFFIX=-stacked
+    else
+        DRIVER=sealcsi.io STATE=/var/lib/sealcsi SUFFIX=
+    fi
+    PLUGIN_DIR=/var/lib/kubelet/plugins/$DRIVER
+}
+for_backend
 
 # spawn NAME LOG CMD...: start CMD in the background, detached from this request's shell.
 spawn() {
@@ -42,16 +53,17 @@ stop() { # stop NAME...: SIGTERM, then wait for it to go
 start_plugin() {
     rm -f "$PLUGIN_DIR/csi.sock"
     mkdir -p "$PLUGIN_DIR"
-    SEALCSI_TEE=sim SEALCSI_STATE_DIR=$STATE SEALCSI_LOG=info spawn plugin "$LOGS/sealcsi-plugin.log" \
-        sealcsi plugin --endpoint "unix://$PLUGIN_DIR/csi.sock" --node-id "$E2E_NODE_NAME" --mode all "$@"
+    SEALCSI_TEE=sim SEALCSI_STATE_DIR=$STATE SEALCSI_LOG=info spawn "plugin$SUFFIX" "$LOGS/sealcsi-plugin$SUFFIX.log" \
+        sealcsi plugin --endpoint "unix://$PLUGIN_DIR/csi.sock" --node-id "$E2E_NODE_NAME" --mode all \
+        --driver-name "$DRIVER" "$@"
     wait_for 60 "the plugin's socket" test -S "$PLUGIN_DIR/csi.sock"
 }
 
 kill_plugin() { # what a crash does: no cleanup at all
-    kill -KILL "$(cat "$PIDS/plugin.pid")" && rm -f "$PIDS/plugin.pid" || return 1
+    kill -KILL "$(cat "$PIDS/plugin$SUFFIX.pid")" && rm -f "$PIDS/plugin$SUFFIX.pid" || return 1
     # csi-provisioner exits when it loses the plugin's connection (in a pod the kubelet restarts it;
     # csi-resizer and the registrar reconnect): wait for that, so that start_sidecars finds it gone.
-    wait_for 180 "csi-provisioner to notice" eval '! running provisioner'
+    wait_for 180 "csi-provisioner to notice" eval "! running provisioner$SUFFIX"
 }
 
 running() { [ -s "$PIDS/$1.pid" ] && alive "$(cat "$PIDS/$1.pid")"; }
@@ -63,18 +75,19 @@ start_sidecars() {
     mkdir -p /var/lib/kubelet/plugins_registry
     local sc=(--kubeconfig="$RUN/sealcsi-node.kubeconfig" --csi-address="$PLUGIN_DIR/csi.sock" --v=2)
     # --timeout: the plugin's first answers take more than the default second on this slow node.
-    running registrar || spawn registrar "$LOGS/registrar.log" csi-node-driver-registrar --csi-address="$PLUGIN_DIR/csi.sock" \
+    running "registrar$SUFFIX" || spawn "registrar$SUFFIX" "$LOGS/registrar$SUFFIX.log" csi-node-driver-registrar --csi-address="$PLUGIN_DIR/csi.sock" \
         --kubelet-registration-path="$PLUGIN_DIR/csi.sock" --timeout=30s \
         --plugin-registration-path=/var/lib/kubelet/plugins_registry --v=2
-    running provisioner || NODE_NAME=$E2E_NODE_NAME NAMESPACE=sealcsi POD_NAME=e2e-processes spawn provisioner "$LOGS/provisioner.log" \
+    running "provisioner$SUFFIX" || NODE_NAME=$E2E_NODE_NAME NAMESPACE=sealcsi POD_NAME=e2e-processes$SUFFIX spawn "provisioner$SUFFIX" "$LOGS/provisioner$SUFFIX.log" \
         csi-provisioner "${sc[@]}" --timeout=60s --node-deployment=true --node-deployment-immediate-binding=false \
         --strict-topology=true --immediate-topology=false --enable-capacity=true --capacity-ownerref-level=-1
-    running resizer || spawn resizer "$LOGS/resizer.log" csi-resizer "${sc[@]}" --timeout=60s --handle-volume-inuse-error=false
+    running "resizer$SUFFIX" || spawn "resizer$SUFFIX" "$LOGS/resizer$SUFFIX.log" csi-resizer "${sc[@]}" --timeout=60s --handle-volume-inuse-error=false
 }
 
 stop_driver() {
-    stop registrar provisioner resizer plugin hostpath
-    rm -f "$PLUGIN_DIR/csi.sock" /var/lib/kubelet/plugins_registry/sealcsi.io-reg.sock
+    stop "registrar$SUFFIX" "provisioner$SUFFIX" "resizer$SUFFIX" "plugin$SUFFIX"
+    [ "${BACKEND:-local}" = local ] || stop hostpath
+    rm -f "$PLUGIN_DIR/csi.sock" "/var/lib/kubelet/plugins_registry/$DRIVER-reg.sock"
 }
 
 # Scenario 8: the reference hostpath driver, on a socket only sealcsi uses.

@@ -7,7 +7,8 @@
 NS=e2e
 MARKER=sealcsi-e2e-plaintext-$RANDOM$RANDOM-marker
 FAILED=0
-BACKEND=local   # or stacked (scenario 8): how the node finds a volume's devices and ciphertext
+BACKEND=local   # or stacked (scenario 8): which driver instance, and how the node finds a volume's devices
+STACKED_DRIVER=stacked.sealcsi.io   # scenario 8 runs beside 11, so under a driver name of its own
 
 # run_scenario ID FUNCTION [ARGS...]: run it unless SCENARIOS names others; record the result.
 run_scenario() {
@@ -60,7 +61,7 @@ jp() { k "${@:1:$#-1}" -o jsonpath="${!#}"; } # jp ARGS... JSONPATH
 # node SCRIPT: run SCRIPT on the node (tests/e2e/agent.py); its output is printed, its status returned.
 node() {
     local reply rc
-    reply=$(printf 'BACKEND=%s\n%s\n' "$BACKEND" "$1" |
+    reply=$(printf 'BACKEND=%s; for_backend\n%s\n' "$BACKEND" "$1" |
         in_ns curl -sS --max-time 960 --data-binary @- "http://$NODE_IP:7000/run") || {
         echo "the node's agent did not answer"
         return 125
@@ -133,7 +134,9 @@ volume_handle() { local pv; pv=$(pv_of "$1") && jp get pv "$pv" '{.spec.csi.volu
 has_event() { # has_event OBJECT REASON
     [ -n "$(k -n $NS get events --field-selector "involvedObject.name=$1,reason=$2" -o name 2>/dev/null)" ]
 }
-driver_registered() { jp get csinode "$NODE_NAME" '{.spec.drivers[*].name}' 2>/dev/null | grep -qw sealcsi.io; }
+driver_name() { if [ "$BACKEND" = stacked ]; then echo $STACKED_DRIVER; else echo sealcsi.io; fi; }
+storage_class() { if [ "$BACKEND" = stacked ]; then echo "sealcsi-stacked-$1"; else echo "sealcsi-$1"; fi; } # FS
+driver_registered() { jp get csinode "$NODE_NAME" '{.spec.drivers[*].name}' 2>/dev/null | tr ' ' '\n' | grep -qx "$(driver_name)"; }
 
 WRITE_DATA="set -e; D=\${DIR:-/data}; head -c 4194304 /dev/urandom >\$D/random; \
 i=0; while [ \$i -lt 2048 ]; do echo $MARKER; i=\$((i+1)); done >\$D/marker; \
@@ -148,11 +151,11 @@ start_driver_processes() { # [PLUGIN ARGS...]
     sed -e '/client-certificate-data/d' -e "s|client-key-data: .*|token: $token|" \
         "$RUN/admin.kubeconfig" >"$RUN/sealcsi-node.kubeconfig"
     node "start_plugin $* && start_sidecars" || return 1
-    wait_for 90 "the kubelet to register sealcsi.io" driver_registered
+    wait_for 90 "the kubelet to register $(driver_name)" driver_registered
 }
 stop_driver_processes() {
     node stop_driver || return 1
-    wait_for 90 "the kubelet to unregister sealcsi.io" eval '! driver_registered'
+    wait_for 90 "the kubelet to unregister $(driver_name)" eval '! driver_registered'
 }
 
 # --- 1: deploy/'s cluster objects, as they are -------------------------------------------------------
@@ -183,7 +186,7 @@ run_scenarios_against() {
 provision_write() { # FS MODE
     local fs=$1 name=$1-$2 id size=256Mi
     [ "$fs" = xfs ] && size=320Mi   # mkfs.xfs refuses filesystems under 300 MB
-    pvc "$name" "sealcsi-$fs" "$size" || return 1
+    pvc "$name" "$(storage_class "$fs")" "$size" || return 1
     check "PVC $name waits for its first consumer (the PV controller's event)" \
         wait_for 60 "event WaitForFirstConsumer" has_event "$name" WaitForFirstConsumer || return 1
     check "and is not bound yet" test "$(jp -n $NS get pvc "$name" '{.status.phase}')" = Pending || return 1
@@ -214,7 +217,7 @@ recreate_reads_back() { # FS MODE
 
 raw_block() { # MODE
     local name=block-$1 id
-    pvc "$name" sealcsi-ext4 64Mi Block || return 1
+    pvc "$name" "$(storage_class ext4)" 64Mi Block || return 1
     pod "w-$name" "$name" block "head -c 4194304 /dev/urandom >/tmp/r; \
 i=0; while [ \$i -lt 2048 ]; do echo $MARKER; i=\$((i+1)); done >>/tmp/r; \
 dd if=/tmp/r of=/dev/sealed bs=1M conv=fsync 2>/dev/null; sha256sum </tmp/r >/tmp/sum" || return 1
@@ -287,7 +290,7 @@ plugin_erased() { # (not a pipeline into grep -q: with pipefail, the writer's SI
 daemonset_runs_image() { jp -n sealcsi get pods '{.items[0].status.containerStatuses[*].image}' | grep -q "$1"; }
 
 plugin_logs() { # the node plugin's log, in either mode
-    cat "$RUN/logs/sealcsi-plugin.log" 2>/dev/null
+    cat "$RUN/logs/sealcsi-plugin.log" "$RUN/logs/sealcsi-plugin-stacked.log" 2>/dev/null
     k -n sealcsi logs daemonset/sealcsi-node -c sealcsi 2>/dev/null
     return 0
 }
@@ -360,14 +363,26 @@ stacked_over_hostpath() {
         SKIP_REASON="SEALCSI_BACKEND_HOSTPATH is not set (the kubernetes-csi hostpath driver binary)"
         return 1
     fi
+    # Its own CSIDriver and StorageClasses: deploy/'s, renamed to the stacked instance's driver name.
+    BACKEND=stacked
+    check "CSIDriver $STACKED_DRIVER and StorageClasses sealcsi-stacked-ext4/xfs (deploy/'s, renamed)" \
+        eval 'stacked_objects | k apply --validate=false -f -' || return 1
     check "the hostpath driver runs on the node" node start_hostpath || return 1
-    check "sealcsi stacked over it, with the sidecars" \
+    check "sealcsi stacked over it, as $STACKED_DRIVER, with the sidecars" \
         start_driver_processes --backend "csi:unix:///var/lib/sealcsi-backend/hostpath.sock" || return 1
-    BACKEND=stacked INSIDE_SELECTED=1
+    INSIDE_SELECTED=1
     run_scenarios_against stacked
-    BACKEND=local INSIDE_SELECTED=
+    INSIDE_SELECTED=
     stop_driver_processes
+    stacked_objects | k delete --wait=true -f - >/dev/null
+    BACKEND=local
     ! grep -q $'^[2-6]/stacked\tFAIL' "$RUN/results.tsv"
+}
+stacked_objects() {
+    sed -e "s/^  name: sealcsi\.io$/  name: $STACKED_DRIVER/" "$REPO/deploy/csidriver.yaml"
+    echo ---
+    sed -e "s/^provisioner: sealcsi\.io$/provisioner: $STACKED_DRIVER/" -e 's/^  name: sealcsi-/  name: sealcsi-stacked-/' \
+        "$REPO/deploy/storageclasses.yaml"
 }
 
 # --- 11: deploy/'s DaemonSet, scenarios 2-6 against it -----------------------------------------------
@@ -376,8 +391,9 @@ deployed_daemonset() {
     check "the DaemonSet rolls out" k -n sealcsi rollout status daemonset/sealcsi-node --timeout=300s || return 1
     check "the kubelet registers sealcsi.io" wait_for 90 "sealcsi.io registered" driver_registered || return 1
     check "the plugin container runs the imported sealcsi image" daemonset_runs_image sealcsi:latest || return 1
-    check "its provisioner publishes CSIStorageCapacity" wait_for 90 "CSIStorageCapacity" \
-        eval '[ -n "$(k -n sealcsi get csistoragecapacity -o name)" ]' || return 1
+    # Owned by the DaemonSet (--capacity-ownerref-level=1): not the objects of a process-mode provisioner.
+    check "its provisioner publishes CSIStorageCapacity" wait_for 90 "CSIStorageCapacity of the DaemonSet" \
+        eval "jp -n sealcsi get csistoragecapacity '{.items[*].metadata.ownerReferences[*].kind}' | grep -qw DaemonSet" || return 1
     INSIDE_SELECTED=1
     run_scenarios_against daemonset
     INSIDE_SELECTED=
@@ -394,8 +410,9 @@ node_left_clean() {
     check "no PersistentVolumes left" test -z "$(k get pv -o name)" || return 1
     check "on the node: no sealcsi device-mapper devices" node "! dmsetup ls | grep -q '^sealcsi-'" || return 1
     check "on the node: no loop devices over sealcsi's state" node "! losetup -a | grep -q \$STATE" || return 1
-    check "on the node: no volume files" node "[ -z \"\$(ls \$STATE/volumes 2>/dev/null)\" ]" || return 1
-    check "on the node: no kubelet mounts of sealcsi volumes" node "! grep -q kubernetes.io/csi/sealcsi.io /proc/mounts" || return 1
+    check "on the node: no volume files" node "left=\$(ls /var/lib/sealcsi/volumes /var/lib/sealcsi-stacked/volumes 2>/dev/null | grep -v -e '^/' -e '^\$'); [ -z \"\$left\" ] || { echo \"left: \$left\"; false; }" || return 1
+    check "on the node: no stacked volume left staged" node "[ -z \"\$(ls /var/lib/sealcsi-stacked/stacked 2>/dev/null)\" ]" || return 1
+    check "on the node: no kubelet mounts of sealcsi volumes" node "! grep -Eq 'kubernetes.io/csi/(stacked\.)?sealcsi.io' /proc/mounts" || return 1
 }
 
 # The whole run, in order.
@@ -413,9 +430,10 @@ run_all_scenarios() {
     run_scenario 10 udev_leaves_devices_alone
     run_scenario 9 tamper_is_reported
     stop_driver_processes || FAILED=1
-    run_scenario 11 deployed_daemonset
+    # The DaemonSet (sealcsi.io) and the stacked instance (stacked.sealcsi.io) side by side: two drivers
+    # of one node, as a cluster with both backends has them. Most of each pass is waiting.
+    run_together "11 deployed_daemonset" "8 stacked_over_hostpath"
     run_scenario 11/remove remove_daemonset
-    run_scenario 8 stacked_over_hostpath
     run_scenario 12 node_left_clean
     if any_failed; then FAILED=1; fi
 }
