@@ -15,15 +15,17 @@ mkdir -p "$PIDS"
 # shellcheck source=tests/e2e/lib.sh
 . "$E2E_REPO/tests/e2e/lib.sh"
 
-# for_backend: the driver instance BACKEND names (the host's node() calls it first in every request).
-# The stacked pass (scenario 8) runs beside the DaemonSet's (11), so it is a second driver of its own
-# name, kubelet plugin dir, state dir, processes and logs; the node-local one keeps sealcsi.io.
+# for_backend: the driver instance INSTANCE names (the host's node() calls it first in every request).
+# The three passes run side by side, as three drivers of one node, each with its own name, kubelet
+# plugin dir, state dir, processes and logs: deploy/'s DaemonSet (daemonset) keeps sealcsi.io, the
+# process-mode driver of 7, 9 and 10 (processes) and the stacked one of 8 (stacked) have names of their own.
+# BACKEND (local or stacked): how a volume's devices and ciphertext are found.
 for_backend() {
-    if [ "${BACKEND:-local}" = stacked ]; then
-        DRIVER=stacked.sealcsi.io STATE=/var/lib/sealcsi-stacked SUFFIX=-stacked
-    else
-        DRIVER=sealcsi.io STATE=/var/lib/sealcsi SUFFIX=
-    fi
+    case ${INSTANCE:-processes} in
+        stacked) DRIVER=stacked.sealcsi.io STATE=/var/lib/sealcsi-stacked SUFFIX=-stacked BACKEND=stacked ;;
+        daemonset) DRIVER=sealcsi.io STATE=/var/lib/sealcsi SUFFIX=-daemonset BACKEND=local ;;
+        *) DRIVER=processes.sealcsi.io STATE=/var/lib/sealcsi-processes SUFFIX= BACKEND=local ;;
+    esac
     PLUGIN_DIR=/var/lib/kubelet/plugins/$DRIVER
 }
 for_backend
@@ -73,7 +75,7 @@ running() { [ -s "$PIDS/$1.pid" ] && alive "$(cat "$PIDS/$1.pid")"; }
 # in a pod the kubelet would restart it; here this does.
 start_sidecars() {
     mkdir -p /var/lib/kubelet/plugins_registry
-    local sc=(--kubeconfig="$RUN/sealcsi-node.kubeconfig" --csi-address="$PLUGIN_DIR/csi.sock" --v=2)
+    local sc=(--kubeconfig="$RUN/sealcsi-node$SUFFIX.kubeconfig" --csi-address="$PLUGIN_DIR/csi.sock" --v=2)
     # --timeout: the plugin's first answers take more than the default second on this slow node.
     running "registrar$SUFFIX" || spawn "registrar$SUFFIX" "$LOGS/registrar$SUFFIX.log" csi-node-driver-registrar --csi-address="$PLUGIN_DIR/csi.sock" \
         --kubelet-registration-path="$PLUGIN_DIR/csi.sock" --timeout=30s \
@@ -99,7 +101,7 @@ start_hostpath() {
 }
 
 # --- node-side views of a volume ------------------------------------------------------------------------
-# BACKEND (local or stacked) comes with each request from the host.
+# BACKEND (local or stacked) follows from the INSTANCE that comes with each request from the host.
 dm_of() { # CSI volume id -> the name of its dm-crypt device
     if [ "${BACKEND:-local}" = stacked ]; then
         echo "sealcsi-sv-$(printf 'stacked:%s' "$1" | sha256sum | cut -c1-32)"

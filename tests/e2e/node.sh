@@ -16,7 +16,8 @@ mkdir -p /run/e2e-bin && cp "$RUN"/bin/* /run/e2e-bin/
 export PATH=/run/e2e-bin:$PATH
 LOGS=$RUN/logs
 STATE=/var/lib/sealcsi
-STACKED_STATE=/var/lib/sealcsi-stacked   # scenario 8's driver instance (node-lib.sh, for_backend)
+# The state of the process-mode and stacked driver instances (node-lib.sh, for_backend).
+OTHER_STATES="/var/lib/sealcsi-processes /var/lib/sealcsi-stacked"
 log() { echo "node: $(date +%T) $*"; }
 fail() { log "FATAL: $*"; exit 1; }
 timed() { # timed STEP CMD...: run, record the duration, stop the run on failure
@@ -45,11 +46,13 @@ prepare_kernel() {
     mount --bind /run/cpuinfo /proc/cpuinfo
     # Mounts made under /var/lib/kubelet must propagate (Bidirectional in deploy/node.yaml).
     mount --make-rshared /
-    mkdir -p /scratch/kubelet /scratch/containerd /scratch/sealcsi /scratch/sealcsi-stacked /var/lib/kubelet \
-        "$STATE" "$STACKED_STATE" /var/log/pods
+    mkdir -p /scratch/kubelet /scratch/containerd /scratch/sealcsi /var/lib/kubelet "$STATE" /var/log/pods
     mount --bind /scratch/kubelet /var/lib/kubelet
     mount --bind /scratch/sealcsi "$STATE"
-    mount --bind /scratch/sealcsi-stacked "$STACKED_STATE"
+    local dir
+    for dir in $OTHER_STATES; do
+        mkdir -p "/scratch/${dir##*/}" "$dir" && mount --bind "/scratch/${dir##*/}" "$dir" || return 1
+    done
     echo "$E2E_NODE_IP $E2E_NODE_NAME" >>/etc/hosts
 }
 

@@ -7,8 +7,12 @@
 NS=e2e
 MARKER=sealcsi-e2e-plaintext-$RANDOM$RANDOM-marker
 FAILED=0
-BACKEND=local   # or stacked (scenario 8): which driver instance, and how the node finds a volume's devices
-STACKED_DRIVER=stacked.sealcsi.io   # scenario 8 runs beside 11, so under a driver name of its own
+# Which driver instance a scenario talks to: processes (7, 9, 10, and 2-6 when named), daemonset (11) or
+# stacked (8). The three passes run side by side as three drivers of the node (node-lib.sh, for_backend).
+INSTANCE=processes
+BACKEND=local   # or stacked (8): how the node finds a volume's devices and ciphertext
+PROCESSES_DRIVER=processes.sealcsi.io
+STACKED_DRIVER=stacked.sealcsi.io
 
 # run_scenario ID FUNCTION [ARGS...]: run it unless SCENARIOS names others; record the result.
 run_scenario() {
@@ -61,7 +65,7 @@ jp() { k "${@:1:$#-1}" -o jsonpath="${!#}"; } # jp ARGS... JSONPATH
 # node SCRIPT: run SCRIPT on the node (tests/e2e/agent.py); its output is printed, its status returned.
 node() {
     local reply rc
-    reply=$(printf 'BACKEND=%s; for_backend\n%s\n' "$BACKEND" "$1" |
+    reply=$(printf 'INSTANCE=%s; for_backend\n%s\n' "$INSTANCE" "$1" |
         in_ns curl -sS --max-time 960 --data-binary @- "http://$NODE_IP:7000/run") || {
         echo "the node's agent did not answer"
         return 125
@@ -134,8 +138,19 @@ volume_handle() { local pv; pv=$(pv_of "$1") && jp get pv "$pv" '{.spec.csi.volu
 has_event() { # has_event OBJECT REASON
     [ -n "$(k -n $NS get events --field-selector "involvedObject.name=$1,reason=$2" -o name 2>/dev/null)" ]
 }
-driver_name() { if [ "$BACKEND" = stacked ]; then echo $STACKED_DRIVER; else echo sealcsi.io; fi; }
-storage_class() { if [ "$BACKEND" = stacked ]; then echo "sealcsi-stacked-$1"; else echo "sealcsi-$1"; fi; } # FS
+driver_name() {
+    case $INSTANCE in stacked) echo $STACKED_DRIVER ;; daemonset) echo sealcsi.io ;; *) echo $PROCESSES_DRIVER ;; esac
+}
+storage_class() { # FS
+    case $INSTANCE in stacked) echo "sealcsi-stacked-$1" ;; daemonset) echo "sealcsi-$1" ;; *) echo "sealcsi-processes-$1" ;; esac
+}
+# renamed_objects DRIVER PREFIX: deploy/'s CSIDriver and StorageClasses for another instance of the driver.
+renamed_objects() {
+    sed -e "s/^  name: sealcsi\.io$/  name: $1/" "$REPO/deploy/csidriver.yaml"
+    echo ---
+    sed -e "s/^provisioner: sealcsi\.io$/provisioner: $1/" -e "s/^  name: sealcsi-/  name: $2/" \
+        "$REPO/deploy/storageclasses.yaml"
+}
 driver_registered() { jp get csinode "$NODE_NAME" '{.spec.drivers[*].name}' 2>/dev/null | tr ' ' '\n' | grep -qx "$(driver_name)"; }
 
 WRITE_DATA="set -e; D=\${DIR:-/data}; head -c 4194304 /dev/urandom >\$D/random; \
@@ -148,8 +163,10 @@ READ_DATA="set -e; cd /data; sha256sum -c sums; cmp random random.copy"
 start_driver_processes() { # [PLUGIN ARGS...]
     local token
     token=$(k -n sealcsi create token sealcsi-node --duration=2h) || return 1
+    local suffix=
+    [ "$INSTANCE" = stacked ] && suffix=-stacked   # node-lib.sh's SUFFIX
     sed -e '/client-certificate-data/d' -e "s|client-key-data: .*|token: $token|" \
-        "$RUN/admin.kubeconfig" >"$RUN/sealcsi-node.kubeconfig"
+        "$RUN/admin.kubeconfig" >"$RUN/sealcsi-node$suffix.kubeconfig"
     node "start_plugin $* && start_sidecars" || return 1
     wait_for 90 "the kubelet to register $(driver_name)" driver_registered
 }
@@ -298,7 +315,7 @@ plugin_logs() { # the node plugin's log, in either mode
 # --- 7: the node plugin killed under a running pod ------------------------------------------------------
 plugin_restart() {
     local id
-    pvc restart sealcsi-ext4 128Mi || return 1
+    pvc restart "$(storage_class ext4)" 128Mi || return 1
     pod w-restart restart fs "$WRITE_DATA" || return 1
     check "pod w-restart is Ready" pod_ready w-restart 300 || return 1
     id=$(volume_handle restart) || return 1
@@ -317,7 +334,7 @@ plugin_restart() {
 # --- 9: the host flips bytes of a running pod's ciphertext ---------------------------------------------
 tamper_is_reported() {
     local id
-    pvc tamper sealcsi-ext4 128Mi || return 1
+    pvc tamper "$(storage_class ext4)" 128Mi || return 1
     pod w-tamper tamper fs "head -c 33554432 /dev/urandom >/data/big; sync" || return 1
     check "pod w-tamper is Ready" pod_ready w-tamper 300 || return 1
     id=$(volume_handle tamper) || return 1
@@ -339,7 +356,7 @@ udev_leaves_devices_alone() {
         SKIP_REASON="systemd-udevd does not run on the node (apt-get install udev)"
         return 1
     fi
-    pvc udev sealcsi-ext4 128Mi || return 1
+    pvc udev "$(storage_class ext4)" 128Mi || return 1
     pod w-udev udev fs "true" || return 1
     check "pod w-udev is Ready" pod_ready w-udev 300 || return 1
     local id dev
@@ -364,9 +381,9 @@ stacked_over_hostpath() {
         return 1
     fi
     # Its own CSIDriver and StorageClasses: deploy/'s, renamed to the stacked instance's driver name.
-    BACKEND=stacked
+    INSTANCE=stacked BACKEND=stacked
     check "CSIDriver $STACKED_DRIVER and StorageClasses sealcsi-stacked-ext4/xfs (deploy/'s, renamed)" \
-        eval 'stacked_objects | k apply --validate=false -f -' || return 1
+        eval 'renamed_objects $STACKED_DRIVER sealcsi-stacked- | k apply --validate=false -f -' || return 1
     check "the hostpath driver runs on the node" node start_hostpath || return 1
     check "sealcsi stacked over it, as $STACKED_DRIVER, with the sidecars" \
         start_driver_processes --backend "csi:unix:///var/lib/sealcsi-backend/hostpath.sock" || return 1
@@ -374,19 +391,13 @@ stacked_over_hostpath() {
     run_scenarios_against stacked
     INSIDE_SELECTED=
     stop_driver_processes
-    stacked_objects | k delete --wait=true -f - >/dev/null
-    BACKEND=local
+    renamed_objects $STACKED_DRIVER sealcsi-stacked- | k delete --wait=true -f - >/dev/null
     ! grep -q $'^[2-6]/stacked\tFAIL' "$RUN/results.tsv"
-}
-stacked_objects() {
-    sed -e "s/^  name: sealcsi\.io$/  name: $STACKED_DRIVER/" "$REPO/deploy/csidriver.yaml"
-    echo ---
-    sed -e "s/^provisioner: sealcsi\.io$/provisioner: $STACKED_DRIVER/" -e 's/^  name: sealcsi-/  name: sealcsi-stacked-/' \
-        "$REPO/deploy/storageclasses.yaml"
 }
 
 # --- 11: deploy/'s DaemonSet, scenarios 2-6 against it -----------------------------------------------
 deployed_daemonset() {
+    INSTANCE=daemonset
     check "kubectl apply -k (deploy/ with the sim sealing source)" k apply --validate=false -k "$E2E_DIR/deploy-sim" || return 1
     check "the DaemonSet rolls out" k -n sealcsi rollout status daemonset/sealcsi-node --timeout=300s || return 1
     check "the kubelet registers sealcsi.io" wait_for 90 "sealcsi.io registered" driver_registered || return 1
@@ -401,6 +412,7 @@ deployed_daemonset() {
 }
 
 remove_daemonset() {
+    INSTANCE=daemonset
     k -n sealcsi delete daemonset/sealcsi-node --wait=true --timeout=180s || return 1
     check "the kubelet unregisters sealcsi.io" wait_for 120 "sealcsi.io unregistered" eval '! driver_registered'
 }
@@ -409,30 +421,45 @@ remove_daemonset() {
 node_left_clean() {
     check "no PersistentVolumes left" test -z "$(k get pv -o name)" || return 1
     check "on the node: no sealcsi device-mapper devices" node "! dmsetup ls | grep -q '^sealcsi-'" || return 1
-    check "on the node: no loop devices over sealcsi's state" node "! losetup -a | grep -q \$STATE" || return 1
-    check "on the node: no volume files" node "left=\$(ls /var/lib/sealcsi/volumes /var/lib/sealcsi-stacked/volumes 2>/dev/null | grep -v -e '^/' -e '^\$'); [ -z \"\$left\" ] || { echo \"left: \$left\"; false; }" || return 1
+    check "on the node: no loop devices over sealcsi's state" node "! losetup -a | grep -q /var/lib/sealcsi" || return 1
+    check "on the node: no volume files" node "left=\$(ls /var/lib/sealcsi/volumes /var/lib/sealcsi-processes/volumes /var/lib/sealcsi-stacked/volumes 2>/dev/null | grep -v -e '^/' -e '^\$'); [ -z \"\$left\" ] || { echo \"left: \$left\"; false; }" || return 1
     check "on the node: no stacked volume left staged" node "[ -z \"\$(ls /var/lib/sealcsi-stacked/stacked 2>/dev/null)\" ]" || return 1
-    check "on the node: no kubelet mounts of sealcsi volumes" node "! grep -Eq 'kubernetes.io/csi/(stacked\.)?sealcsi.io' /proc/mounts" || return 1
+    check "on the node: no kubelet mounts of sealcsi volumes" node "! grep -Eq 'kubernetes.io/csi/([a-z]+\.)?sealcsi.io' /proc/mounts" || return 1
+}
+
+# The process-mode driver's pass: 7, 10 and 9 (and 2-6 when named), with its own CSIDriver and
+# StorageClasses (deploy/'s, renamed). Runs in the background: its results go to results.tsv.
+process_mode_pass() {
+    INSTANCE=processes BACKEND=local
+    if ! renamed_objects $PROCESSES_DRIVER sealcsi-processes- | k apply --validate=false -f - >/dev/null ||
+        ! start_driver_processes; then
+        note "the process-mode driver did not start"
+        printf '%s\t%s\t%s\t%s\n' processes FAIL 0 "the process-mode driver did not start" >>"$RUN/results.tsv"
+        return
+    fi
+    if [ -n "${SCENARIOS// /}" ]; then run_scenarios_against processes; fi
+    run_scenario 7 plugin_restart
+    # 10 before 9: 10 checks that the kernel log has no AEAD errors, and 9 makes some.
+    run_scenario 10 udev_leaves_devices_alone
+    run_scenario 9 tamper_is_reported
+    if ! stop_driver_processes; then
+        printf '%s\t%s\t%s\t%s\n' processes FAIL 0 "the process-mode driver did not stop" >>"$RUN/results.tsv"
+    fi
+    renamed_objects $PROCESSES_DRIVER sealcsi-processes- | k delete --wait=true -f - >/dev/null
 }
 
 # The whole run, in order.
 run_all_scenarios() {
     run_scenario 1 apply_deploy_objects
-    if ! start_driver_processes; then
-        note "the process-mode driver did not start"
-        FAILED=1
-        return
-    fi
-    # A whole run takes 2-6 through deploy/'s DaemonSet (11) and stacked (8), the driver a cluster runs;
-    # against the process-mode driver they run only when named (the quick way to iterate on one).
-    if [ -n "${SCENARIOS// /}" ]; then run_scenarios_against processes; fi
-    run_scenario 7 plugin_restart
-    run_scenario 10 udev_leaves_devices_alone
-    run_scenario 9 tamper_is_reported
-    stop_driver_processes || FAILED=1
-    # The DaemonSet (sealcsi.io) and the stacked instance (stacked.sealcsi.io) side by side: two drivers
-    # of one node, as a cluster with both backends has them. Most of each pass is waiting.
+    # Three drivers of the node at once, as a cluster with several drivers has them: the process-mode one
+    # (7, 10, 9), deploy/'s DaemonSet with 2-6 (11) and the stacked one with 2-6 (8). Most of each pass is
+    # waiting for the kubelet's and the sidecars' loops. A whole run takes 2-6 through the DaemonSet and
+    # stacked, the driver as a cluster runs it; against the process-mode driver only when named (the
+    # quick way to iterate on one).
+    process_mode_pass &
+    local processes=$!
     run_together "11 deployed_daemonset" "8 stacked_over_hostpath"
+    wait $processes
     run_scenario 11/remove remove_daemonset
     run_scenario 12 node_left_clean
     if any_failed; then FAILED=1; fi
