@@ -24,7 +24,7 @@ for_backend() {
     case ${INSTANCE:-processes} in
         stacked) DRIVER=stacked.sealcsi.io STATE=/var/lib/sealcsi-stacked SUFFIX=-stacked BACKEND=stacked ;;
         daemonset) DRIVER=sealcsi.io STATE=/var/lib/sealcsi SUFFIX=-daemonset BACKEND=local ;;
-        *) DRIVER=processes.sealcsi.io STATE=/var/lib/sealcsi-processes SUFFIX= BACKEND=local ;;
+        *) DRIVER=processes.sealcsi.io STATE=/var/lib/sealcsi-processes SUFFIX='' BACKEND=local ;;
     esac
     PLUGIN_DIR=/var/lib/kubelet/plugins/$DRIVER
 }
